@@ -1,0 +1,160 @@
+"""The schema of params.yaml. Every stage reads its section from here, never from raw YAML."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+PARAMS_FILE = Path("params.yaml")
+ModelName = Literal["rnn_scratch", "rnn", "gru", "lstm"]
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable or invalid; the message names file, key and value."""
+
+
+class Section(BaseModel):
+    # strict: "5" is not an int; forbid: a typo in a key is an error, not a silent default.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class DownloadParams(Section):
+    sources: list[str] = Field(min_length=1)
+    checksum: str
+    out: str
+    connect_timeout_s: PositiveFloat = 5.0
+    read_timeout_s: PositiveFloat = 30.0
+    retries: Annotated[int, Field(ge=0, le=10)] = 2
+
+    @field_validator("checksum")
+    @classmethod
+    def _hex_digest(cls, value: str) -> str:
+        value = value.lower()
+        if len(value) not in (40, 64) or any(c not in "0123456789abcdef" for c in value):
+            raise ValueError("must be a sha1 (40 hex digits) or sha256 (64 hex digits)")
+        return value
+
+    @property
+    def algorithm(self) -> str:
+        return "sha1" if len(self.checksum) == 40 else "sha256"
+
+
+class PreprocessParams(Section):
+    min_freq: Annotated[int, Field(ge=0)] = 0
+    reserved_tokens: list[str] = []
+    train_tokens: PositiveInt = 10_000
+    val_tokens: PositiveInt = 5_000
+
+
+class NgramParams(Section):
+    max_n: PositiveInt = 3
+    chunk_tokens: Annotated[int, Field(ge=1_000)] = 1_000_000
+
+
+class SineParams(Section):
+    T: Annotated[int, Field(ge=2)] = 1000
+    noise_std: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.2
+
+
+class TrainArParams(Section):
+    tau: PositiveInt = 4
+    n_train: PositiveInt = 600
+    batch_size: PositiveInt = 16
+    hidden: PositiveInt = 10
+    lr: PositiveFloat = 0.01
+    epochs: PositiveInt = 5
+    k_steps: list[PositiveInt] = Field(default=[1, 4, 16, 64], min_length=1)
+
+
+class TrainLmParams(Section):
+    models: list[ModelName] = Field(default=["rnn_scratch", "rnn"], min_length=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    sampling: Literal["sequential", "random"] = "sequential"
+    batch_size: PositiveInt = 32
+    num_steps: PositiveInt = 35
+    epochs: PositiveInt = 500
+    lr: PositiveFloat = 1.0
+    clip_theta: PositiveFloat = 1.0
+    hidden_scratch: PositiveInt = 512
+    hidden: PositiveInt = 256
+    num_layers: PositiveInt = 1
+    checkpoint_every: PositiveInt = 50
+
+    @field_validator("models")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("lists a model twice")
+        return value
+
+    def hidden_size(self, model: str) -> int:
+        return self.hidden_scratch if model == "rnn_scratch" else self.hidden
+
+
+class EvaluateParams(Section):
+    ngram_order: PositiveInt = 3
+    prefixes: list[str] = Field(default=["time traveller", "traveller"], min_length=1)
+    num_chars: PositiveInt = 50
+    temperature: PositiveFloat = 0.8
+    top_k: PositiveInt = 5
+
+
+class TrackingParams(Section):
+    experiment: str = "seqlm"
+    registered_model_prefix: str = "timemachine"
+
+
+class Params(Section):
+    seed: Annotated[int, Field(ge=0)] = 0
+    download: DownloadParams
+    preprocess: PreprocessParams = PreprocessParams()
+    ngrams: NgramParams = NgramParams()
+    sine: SineParams = SineParams()
+    train_ar: TrainArParams = TrainArParams()
+    train_lm: TrainLmParams = TrainLmParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    tracking: TrackingParams = TrackingParams()
+
+    def section(self, dotted: str) -> object:
+        """`section("train_lm.epochs")` -> the value; used to hash what a stage depends on."""
+        value: object = self
+        for part in dotted.split("."):
+            value = getattr(value, part)
+        return value
+
+    def digest(self, keys: list[str] | None = None) -> str:
+        """Stable hash of the given keys (all params when None)."""
+        data = self.model_dump(mode="json") if keys is None else {
+            k: _jsonable(self.section(k)) for k in sorted(keys)}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _jsonable(value: object) -> object:
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+
+
+def load_params(path: Path | str = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml; raise ParamsError with one line naming the problem."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ParamsError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        value = "" if err["type"] == "missing" else f" = {err['input']!r}"
+        raise ParamsError(f"{path}: {key}{value}: {err['msg']}{more}") from None

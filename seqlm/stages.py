@@ -1,0 +1,98 @@
+"""The stage graph, declared once. dvc.yaml is generated from it (`seqlm dvc-yaml`) and the
+Prefect flow walks it; tests/test_stages.py proves the committed dvc.yaml and the flow agree.
+
+Paths are relative to the repository root, the working directory of every stage (as in DVC).
+`${item}` stands for one language model of `train_lm.models` (a DVC `foreach` stage) and
+`${download.out}` for that param, the only path that params.yaml sets.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from seqlm.params import Params, TrainLmParams
+
+RAW = "${download.out}"
+PROCESSED = "data/processed"
+LINES = f"{PROCESSED}/lines.txt"
+VOCAB = {"char": f"{PROCESSED}/vocab_char.parquet", "word": f"{PROCESSED}/vocab_word.parquet"}
+CORPUS = {"char": f"{PROCESSED}/corpus_char.npy", "word": f"{PROCESSED}/corpus_word.npy"}
+NGRAMS = "data/ngrams"
+SINE = "data/sine/series.parquet"
+AR_DIR = "models/ar"
+LM_DIR = "models/${item}"
+MODELS = "models"
+REPORTS = "reports"
+METRICS = f"{REPORTS}/metrics.json"
+PLOTS = f"{REPORTS}/plots"
+# Every train_lm key but `models`: adding a model to the list must not retrain the others.
+LM_TRAINING_KEYS = tuple(f"train_lm.{key}" for key in TrainLmParams.model_fields if key != "models")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    deps: tuple[str, ...]            # files and folders read (code included)
+    params: tuple[str, ...]          # params.yaml keys read
+    outs: tuple[str, ...]            # files and folders written
+    metrics: tuple[str, ...] = ()    # DVC metrics (JSON), written too
+    plots: tuple[str, ...] = ()      # DVC plot data (CSV), written too
+    foreach: str | None = None       # params key listing the items (one task per item)
+
+    def paths(self, params: Params, item: str | None = None) -> dict[str, list[str]]:
+        """deps/outs with ${...} resolved from params (and the item, for foreach stages)."""
+        def resolve(path: str) -> str:
+            path = path.replace("${download.out}", params.download.out)
+            return path.replace("${item}", item) if item is not None else path
+        return {kind: [resolve(p) for p in getattr(self, kind)]
+                for kind in ("deps", "outs", "metrics", "plots")}
+
+    def items(self, params: Params) -> list[str | None]:
+        return list(params.section(self.foreach)) if self.foreach else [None]
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("download", deps=("tasks/download.py",), params=("download",), outs=(RAW,)),
+    Stage("preprocess", deps=(RAW, "tasks/preprocess.py", "seqlm/text.py"),
+          params=("preprocess",), outs=(PROCESSED,)),
+    Stage("ngrams", deps=(PROCESSED, "tasks/ngrams.py", "seqlm/ngrams.py"),
+          params=("ngrams",), outs=(NGRAMS,), metrics=(f"{REPORTS}/ngrams.json",)),
+    Stage("sine", deps=("tasks/sine.py",), params=("seed", "sine"), outs=(SINE,)),
+    Stage("train_ar", deps=(SINE, "tasks/train_ar.py"), params=("seed", "train_ar"),
+          outs=(AR_DIR,), metrics=(f"{REPORTS}/train_ar.json",)),
+    Stage("train_lm", deps=(PROCESSED, "tasks/train_lm.py", "seqlm/models.py",
+                            "seqlm/train.py", "seqlm/loaders.py"),
+          params=("seed", "preprocess.train_tokens", "preprocess.val_tokens", *LM_TRAINING_KEYS),
+          outs=(LM_DIR,), foreach="train_lm.models"),
+    Stage("evaluate", deps=(PROCESSED, MODELS, "tasks/evaluate.py",
+                            "seqlm/ngram_lm.py", "seqlm/generate.py"),
+          params=("seed", "preprocess.train_tokens", "preprocess.val_tokens", "evaluate",
+                  "train_lm.models"),
+          outs=(f"{REPORTS}/summary.md", f"{REPORTS}/samples.json"),
+          metrics=(METRICS,), plots=(f"{PLOTS}/perplexity.csv", f"{PLOTS}/kstep.csv")),
+)
+STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
+
+
+def to_dvc_yaml() -> dict:
+    """The dvc.yaml mapping for STAGES; every stage runs `seqlm stage NAME [ITEM]`."""
+    stages: dict[str, dict] = {}
+    for stage in STAGES:
+        body: dict = {"cmd": f"seqlm stage {stage.name}" + (" ${item}" if stage.foreach else "")}
+        body["deps"] = list(stage.deps)
+        body["params"] = list(stage.params)
+        body["outs"] = list(stage.outs)
+        if stage.metrics:
+            body["metrics"] = [{path: {"cache": False}} for path in stage.metrics]
+        if stage.plots:
+            body["plots"] = [{path: {"cache": False}} for path in stage.plots]
+        stages[stage.name] = {"foreach": "${%s}" % stage.foreach, "do": body} if stage.foreach else body
+    return {"stages": stages, "plots": _top_level_plots()}
+
+
+def _top_level_plots() -> list[dict]:
+    return [
+        {f"{PLOTS}/perplexity.csv": {"x": "epoch", "y": ["train_perplexity", "val_perplexity"],
+                                     "template": "linear", "title": "Perplexity per epoch"}},
+        {f"{PLOTS}/kstep.csv": {"x": "k", "y": "mse", "template": "linear",
+                                "title": "k-step prediction error (MSE)"}},
+    ]
