@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import yaml
+
 from seqlm.params import Params, TrainLmParams
 
 RAW = "${download.out}"
@@ -63,12 +65,12 @@ STAGES: tuple[Stage, ...] = (
                             "seqlm/train.py", "seqlm/loaders.py"),
           params=("seed", "preprocess.train_tokens", "preprocess.val_tokens", *LM_TRAINING_KEYS),
           outs=(LM_DIR,), foreach="train_lm.models"),
-    Stage("evaluate", deps=(PROCESSED, MODELS, "tasks/evaluate.py",
+    Stage("evaluate", deps=(PROCESSED, MODELS, f"{REPORTS}/train_ar.json", "tasks/evaluate.py",
                             "seqlm/ngram_lm.py", "seqlm/generate.py"),
           params=("seed", "preprocess.train_tokens", "preprocess.val_tokens", "evaluate",
                   "train_lm.models"),
-          outs=(f"{REPORTS}/summary.md", f"{REPORTS}/samples.json"),
-          metrics=(METRICS,), plots=(f"{PLOTS}/perplexity.csv", f"{PLOTS}/kstep.csv")),
+          outs=(f"{REPORTS}/summary.md", f"{REPORTS}/summary.csv", f"{REPORTS}/samples.json"),
+          metrics=(METRICS,), plots=(f"{PLOTS}/perplexity", f"{PLOTS}/kstep.csv")),
 )
 STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
 
@@ -91,8 +93,14 @@ def to_dvc_yaml() -> dict:
 
 def _top_level_plots() -> list[dict]:
     return [
-        {f"{PLOTS}/perplexity.csv": {"x": "epoch", "y": ["train_perplexity", "val_perplexity"],
-                                     "template": "linear", "title": "Perplexity per epoch"}},
+        {f"{PLOTS}/perplexity": {"x": "epoch", "y": ["train_perplexity", "val_perplexity"],
+                                 "template": "linear", "title": "Perplexity per epoch"}},
         {f"{PLOTS}/kstep.csv": {"x": "k", "y": "mse", "template": "linear",
                                 "title": "k-step prediction error (MSE)"}},
     ]
+
+
+def render_dvc_yaml() -> str:
+    header = ("# Generated from seqlm/stages.py by `seqlm dvc-yaml`; do not edit by hand.\n"
+              "# tests/test_stages.py fails when this file and the stage graph disagree.\n")
+    return header + yaml.safe_dump(to_dvc_yaml(), sort_keys=False, width=100)

@@ -1,0 +1,149 @@
+"""`seqlm`: run the pipeline, one stage (what dvc.yaml calls), the schedule, or generate text."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+import yaml
+
+from seqlm.params import PARAMS_FILE, ParamsError, load_params
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Sequence models of D2L chapter 8 as a Prefect + DVC + MLflow pipeline.")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry noise
+
+ParamsOption = Annotated[Path, typer.Option("--params", help="params file")]
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _params(path: Path):
+    try:
+        return load_params(path)
+    except ParamsError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def run(params: ParamsOption = PARAMS_FILE,
+        dvc: Annotated[bool, typer.Option(help="update dvc.lock and push to the DVC remote")] = True) -> None:
+    """Run the whole pipeline as a Prefect flow; unchanged stages are skipped."""
+    _params(params)  # a bad params.yaml fails here, before any server starts
+    from flows.pipeline import pipeline
+    states = pipeline(params_file=str(params), record_dvc=dvc)
+    for stage, state in states.items():
+        typer.echo(f"{stage:24s} {state}")
+
+
+@app.command()
+def stage(name: str, item: Annotated[Optional[str], typer.Argument()] = None,
+          params: ParamsOption = PARAMS_FILE) -> None:
+    """Run one stage (the command each dvc.yaml stage runs)."""
+    from seqlm.stages import STAGE_BY_NAME
+    from tasks import stage_task
+    if name not in STAGE_BY_NAME:
+        _fail(f"unknown stage {name!r}: expected one of {', '.join(STAGE_BY_NAME)}")
+    loaded = _params(params)
+    task = stage_task(name, loaded)
+    args = (loaded, item) if item is not None else (loaded,)
+    # Stages with retries (download) go through Prefect's engine so that retries apply;
+    # the others run as plain functions, without starting a server.
+    paths = task(*args) if task.retries else task.fn(*args)
+    for path in paths:
+        typer.echo(str(path))
+
+
+@app.command("dvc-yaml")
+def dvc_yaml(check: Annotated[bool, typer.Option(help="only check dvc.yaml is current")] = False) -> None:
+    """Write dvc.yaml from the stage graph in seqlm/stages.py."""
+    from seqlm.stages import render_dvc_yaml
+    text = render_dvc_yaml()
+    path = Path("dvc.yaml")
+    if check:
+        if not path.exists() or path.read_text() != text:
+            _fail("dvc.yaml is out of date with seqlm/stages.py: run `seqlm dvc-yaml`")
+        typer.echo("dvc.yaml is up to date")
+        return
+    path.write_text(text)
+    typer.echo(f"wrote {path}")
+
+
+def _server_up(api_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@app.command()
+def schedule(cron: Annotated[str, typer.Option(help="cron schedule (UTC)")] = "0 3 * * *",
+             port: int = 4200, params: ParamsOption = PARAMS_FILE) -> None:
+    """Start a Prefect server on 127.0.0.1 (unless one answers) and serve the pipeline on a cron
+    schedule. Ctrl-C stops both; the schedule stays active for the next start."""
+    _params(params)
+    api_url = f"http://127.0.0.1:{port}/api"
+    server = None
+    if not _server_up(api_url):
+        server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start",
+                                   "--host", "127.0.0.1", "--port", str(port)])
+        deadline = time.monotonic() + 120
+        while not _server_up(api_url):
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.terminate()
+                _fail(f"Prefect server did not start on 127.0.0.1:{port}")
+            time.sleep(1)
+    os.environ["PREFECT_API_URL"] = api_url
+    typer.echo(f"Prefect UI: http://127.0.0.1:{port}  schedule: {cron}")
+    from flows.pipeline import pipeline
+    try:
+        pipeline.serve(name="scheduled", cron=cron, parameters={"params_file": str(params)},
+                       pause_on_shutdown=False)
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+@app.command()
+def generate(prefix: Annotated[str, typer.Argument()] = "time traveller",
+             model: Annotated[str, typer.Option(help="model folder name under models/, or an "
+                                                     "MLflow URI like models:/timemachine-rnn@champion")] = "rnn",
+             num_chars: int = 50, temperature: Optional[float] = None,
+             top_k: Optional[int] = None, seed: Optional[int] = None) -> None:
+    """Continue PREFIX with a trained model (greedy unless --temperature/--top-k)."""
+    import torch
+    if model.startswith(("models:/", "runs:/")):
+        import mlflow
+        import pandas as pd
+        from seqlm.tracking import tracking_uri
+        mlflow.set_tracking_uri(tracking_uri())
+        loaded = mlflow.pyfunc.load_model(model)
+        row = {"prefix": prefix, "num_chars": num_chars, "temperature": temperature,
+               "top_k": top_k, "seed": seed}
+        typer.echo(loaded.predict(pd.DataFrame([row]))[0])
+        return
+    from seqlm.generate import load_trained, predict
+    model_dir = Path("models") / model
+    if not (model_dir / "model.pt").exists():
+        _fail(f"{model_dir}/model.pt not found: train it first (seqlm run) or pass an MLflow URI")
+    net, vocab, _ = load_trained(model_dir, device="cpu")
+    typer.echo(predict(prefix, num_chars, net, vocab, torch.device("cpu"),
+                       temperature=temperature, top_k=top_k, seed=seed))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""A trained character language model as an MLflow pyfunc: weights + vocabulary in, text out.
+
+    model = mlflow.pyfunc.load_model("models:/timemachine-rnn@champion")
+    model.predict(pd.DataFrame({"prefix": ["time traveller"]}))   # -> ["time traveller ..."]
+
+Optional columns: num_chars (default 50), temperature and top_k (sampling), seed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import torch
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class CharLanguageModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        from seqlm.generate import load_trained
+        self.model, self.vocab, _ = load_trained(Path(context.artifacts["model_dir"]),
+                                                 device="cpu")
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> list[str]:
+        from seqlm.generate import predict
+        rows = model_input.to_dict("records")
+        return [predict(str(row["prefix"]), int(_get(row, "num_chars", 50)), self.model,
+                        self.vocab, torch.device("cpu"),
+                        temperature=_get(row, "temperature", None),
+                        top_k=_get(row, "top_k", None), seed=_get(row, "seed", None))
+                for row in rows]
+
+
+def _get(row: dict, key: str, default):
+    value = row.get(key, default)
+    return default if value is None or (isinstance(value, float) and pd.isna(value)) else value
+
+
+def log_char_lm(model_dir: Path, registered_name: str) -> mlflow.models.model.ModelInfo:
+    """Log model_dir (model.pt, vocab.parquet, meta.json) under the active run and register it."""
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=CharLanguageModel(),
+        artifacts={"model_dir": str(model_dir)},
+        code_paths=[str(PACKAGE_DIR)],  # ships seqlm, so the model loads outside this repo too
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "pandas", "pyarrow",
+                          "numpy"],
+        input_example=pd.DataFrame({"prefix": ["time traveller"]}),
+        registered_model_name=registered_name,
+    )

@@ -1,0 +1,107 @@
+"""What the pipeline logs to MLflow for each stage, read back from the files the stage wrote."""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from seqlm import stages as S
+from seqlm.params import Params
+from seqlm.tracking import Tracker, flatten
+
+
+class StageLogger:
+    def __init__(self, tracker: Tracker, params: Params) -> None:
+        self.tracker = tracker
+        self.params = params
+        self.child_runs: dict[str, str | None] = {}
+
+    def task_kwargs(self, stage: str, item: str | None) -> dict[str, Callable]:
+        """Training stages get a per-epoch callback that logs into their own nested run."""
+        if stage == "train_ar":
+            section = {"seed": self.params.seed, **self.params.train_ar.model_dump(mode="json")}
+            run_id = self._child("ar_mlp", section)
+        elif stage == "train_lm":
+            lm = self.params.train_lm
+            section = {"model": item, "seed": self.params.seed,
+                       "hidden_size": lm.hidden_size(item),
+                       **flatten(self.params.preprocess.model_dump(mode="json"), "preprocess."),
+                       **{k: v for k, v in lm.model_dump(mode="json").items()
+                          if k not in ("models", "hidden", "hidden_scratch")}}
+            run_id = self._child(item, section)
+        else:
+            return {}
+        return {"on_epoch": self.tracker.epoch_logger(run_id)}
+
+    def _child(self, name: str, params: dict) -> str | None:
+        self.child_runs[name] = self.tracker.child_run(name, params)
+        return self.child_runs[name]
+
+    def after(self, stage: str, item: str | None, paths: list[Path], cached: bool) -> None:
+        getattr(self, f"_after_{stage}", lambda *_: None)(item, paths, cached)
+
+    # ---- per stage ----------------------------------------------------------------------------
+    def _after_preprocess(self, _item, _paths, _cached) -> None:
+        lines = Path(S.LINES).read_text(encoding="utf-8").splitlines()
+        self.tracker.log_dataset(pd.DataFrame({"line": lines}), source=self.params.download.out,
+                                 name="timemachine", context="corpus")
+        self.tracker.log_artifacts([S.VOCAB["char"], S.VOCAB["word"]], "vocab")
+
+    def _after_ngrams(self, _item, _paths, _cached) -> None:
+        self.tracker.log_artifacts([S.NGRAMS], "ngrams")
+        self.tracker.log_metrics_file(f"{S.REPORTS}/ngrams.json")
+
+    def _after_sine(self, _item, _paths, _cached) -> None:
+        self.tracker.log_dataset(pd.read_parquet(S.SINE), source=S.SINE, name="sine",
+                                 context="training", run_id=self.child_runs.get("ar_mlp"))
+
+    def _after_train_ar(self, _item, _paths, cached: bool) -> None:
+        run_id = self.child_runs.get("ar_mlp")
+        if cached:
+            self._replay_history(run_id, Path(S.AR_DIR) / "history.csv")
+        self.tracker.log_metrics_file(f"{S.REPORTS}/train_ar.json", run_id)
+        self.tracker.log_artifacts([S.AR_DIR], "ar", run_id)
+        self.tracker.end_child(run_id)
+
+    def _after_train_lm(self, item: str, _paths, cached: bool) -> None:
+        run_id = self.child_runs.get(item)
+        model_dir = Path(S.LM_DIR.replace("${item}", item))
+        if cached:
+            self._replay_history(run_id, model_dir / "history.csv")
+        meta = json.loads((model_dir / "meta.json").read_text())
+        self.tracker.log_metrics(run_id, {k: v for k, v in meta.items()
+                                          if k.startswith("final_") or k.endswith("tokens_per_s")})
+        self.tracker.set_tags(run_id, {"device": str(meta.get("device")), "cached": str(cached)})
+        ids = np.load(S.CORPUS["char"], mmap_mode="r")
+        p = self.params.preprocess
+        splits = {"training": ids[:p.train_tokens],
+                  "validation": ids[p.train_tokens:p.train_tokens + p.val_tokens]}
+        for context, split in splits.items():
+            self.tracker.log_dataset(pd.DataFrame({"char_id": np.asarray(split)}),
+                                     source=S.CORPUS["char"], name=f"timemachine-chars-{context}",
+                                     context=context, run_id=run_id)
+        self.tracker.log_artifacts([model_dir / "history.csv", model_dir / "meta.json"],
+                                   run_id=run_id)
+        self.tracker.log_language_model(run_id, model_dir, item, meta["final_val_perplexity"])
+        self.tracker.end_child(run_id)
+
+    def _after_evaluate(self, _item, _paths, _cached) -> None:
+        self.tracker.log_metrics_file(S.METRICS)
+        self.tracker.log_artifacts([S.REPORTS], "reports")
+        summary = Path(S.REPORTS) / "summary.md"
+        print(summary.read_text(encoding="utf-8"))
+        from prefect.artifacts import create_table_artifact
+        table = pd.read_csv(Path(S.REPORTS) / "summary.csv")
+        create_table_artifact(table=table.to_dict("records"), key="perplexity-summary",
+                              description="Train/validation perplexity of each language model "
+                                          "beside the character n-gram baseline")
+
+    def _replay_history(self, run_id: str | None, history: Path) -> None:
+        """A cached stage did not train: log its per-epoch metrics from the history file."""
+        for row in pd.read_csv(history).to_dict("records"):
+            epoch = int(row.pop("epoch"))
+            self.tracker.log_metrics(run_id, row, step=epoch)
+

@@ -1,0 +1,227 @@
+"""MLflow logging for one pipeline run: a parent run, one nested run per trained model.
+
+A tracking store that fails never stops the pipeline: the artifacts are still written, the
+first error is remembered, and the flow reports it at the end with how to fix the URI.
+Every call names its run explicitly (MlflowClient), because Prefect runs tasks in worker
+threads and MLflow's active run is thread-local.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+
+from seqlm.params import Params
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+log = logging.getLogger(__name__)
+
+
+class TrackingError(RuntimeError):
+    """The MLflow store could not be used; the pipeline's own artifacts are intact."""
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{sha}-dirty" if dirty else sha
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _guarded(method: Callable) -> Callable:
+    """Run an MLflow call; on failure remember the first error and stop tracking."""
+    @functools.wraps(method)
+    def wrapper(self: "Tracker", *args: Any, **kwargs: Any) -> Any:
+        if self.error is not None:
+            return None
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - any store failure must not stop training
+            self.error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            log.error("MLflow tracking disabled for this run: %s", self.error)
+            return None
+    return wrapper
+
+
+class Tracker:
+    def __init__(self, params: Params, uri: str | None = None) -> None:
+        self.params = params
+        self.uri = uri or tracking_uri()
+        self.client = MlflowClient(self.uri)
+        self.error: str | None = None
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+
+    # ---- parent run -------------------------------------------------------------------------
+    @_guarded
+    def start(self, run_name: str | None = None) -> str:
+        mlflow.set_tracking_uri(self.uri)
+        name = self.params.tracking.experiment
+        experiment = self.client.get_experiment_by_name(name)
+        self.experiment_id = (experiment.experiment_id if experiment
+                              else self.client.create_experiment(name))
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags={
+            "git_commit": git_commit(), "params_hash": self.params.digest(),
+            "mlflow.source.type": "JOB"})
+        self.run_id = run.info.run_id
+        self._log_params(self.run_id, flatten(self.params.model_dump(mode="json")))
+        return self.run_id
+
+    @_guarded
+    def finish(self, status: str = "FINISHED", lock_file: Path = Path("dvc.lock")) -> None:
+        if self.run_id is None:
+            return
+        if lock_file.exists():
+            self.client.log_artifact(self.run_id, str(lock_file))
+            for key, md5 in dvc_hashes(lock_file).items():
+                self.client.set_tag(self.run_id, f"dvc.{key}", md5)
+        self.client.set_terminated(self.run_id, status)
+
+    # ---- nested runs -------------------------------------------------------------------------
+    @_guarded
+    def child_run(self, name: str, params: dict[str, Any]) -> str | None:
+        if self.run_id is None:
+            return None
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={
+            "mlflow.parentRunId": self.run_id, "git_commit": git_commit(),
+            "params_hash": self.params.digest()})
+        self._log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def epoch_logger(self, run_id: str | None) -> Callable[[int, dict[str, float]], None]:
+        """Callback for the training loops: metrics of each epoch, step = epoch."""
+        @_guarded
+        def log_epoch(self: Tracker, epoch: int, metrics: dict[str, float]) -> None:
+            if run_id is not None:
+                self.log_metrics(run_id, metrics, step=epoch)
+        return functools.partial(log_epoch, self)
+
+    @_guarded
+    def set_tags(self, run_id: str | None, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            if run_id is not None:
+                self.client.set_tag(run_id, key, value)
+
+    @_guarded
+    def end_child(self, run_id: str | None, status: str = "FINISHED") -> None:
+        if run_id is not None:
+            self.client.set_terminated(run_id, status)
+
+    # ---- what each stage leaves behind -------------------------------------------------------
+    @_guarded
+    def log_metrics(self, run_id: str | None, metrics: dict[str, float], step: int = 0) -> None:
+        run_id = run_id or self.run_id
+        if run_id is None:
+            return
+        ts = mlflow.utils.time.get_current_time_millis()
+        batch = [Metric(k, float(v), ts, step) for k, v in metrics.items()
+                 if isinstance(v, (int, float))]
+        for i in range(0, len(batch), 500):
+            self.client.log_batch(run_id, metrics=batch[i:i + 500], synchronous=True)
+
+    @_guarded
+    def log_metrics_file(self, path: Path | str, run_id: str | None = None) -> None:
+        self.log_metrics(run_id, flatten(json.loads(Path(path).read_text())))
+
+    @_guarded
+    def log_artifacts(self, paths: list[Path | str], artifact_path: str | None = None,
+                      run_id: str | None = None) -> None:
+        run_id = run_id or self.run_id
+        if run_id is None:
+            return
+        for path in map(Path, paths):
+            if path.is_dir():
+                self.client.log_artifacts(run_id, str(path), artifact_path)
+            elif path.exists():
+                self.client.log_artifact(run_id, str(path), artifact_path)
+
+    @_guarded
+    def log_dataset(self, frame: pd.DataFrame, source: str, name: str, context: str,
+                    run_id: str | None = None) -> None:
+        run_id = run_id or self.run_id
+        if run_id is None:
+            return
+        dataset = mlflow.data.from_pandas(frame, source=source, name=name)
+        self.client.log_inputs(run_id, datasets=[mlflow.entities.DatasetInput(
+            dataset._to_mlflow_entity(),
+            tags=[mlflow.entities.InputTag("mlflow.data.context", context)])])
+
+    @_guarded
+    def log_language_model(self, run_id: str | None, model_dir: Path, model_name: str,
+                           val_perplexity: float) -> str | None:
+        """Log the model (weights + vocabulary) as a pyfunc that generates text, register it and
+        move the `champion` alias to it only if it beats the current champion on validation
+        perplexity. Returns the registered version."""
+        if run_id is None:
+            return None
+        from seqlm.mlflow_model import log_char_lm
+        registered = f"{self.params.tracking.registered_model_prefix}-{model_name.replace('_', '-')}"
+        # log_model needs an active run; the run is this worker thread's own (thread-local).
+        with mlflow.start_run(run_id=run_id):
+            info = log_char_lm(model_dir, registered)
+        version = str(info.registered_model_version)
+        self.client.set_model_version_tag(registered, version, "val_perplexity",
+                                          f"{val_perplexity:.6f}")
+        champion = self._champion_perplexity(registered)
+        if champion is None or val_perplexity < champion:
+            self.client.set_registered_model_alias(registered, "champion", version)
+            log.info("%s v%s is the new champion (val perplexity %.3f, was %s)",
+                     registered, version, val_perplexity, champion)
+        return version
+
+    def _champion_perplexity(self, registered: str) -> float | None:
+        try:
+            current = self.client.get_model_version_by_alias(registered, "champion")
+        except mlflow.exceptions.MlflowException:
+            return None
+        value = current.tags.get("val_perplexity")
+        return float(value) if value is not None else None
+
+    def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        items = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v))
+                 for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i:i + 100], synchronous=True)
+
+
+def dvc_hashes(lock_file: Path) -> dict[str, str]:
+    """`stage.path` -> md5 for every dep and out recorded in dvc.lock."""
+    import yaml
+    lock = yaml.safe_load(lock_file.read_text()) or {}
+    hashes: dict[str, str] = {}
+    for stage, body in (lock.get("stages") or {}).items():
+        for kind in ("deps", "outs"):
+            for entry in body.get(kind, []):
+                if "md5" in entry:
+                    # MLflow tag keys allow letters, digits, _ - . / and spaces.
+                    key = f"{stage}.{kind}.{entry['path']}".replace("@", "-")
+                    hashes[key] = entry["md5"]
+    return hashes
