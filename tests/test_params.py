@@ -1,0 +1,65 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from seqlm.params import ParamsError, load_params
+
+from conftest import REPO
+
+
+def _write(tmp_path: Path, mutate) -> Path:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    mutate(params)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_repository_params_are_valid():
+    params = load_params(REPO / "params.yaml")
+    assert params.train_lm.models == ["rnn_scratch", "rnn"]
+    assert params.download.algorithm == "sha1"
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda p: p["train_lm"].update(epochz=3), "train_lm.epochz = 3: Extra inputs are not permitted"),
+    (lambda p: p.update(trainlm={}), "trainlm"),
+    (lambda p: p["train_lm"].update(epochs="5"), "train_lm.epochs = '5'"),
+    (lambda p: p["train_lm"].update(lr=0), "train_lm.lr = 0"),
+    (lambda p: p["train_lm"].update(lr=-1.0), "train_lm.lr = -1.0"),
+    (lambda p: p["train_lm"].update(epochs=0), "train_lm.epochs = 0"),
+    (lambda p: p["train_lm"].update(hidden=0), "train_lm.hidden = 0"),
+    (lambda p: p["train_lm"].update(models=["rnn", "transformer"]), "train_lm.models.1 = 'transformer'"),
+    (lambda p: p["train_lm"].update(device="tpu"), "train_lm.device = 'tpu'"),
+    (lambda p: p["ngrams"].update(max_n=0), "ngrams.max_n = 0"),
+    (lambda p: p["download"].update(checksum="abc"), "download.checksum = 'abc'"),
+    (lambda p: p["download"].pop("sources"), "download.sources: Field required"),
+    (lambda p: p["train_lm"].update(sampling="shuffled"), "train_lm.sampling = 'shuffled'"),
+])
+def test_bad_params_name_key_and_value(tmp_path, mutate, expected):
+    with pytest.raises(ParamsError) as info:
+        load_params(_write(tmp_path, mutate))
+    message = str(info.value)
+    assert expected in message
+    assert "\n" not in message and message.startswith(str(tmp_path / "params.yaml"))
+
+
+def test_unreadable_params_file(tmp_path):
+    with pytest.raises(ParamsError, match="file not found"):
+        load_params(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(ParamsError, match="top level must be a mapping"):
+        load_params(bad)
+
+
+def test_digest_depends_only_on_the_keys_asked_for(tmp_path):
+    base = load_params(REPO / "params.yaml")
+    changed = load_params(_write(tmp_path, lambda p: p["train_lm"].update(epochs=7)))
+    assert base.digest(["ngrams"]) == changed.digest(["ngrams"])
+    assert base.digest(["train_lm.epochs"]) != changed.digest(["train_lm.epochs"])
+    assert base.digest() != changed.digest()

@@ -1,0 +1,98 @@
+"""The flow end to end on a real Prefect test server and a real MLflow sqlite store."""
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from flows.pipeline import pipeline
+from seqlm.generate import load_trained, predict
+from seqlm.tracking import TrackingError
+
+from conftest import write_params
+
+pytestmark = pytest.mark.slow
+
+SMALL = dict(
+    ngrams={"max_n": 2},
+    train_ar={"epochs": 2},
+    train_lm={"epochs": 3, "hidden_scratch": 32, "hidden": 32, "checkpoint_every": 2,
+              "models": ["rnn_scratch", "gru"]},
+    evaluate={"num_chars": 10},
+)
+
+
+@pytest.fixture
+def small_pipeline(workdir, prefect_server, monkeypatch):
+    write_params(workdir, **SMALL)
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def test_pipeline_runs_logs_and_skips_unchanged_stages(small_pipeline, workdir):
+    states = pipeline(params_file="params.yaml", record_dvc=False)
+    assert set(states) == {"download", "preprocess", "ngrams", "sine", "train_ar",
+                           "train_lm[rnn_scratch]", "train_lm[gru]", "evaluate"}
+    assert set(states.values()) == {"Completed"}
+    for path in ["data/raw/timemachine.txt", "data/ngrams/word_2.parquet", "models/gru/model.pt",
+                 "models/ar/kstep.csv", "reports/metrics.json", "reports/summary.md"]:
+        assert (workdir / path).exists(), path
+    metrics = json.loads((workdir / "reports/metrics.json").read_text())
+    assert set(metrics["lm"]) == {"rnn_scratch", "gru"}
+
+    client = MlflowClient(small_pipeline)
+    experiment = client.get_experiment_by_name("seqlm")
+    runs = client.search_runs([experiment.experiment_id])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {"ar_mlp", "rnn_scratch", "gru"}
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["train_lm.epochs"] == "3"
+    assert len(parent.data.tags["git_commit"]) > 0 and len(parent.data.tags["params_hash"]) == 16
+    assert "word_1_zipf_exponent" in parent.data.metrics
+    assert any(name.startswith("lm.gru.val") for name in parent.data.metrics)
+    assert [d.dataset.name for d in parent.inputs.dataset_inputs] == ["timemachine"]
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"ngrams", "reports", "vocab"} <= artifacts
+
+    gru = children["gru"]
+    history = client.get_metric_history(gru.info.run_id, "val_perplexity")
+    assert [m.step for m in history] == [1, 2, 3]
+    assert gru.data.tags["device"] == "cpu"
+    assert {d.dataset.name for d in gru.inputs.dataset_inputs} == {
+        "timemachine-chars-training", "timemachine-chars-validation"}
+
+    # the registered model loads back through MLflow and generates what the local model does
+    version = client.get_model_version_by_alias("timemachine-gru", "champion")
+    loaded = mlflow.pyfunc.load_model("models:/timemachine-gru@champion")
+    text = loaded.predict(pd.DataFrame({"prefix": ["time traveller"], "num_chars": [10]}))[0]
+    model, vocab, _ = load_trained(workdir / "models/gru", device="cpu")
+    assert text == predict("time traveller", 10, model, vocab, torch.device("cpu"))
+    assert version.tags["val_perplexity"]
+
+    # nothing changed: every stage is skipped; the run is still tracked
+    again = pipeline(params_file="params.yaml", record_dvc=False)
+    assert set(again.values()) == {"Cached"}
+    # a deleted output makes its stage (and only the stages reading it) run again
+    shutil.rmtree(workdir / "data/ngrams")
+    write_params(workdir, evaluate={"num_chars": 12})
+    third = pipeline(params_file="params.yaml", record_dvc=False)
+    assert third["ngrams"] == "Completed" and third["evaluate"] == "Completed"
+    assert third["train_lm[gru]"] == "Cached" and third["download"] == "Cached"
+
+
+def test_unreachable_mlflow_store_still_writes_artifacts(workdir, prefect_server, monkeypatch):
+    write_params(workdir, **SMALL)
+    write_params(workdir, train_lm={"models": ["rnn"]})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9/")  # discard port: refused
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with pytest.raises(TrackingError, match="MLflow store 'http://127.0.0.1:9/' failed .* all "
+                                            "pipeline artifacts were written. Fix MLFLOW_TRACKING_URI"):
+        pipeline(params_file="params.yaml", record_dvc=False)
+    assert (workdir / "reports/summary.md").exists()
+    assert (workdir / "models/rnn/model.pt").exists()
