@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 PARAMS_FILE = Path("params.yaml")
 ModelName = Literal["rnn_scratch", "rnn", "gru", "lstm"]
@@ -71,6 +72,13 @@ class TrainArParams(Section):
     epochs: PositiveInt = 5
     k_steps: list[PositiveInt] = Field(default=[1, 4, 16, 64], min_length=1)
 
+    @field_validator("k_steps")
+    @classmethod
+    def _distinct(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError("lists a horizon twice")
+        return value
+
 
 class TrainLmParams(Section):
     models: list[ModelName] = Field(default=["rnn_scratch", "rnn"], min_length=1)
@@ -121,6 +129,15 @@ class Params(Section):
     evaluate: EvaluateParams = EvaluateParams()
     tracking: TrackingParams = TrackingParams()
 
+    @model_validator(mode="after")
+    def _series_long_enough(self) -> "Params":
+        ar = self.train_ar
+        need = ar.n_train + ar.tau + max(ar.k_steps)
+        if self.sine.T < need:
+            raise ValueError(f"sine.T = {self.sine.T} is too short for train_ar: needs at least "
+                             f"n_train + tau + max(k_steps) = {need}")
+        return self
+
     def section(self, dotted: str) -> object:
         """`section("train_lm.epochs")` -> the value; used to hash what a stage depends on."""
         value: object = self
@@ -154,7 +171,9 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
         return Params.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"]) or "<root>"
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        if not err["loc"]:  # a check across sections names its keys in the message itself
+            raise ParamsError(f"{path}: {err['msg'].removeprefix('Value error, ')}{more}") from None
+        key = ".".join(str(p) for p in err["loc"])
         value = "" if err["type"] == "missing" else f" = {err['input']!r}"
         raise ParamsError(f"{path}: {key}{value}: {err['msg']}{more}") from None

@@ -36,6 +36,8 @@ def test_repository_params_are_valid():
     (lambda p: p["download"].update(checksum="abc"), "download.checksum = 'abc'"),
     (lambda p: p["download"].pop("sources"), "download.sources: Field required"),
     (lambda p: p["train_lm"].update(sampling="shuffled"), "train_lm.sampling = 'shuffled'"),
+    (lambda p: p["train_ar"].update(k_steps=[1, 4, 4]), "train_ar.k_steps = [1, 4, 4]: Value error, lists a horizon twice"),
+    (lambda p: p["sine"].update(T=600), "sine.T = 600 is too short for train_ar: needs at least n_train + tau + max(k_steps) = 668"),
 ])
 def test_bad_params_name_key_and_value(tmp_path, mutate, expected):
     with pytest.raises(ParamsError) as info:

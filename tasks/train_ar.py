@@ -1,0 +1,124 @@
+"""train_ar: the autoregressive MLP of D2L 8.1 on the sine series, with its 1-step, multistep
+and k-step predictions, errors and the seed's three plots."""
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from matplotlib.figure import Figure
+from prefect import task
+
+from seqlm import autoregress as ar
+from seqlm.io import atomic_open, atomic_path, write_json
+from seqlm.params import Params
+from seqlm.stages import AR_DIR, SINE, STAGE_BY_NAME, Stage
+
+FORMATS = ("-", "m--", "g-.", "r:")   # d2l.plot's default line formats
+
+
+def _read_series(path: str) -> tuple[np.ndarray, torch.Tensor]:
+    try:
+        table = pq.read_table(path, columns=["t", "x"])
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: not found; run the sine stage first") from None
+    except (pa.ArrowInvalid, KeyError) as exc:
+        raise ValueError(f"{path}: not a series with columns t, x: {' '.join(str(exc).split())}") from None
+    t = table["t"].to_numpy().astype(np.int64)
+    x = torch.from_numpy(table["x"].to_numpy().astype(np.float32))
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{path}: column x holds NaN or infinite values")
+    return t, x
+
+
+def _plot(path: Path, series: list[tuple[np.ndarray, np.ndarray]], legend: list[str],
+          xlim: tuple[int, int]) -> Path:
+    """One d2l.plot figure: figsize (6, 3), 'time' vs 'x', grid, d2l's line formats."""
+    fig = Figure(figsize=(6, 3))
+    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.16, top=0.96)   # fixed: tight_layout is slow
+    ax = fig.subplots()
+    for (t, y), fmt in zip(series, itertools.cycle(FORMATS)):
+        ax.plot(t, y, fmt)
+    ax.set(xlabel="time", ylabel="x", xlim=xlim)
+    ax.legend(legend)
+    ax.grid()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return path
+
+
+def _write_parquet(path: Path, frame: pd.DataFrame) -> Path:
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp, compression="zstd")
+    return path
+
+
+def _write_csv(path: Path, frame: pd.DataFrame) -> Path:
+    with atomic_open(path, "w", encoding="utf-8", newline="") as handle:
+        frame.to_csv(handle, index=False)
+    return path
+
+
+@task(name="train_ar")
+def train_ar(params: Params, on_epoch: ar.OnEpoch | None = None) -> list[Path]:
+    # CPU always: a 4→10→1 MLP does microseconds of arithmetic per step, so on a GPU every
+    # step would be bound by kernel launches and host syncs, not compute.
+    p = params.train_ar
+    t, x = _read_series(SINE)
+    T, tau, max_steps = len(x), p.tau, max(p.k_steps)
+    ar.check_sizes(T, tau, p.n_train, p.k_steps, SINE)
+
+    generator = torch.Generator().manual_seed(params.seed)
+    features, labels = ar.windows(x, tau)
+    net = ar.build_mlp(tau, p.hidden, generator)
+    history = ar.train(net, features[:p.n_train], labels[:p.n_train], batch_size=p.batch_size,
+                       lr=p.lr, epochs=p.epochs, generator=generator, on_epoch=on_epoch)
+    with torch.no_grad():
+        onestep = torch.cat([torch.full((tau,), math.nan), net(features).reshape(-1)])
+    start = p.n_train + tau                       # multistep predicts x[start:] from x[:start]
+    multistep = ar.multistep(net, x, tau, start)
+    multistep_mse = torch.mean((multistep[start:] - x[start:]) ** 2).item()
+    kpreds = ar.kstep(net, x, tau, max_steps)
+    kstep_mse = ar.kstep_heldout_mse(kpreds, x, tau, p.n_train, p.k_steps)
+
+    # Everything is computed: only now write, so a failure above leaves no partial outputs.
+    out = Path(AR_DIR)
+    rows = kpreds.shape[0]
+    # Row r's k-step prediction is of x[r + tau + k - 1], i.e. time t = r + tau + k.
+    kt = {k: t[tau + k - 1: tau + k - 1 + rows] for k in p.k_steps}
+    written = [out / "model.pt"]
+    with atomic_path(out / "model.pt") as tmp:
+        torch.save({"state_dict": net.state_dict(),
+                    "config": {"tau": tau, "hidden": p.hidden},
+                    "params": {"seed": params.seed, "train_ar": p.model_dump(mode="json")}}, tmp)
+    written.append(_write_csv(out / "history.csv", pd.DataFrame(
+        {"epoch": np.arange(1, p.epochs + 1), "train_loss": history})))
+    written.append(_write_parquet(out / "predictions.parquet", pd.DataFrame(
+        {"t": t, "x": x.numpy(), "onestep": onestep.numpy(), "multistep": multistep.numpy()})))
+    written.append(_write_csv(out / "kstep.csv", pd.DataFrame(
+        {"k": list(kstep_mse), "mse": list(kstep_mse.values())})))
+    written.append(_write_parquet(out / "kstep_preds.parquet", pd.DataFrame({
+        "k": np.repeat(np.asarray(p.k_steps, dtype=np.int64), rows),
+        "t": np.concatenate([kt[k] for k in p.k_steps]),
+        "prediction": np.concatenate([kpreds[:, k - 1].numpy() for k in p.k_steps])})))
+    x_np, onestep_np, multistep_np = x.numpy(), onestep.numpy(), multistep.numpy()
+    written.append(_plot(out / "onestep.png", [(t, x_np), (t[tau:], onestep_np[tau:])],
+                         ["data", "1-step preds"], (1, T)))
+    written.append(_plot(out / "multistep.png",
+                         [(t, x_np), (t[tau:], onestep_np[tau:]), (t[start:], multistep_np[start:])],
+                         ["data", "1-step preds", "multistep preds"], (1, T)))
+    written.append(_plot(out / "kstep.png", [(kt[k], kpreds[:, k - 1].numpy()) for k in p.k_steps],
+                         [f"{k}-step preds" for k in p.k_steps], (tau + 1, T)))
+
+    report = {"train_loss": history[-1], "multistep_mse": multistep_mse}
+    report.update({f"kstep_mse_{k}": mse for k, mse in kstep_mse.items()})
+    written.append(write_json(STAGE.paths(params)["metrics"][0], report))
+    return written
+
+
+STAGE: Stage = STAGE_BY_NAME["train_ar"]
