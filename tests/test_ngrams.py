@@ -1,0 +1,183 @@
+"""ngrams stage: exact seed reference counts, streaming == one-shot counting, outputs and errors."""
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from seqlm.io import atomic_path
+from seqlm.ngrams import NgramError, count_ngrams, rank_order, unpack, zipf_exponent
+from seqlm.params import load_params
+from seqlm.stages import CORPUS, VOCAB
+from seqlm.text import TOKENIZERS, Vocab, read_lines, tokenize
+from tasks.ngrams import ngrams, table_path
+
+from conftest import REPO, write_params
+
+
+@pytest.fixture(scope="module")
+def corpus() -> dict[str, tuple[Vocab, np.ndarray]]:
+    """Vocabulary and ids per level, built as the preprocess stage does."""
+    lines = read_lines(REPO / "data" / "mirror" / "timemachine.txt")
+    built = {}
+    for level in TOKENIZERS:
+        tokens = tokenize(lines, level)
+        vocab = Vocab(tokens)
+        ids = np.asarray([vocab[t] for line in tokens for t in line], dtype=np.int32)
+        built[level] = vocab, ids
+    return built
+
+
+@pytest.fixture
+def processed(workdir: Path, corpus) -> Path:
+    for level, (vocab, ids) in corpus.items():
+        vocab.save(VOCAB[level])
+        with atomic_path(CORPUS[level]) as tmp, open(tmp, "wb") as handle:
+            np.save(handle, ids)
+    return workdir
+
+
+def top(level: str, n: int, k: int = 10) -> list[tuple]:
+    frame = pd.read_parquet(table_path(level, n))
+    return [(*row[:n], row[n]) for row in frame.head(k).itertuples(index=False)]
+
+
+def test_seed_reference_counts_and_outputs(processed: Path) -> None:
+    written = ngrams.fn(load_params())
+
+    assert top("word", 1) == [("the", 2261), ("i", 1267), ("and", 1245), ("of", 1155), ("a", 816),
+                              ("to", 695), ("was", 552), ("in", 541), ("that", 443), ("my", 440)]
+    assert top("word", 2) == [
+        ("of", "the", 309), ("in", "the", 169), ("i", "had", 130), ("i", "was", 112),
+        ("and", "the", 109), ("the", "time", 102), ("it", "was", 99), ("to", "the", 85),
+        ("as", "i", 78), ("of", "a", 73)]
+    assert top("word", 3) == [
+        ("the", "time", "traveller", 59), ("the", "time", "machine", 30),
+        ("the", "medical", "man", 24), ("it", "seemed", "to", 16), ("it", "was", "a", 15),
+        ("here", "and", "there", 15), ("seemed", "to", "me", 14), ("i", "did", "not", 14),
+        ("i", "saw", "the", 13), ("i", "began", "to", 13)]
+
+    for level, total in (("word", 32_775), ("char", 170_580)):
+        for n in (1, 2, 3):
+            frame = pd.read_parquet(table_path(level, n))
+            tokens = [f"token_{j}" for j in range(1, n + 1)]
+            assert list(frame.columns) == [*tokens, "count", "rank"]
+            assert frame["count"].dtype == np.int64 and frame["rank"].dtype == np.int64
+            assert frame["count"].sum() == total - n + 1      # every window counted once
+            assert (frame["rank"] == np.arange(1, len(frame) + 1)).all()
+            assert frame["count"].is_monotonic_decreasing
+            meta = pq.ParquetFile(table_path(level, n)).metadata.row_group(0)
+            assert {meta.column(j).compression for j in range(meta.num_columns)} == {"ZSTD"}
+    assert top("char", 1, 3) == [(" ", 29927), ("e", 17838), ("t", 13515)]
+
+    assert Path("data/ngrams/zipf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = json.loads(Path("reports/ngrams.json").read_text())
+    assert metrics["word_1_distinct"] == 4579 and metrics["char_1_distinct"] == 27
+    assert metrics["word_2_distinct"] == 20234 and metrics["word_3_distinct"] == 29882
+    # Word frequencies fall roughly as 1/rank (Zipf); longer n-grams fall off more slowly.
+    assert 0.9 < metrics["word_1_zipf_exponent"] < 1.2
+    assert metrics["word_1_zipf_exponent"] > metrics["word_2_zipf_exponent"] \
+        > metrics["word_3_zipf_exponent"] > 0
+    assert sorted(map(str, written)) == sorted(
+        [*(str(table_path(lv, n)) for lv in TOKENIZERS for n in (1, 2, 3)),
+         "data/ngrams/zipf.png", "reports/ngrams.json"])
+
+
+def test_streaming_is_byte_identical_and_stale_tables_go(processed: Path) -> None:
+    write_params(processed, ngrams={"max_n": 5})
+    ngrams.fn(load_params())
+    whole = {p.name: p.read_bytes() for p in Path("data/ngrams").glob("*.parquet")}
+    assert len(whole) == 10
+
+    write_params(processed, ngrams={"max_n": 5, "chunk_tokens": 1000})   # 33 word chunks
+    ngrams.fn(load_params())
+    assert {p.name: p.read_bytes() for p in Path("data/ngrams").glob("*.parquet")} == whole
+
+    write_params(processed, ngrams={"max_n": 2})
+    ngrams.fn(load_params())
+    assert sorted(p.name for p in Path("data/ngrams").glob("*.parquet")) == \
+        ["char_1.parquet", "char_2.parquet", "word_1.parquet", "word_2.parquet"]
+    assert "word_3_distinct" not in json.loads(Path("reports/ngrams.json").read_text())
+
+
+def test_key_overflow_is_refused_before_writing(processed: Path) -> None:
+    write_params(processed, ngrams={"max_n": 6})       # 4580**6 > 2**63
+    with pytest.raises(NgramError, match=r"ngrams.max_n = 6: word level: 6-grams over a vocabulary "
+                                         r"of 4580 tokens do not fit a 63-bit key"):
+        ngrams.fn(load_params())
+    assert not Path("data/ngrams").exists() and not Path("reports/ngrams.json").exists()
+
+
+def test_out_of_vocabulary_id_names_file_and_position(processed: Path, corpus) -> None:
+    ngrams.fn(load_params())
+    before = table_path("word", 1).read_bytes()
+    ids = corpus["char"][1].copy()
+    ids[1234] = 28
+    np.save(CORPUS["char"], ids)
+    with pytest.raises(NgramError, match=r"corpus_char.npy: token id 28 at position 1234 is "
+                                         r"outside the vocabulary of 28 tokens"):
+        ngrams.fn(load_params())
+    assert table_path("word", 1).read_bytes() == before
+
+
+def test_missing_input_says_to_run_preprocess(workdir: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="vocab_word.parquet: not found; run the preproc"):
+        ngrams.fn(load_params())
+
+
+def seed_ranking(ids: list[int], n: int) -> list[tuple[tuple[int, ...], int]]:
+    """The seed's way: a Counter of tuples, stable-sorted by count."""
+    counter = collections.Counter(zip(*(ids[j:len(ids) - n + 1 + j] for j in range(n))))
+    return sorted(counter.items(), key=lambda kv: kv[1], reverse=True)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ids=st.lists(st.integers(0, 5), max_size=80), max_n=st.integers(1, 5),
+       chunk=st.integers(1, 30))
+def test_chunked_counting_equals_one_shot_and_seed(ids: list[int], max_n: int, chunk: int) -> None:
+    array = np.asarray(ids, dtype=np.int32)
+    one_shot = count_ngrams(array, max_n, 6, chunk_tokens=max(len(ids), 1))
+    chunked = count_ngrams(array, max_n, 6, chunk_tokens=chunk)
+    for n in range(1, max_n + 1):
+        a, b = one_shot[n], chunked[n]
+        assert np.array_equal(a.keys, b.keys) and np.array_equal(a.counts, b.counts)
+        assert np.array_equal(a.first, b.first)
+        ranked = b.ranked()
+        rows = unpack(ranked.keys, n, 6)
+        got = [(tuple(map(int, row)), int(c)) for row, c in zip(rows, ranked.counts)]
+        assert got == seed_ranking(ids, n)
+
+
+def test_rank_order_packed_and_lexsort_paths_agree() -> None:
+    rng = np.random.default_rng(0)
+    counts = rng.integers(1, 50, 10_000)
+    first = rng.permutation(100_000)[:10_000].astype(np.int64)
+    expected = np.lexsort((first, -counts))
+    assert np.array_equal(rank_order(counts, first), expected)
+    far = first + (1 << 50)               # too many bits to pack: the lexsort fallback
+    assert np.array_equal(rank_order(counts, far), expected)
+
+
+def test_zipf_exponent_recovers_a_power_law() -> None:
+    ranks = np.arange(1, 5000)
+    counts = np.round(1e5 * ranks ** -1.1).astype(np.int64)
+    assert zipf_exponent(counts) == pytest.approx(1.1, abs=0.02)
+    assert zipf_exponent(np.array([7, 1, 1, 1])) is None       # one rank with count >= 2
+
+
+def test_counting_is_vectorised_on_two_million_tokens() -> None:
+    # Zipf-like ids, as in text: a per-window Python loop would take tens of seconds here.
+    rng = np.random.default_rng(0)
+    ids = np.minimum(rng.zipf(1.3, 2_000_000), 4999).astype(np.int32) - 1
+    tables = count_ngrams(ids, 5, 4999, chunk_tokens=700_000)
+    for n, table in tables.items():
+        assert table.counts.sum() == len(ids) - n + 1
+        assert np.all(np.diff(table.keys) > 0)
+    assert tables[5].ranked().counts[0] > 1000        # the all-"0" 5-gram is frequent
