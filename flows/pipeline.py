@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -85,13 +85,16 @@ def submit_stage(stage: Stage, item: str | None, params: Params, stage_logger: S
 
 def dvc_record(logger: logging.Logger | logging.LoggerAdapter) -> None:
     """Make dvc.lock describe the artifacts just written, and push them to the default remote."""
-    if not Path(".dvc").is_dir() or shutil.which("dvc") is None:
+    if not Path(".dvc").is_dir():
         logger.warning("not a DVC repository (no .dvc/): dvc.lock not updated")
         return
-    for cmd in (["dvc", "commit", "--force", "--quiet"], ["dvc", "push", "--quiet"]):
-        result = subprocess.run(cmd, capture_output=True, text=True)
+    # The CLI, not the Python API: DVC's Python API is read-only. This interpreter's own DVC, so
+    # it works without an activated virtual environment.
+    for args in (["commit", "--force", "--quiet"], ["push", "--quiet"]):
+        result = subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True)
         if result.returncode != 0:
-            raise RuntimeError(f"`{' '.join(cmd)}` failed: {result.stderr.strip() or result.stdout.strip()}")
+            output = " ".join((result.stderr or result.stdout).split())
+            raise RuntimeError(f"`dvc {' '.join(args)}` failed: {output}")
     logger.info("dvc.lock updated and artifacts pushed to the DVC remote")
 
 
