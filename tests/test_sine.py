@@ -30,7 +30,8 @@ def test_series_format_and_values(workdir: Path) -> None:
 
 
 def test_noise_free_series_is_the_sine(workdir: Path) -> None:
-    write_params(workdir, sine={"T": 50, "noise_std": 0.0})
+    write_params(workdir, sine={"T": 50, "noise_std": 0.0},
+                 train_ar={"n_train": 20, "tau": 4, "k_steps": [1, 4]})
     sine.fn(load_params())
     x = pq.read_table(SINE)["x"].to_numpy()
     np.testing.assert_allclose(x, np.sin(0.01 * np.arange(1, 51)), rtol=0, atol=1e-6)

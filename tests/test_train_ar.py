@@ -165,10 +165,9 @@ def test_smallest_series_leaves_one_held_out_row(workdir: Path) -> None:
 
 @pytest.mark.parametrize(("sections", "message"), [
     ({"sine": {"T": 667}},
-     r"T = 667 points \(sine.T\).*train_ar.n_train \+ train_ar.tau \+ max\(train_ar.k_steps\)"
-     r" = 600 \+ 4 \+ 64 = 668"),
-    ({"sine": {"T": 100}, "train_ar": {"n_train": 10, "k_steps": [1, 128]}}, r"10 \+ 4 \+ 128 = 142"),
-    ({"train_ar": {"k_steps": [1, 4, 4]}}, r"train_ar.k_steps = \[1, 4, 4\] lists a k twice"),
+     r"sine.T = 667 is too short for train_ar: needs at least n_train \+ tau \+ max\(k_steps\) = 668"),
+    ({"sine": {"T": 100}, "train_ar": {"n_train": 10, "k_steps": [1, 128]}}, r"= 142"),
+    ({"train_ar": {"k_steps": [1, 4, 4]}}, r"train_ar.k_steps = \[1, 4, 4\]: Value error, lists a horizon twice"),
 ])
 def test_sizes_that_do_not_fit_fail_before_writing(workdir: Path, sections: dict, message: str) -> None:
     write_params(workdir, **sections)
