@@ -12,6 +12,8 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import torch
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -37,6 +39,16 @@ def _get(row: dict, key: str, default):
     return default if value is None or (isinstance(value, float) and pd.isna(value)) else value
 
 
+# Only `prefix` is required; the generation settings are optional columns of the same row.
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", "prefix"),
+                   ColSpec("long", "num_chars", required=False),
+                   ColSpec("double", "temperature", required=False),
+                   ColSpec("long", "top_k", required=False),
+                   ColSpec("long", "seed", required=False)]),
+    outputs=Schema([ColSpec("string")]))
+
+
 def log_char_lm(model_dir: Path, registered_name: str) -> mlflow.models.model.ModelInfo:
     """Log model_dir (model.pt, vocab.parquet, meta.json) under the active run and register it."""
     return mlflow.pyfunc.log_model(
@@ -46,6 +58,6 @@ def log_char_lm(model_dir: Path, registered_name: str) -> mlflow.models.model.Mo
         code_paths=[str(PACKAGE_DIR)],  # ships seqlm, so the model loads outside this repo too
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "pandas", "pyarrow",
                           "numpy"],
-        input_example=pd.DataFrame({"prefix": ["time traveller"]}),
+        signature=SIGNATURE,
         registered_model_name=registered_name,
     )
