@@ -90,7 +90,7 @@ def dvc_record(logger: logging.Logger | logging.LoggerAdapter) -> None:
         return
     # The CLI, not the Python API: DVC's Python API is read-only. This interpreter's own DVC, so
     # it works without an activated virtual environment.
-    for args in (["commit", "--force", "--quiet"], ["push", "--quiet"]):
+    for args in (["commit", "--force"], ["push"]):
         result = subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True)
         if result.returncode != 0:
             output = " ".join((result.stderr or result.stdout).split())
