@@ -28,8 +28,8 @@ def _run(args: list[str], cwd: Path, env: dict) -> str:
 def repo(tmp_path: Path) -> tuple[Path, dict]:
     """A git clone-alike of this repository with small, offline params."""
     root = tmp_path / "repo"
-    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
-                           check=True).stdout.split()
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                           cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     for name in files:
         if (REPO / name).is_file():
             (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -65,7 +65,7 @@ def test_flow_run_leaves_a_clean_dvc_status_and_repro_agrees(repo):
     # dvc agrees that nothing needs to run, and the artifacts were pushed to the local remote
     assert "Stage 'evaluate' didn't change" in _dvc(root, env, "repro", "-v") or \
         "didn't change" in _dvc(root, env, "repro")
-    assert "up to date" in _dvc(root, env, "status", "--cloud")
+    assert "in sync" in _dvc(root, env, "status", "--cloud")
     metrics = json.loads(_dvc(root, env, "metrics", "show", "--json"))
     assert metrics  # reports/*.json declared as metrics
 
