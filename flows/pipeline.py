@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_client, get_run_logger
 from prefect.futures import PrefectFuture
 
 from seqlm.params import PARAMS_FILE, Params, load_params
@@ -98,11 +98,22 @@ def dvc_record(logger: logging.Logger | logging.LoggerAdapter) -> None:
     logger.info("dvc.lock updated and artifacts pushed to the DVC remote")
 
 
+def limit_training_slots() -> int:
+    """Training tasks carry the tag `gpu`: one at a time per GPU, and one at a time on the CPU,
+    where two trainings side by side would fight over the same cores."""
+    import torch
+    slots = max(1, torch.cuda.device_count())
+    with get_client(sync_client=True) as client:
+        client.create_concurrency_limit(tag="gpu", concurrency_limit=slots)
+    return slots
+
+
 @flow(name="pipeline", log_prints=True)
 def pipeline(params_file: str = str(PARAMS_FILE), record_dvc: bool = True) -> dict[str, str]:
     """Run every stage whose inputs changed; returns {stage: final state name}."""
     logger = get_run_logger()
     params = load_params(params_file)
+    logger.info("training tasks limited to %d at a time (tag 'gpu')", limit_training_slots())
     tracker = Tracker(params)
     tracker.start()
     stage_logger = StageLogger(tracker, params)

@@ -9,6 +9,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from prefect import get_client
+from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
 from flows.pipeline import pipeline
 from seqlm.generate import load_trained, predict
 from seqlm.tracking import TrackingError
@@ -74,6 +77,13 @@ def test_pipeline_runs_logs_and_skips_unchanged_stages(small_pipeline, workdir):
     model, vocab, _ = load_trained(workdir / "models/gru", device="cpu")
     assert text == predict("time traveller", 10, model, vocab, torch.device("cpu"))
     assert version.tags["val_perplexity"]
+
+    # the two training tasks (tag "gpu", one slot on a CPU machine) never overlapped
+    with get_client(sync_client=True) as prefect:
+        runs = prefect.read_task_runs(task_run_filter=TaskRunFilter(
+            name=TaskRunFilterName(like_="train_lm[")))
+    spans = sorted((r.start_time, r.end_time) for r in runs)
+    assert len(spans) == 2 and spans[0][1] <= spans[1][0]
 
     # nothing changed: every stage is skipped; the run is still tracked
     again = pipeline(params_file="params.yaml", record_dvc=False)

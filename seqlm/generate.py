@@ -1,0 +1,99 @@
+"""Text from a trained character model (d2l predict_ch8, plus seeded temperature / top-k sampling),
+and loading a trained model folder models/<name>/ as train_lm writes it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from seqlm.models import build_model
+from seqlm.text import Vocab
+
+MODEL_FILE, VOCAB_FILE = "model.pt", "vocab.parquet"
+META_FILE, HISTORY_FILE = "meta.json", "history.csv"
+
+
+class ModelLoadError(ValueError):
+    """A trained model folder is incomplete, unreadable or inconsistent."""
+
+
+def predict(prefix: str, num_chars: int, model: nn.Module, vocab: Vocab,
+            device: torch.device | str, *, temperature: float | None = None, top_k: int | None = None,
+            seed: int | None = None) -> str:
+    """prefix + num_chars generated characters. Greedy (argmax) when neither temperature nor top_k
+    is given; otherwise sampled from softmax(logits / temperature) (temperature 1 by default)
+    restricted to the top_k most likely tokens, with a torch.Generator seeded by `seed`.
+    Characters outside the vocabulary read as <unk>."""
+    if not prefix:
+        raise ValueError("predict needs a non-empty prefix to warm up the state")
+    if num_chars < 0:
+        raise ValueError(f"num_chars = {num_chars} must be >= 0")
+    if temperature is not None and not temperature > 0:
+        raise ValueError(f"temperature = {temperature} must be > 0")
+    if top_k is not None:
+        if top_k < 1 or top_k != int(top_k):
+            raise ValueError(f"top_k = {top_k} must be an integer >= 1")
+        top_k = int(top_k)               # e.g. a float64 from a DataFrame column (MLflow pyfunc)
+    sample = temperature is not None or top_k is not None
+    generator = torch.Generator(device=device)
+    if seed is not None:
+        generator.manual_seed(seed)
+    else:
+        generator.seed()                 # an unseeded Generator would repeat one fixed default seed
+    was_training = model.training
+    model.eval()
+    out: list[int] = []
+    with torch.no_grad():
+        # Warm-up: the whole prefix in one call is the same recurrence as d2l's char-by-char loop;
+        # the logits of its last character predict the first new one.
+        ids = torch.tensor([vocab[list(prefix)]], device=device)            # (1, len(prefix))
+        logits, state = model(ids, model.begin_state(1, device))
+        for i in range(num_chars):
+            if i:
+                logits, state = model(torch.tensor([[out[-1]]], device=device), state)
+            last = logits[-1]                                                # time-major: last step
+            if sample:
+                out.append(_sample(last, temperature or 1.0, top_k, generator))
+            else:
+                out.append(int(last.argmax()))
+    model.train(was_training)
+    return prefix + "".join(vocab.to_tokens(out))
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int | None,
+            generator: torch.Generator) -> int:
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, -torch.inf)
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def load_trained(model_dir: Path | str, device: torch.device | str = "cpu",
+                 ) -> tuple[nn.Module, Vocab, dict]:
+    """(model in eval mode on `device`, its vocabulary, meta.json) from a folder train_lm wrote."""
+    model_dir = Path(model_dir)
+    paths = {name: model_dir / name for name in (MODEL_FILE, VOCAB_FILE, META_FILE)}
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise ModelLoadError(f"{model_dir}: not a trained model folder, missing "
+                             f"{', '.join(missing)} (run the train_lm stage)")
+    path = paths[MODEL_FILE]
+    try:
+        saved = torch.load(path, map_location=device, weights_only=True)
+        config = saved["config"]
+        model = build_model(config["name"], config["vocab_size"], config["hidden"],
+                            config["num_layers"])
+        model.load_state_dict(saved["state_dict"])
+    except Exception as exc:  # corrupt zip/pickle, missing keys, shape mismatch: all "unreadable"
+        reason = " ".join(str(exc).split())[:200]
+        raise ModelLoadError(
+            f"{path}: unreadable model file ({type(exc).__name__}: {reason})") from None
+    vocab = Vocab.load(paths[VOCAB_FILE])
+    if vocab.fingerprint() != saved["vocab_fingerprint"] or len(vocab) != config["vocab_size"]:
+        raise ModelLoadError(f"{path}: trained on another vocabulary than {paths[VOCAB_FILE]}")
+    meta = json.loads(paths[META_FILE].read_text(encoding="utf-8"))
+    return model.to(device).eval(), vocab, meta
