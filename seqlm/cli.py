@@ -17,6 +17,7 @@ from seqlm.params import PARAMS_FILE, ParamsError, load_params
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Sequence models of D2L chapter 8 as a Prefect + DVC + MLflow pipeline.")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry noise
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "seqlm")      # stage progress in run logs
 
 ParamsOption = Annotated[Path, typer.Option("--params", help="params file")]
 

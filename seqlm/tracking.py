@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import subprocess
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -169,7 +170,11 @@ class Tracker:
         run_id = run_id or self.run_id
         if run_id is None:
             return
-        dataset = mlflow.data.from_pandas(frame, source=source, name=name)
+        with warnings.catch_warnings():
+            # A relative path is ambiguous to MLflow's source registry, and integer columns get a
+            # hint about missing values; neither applies to these files.
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(frame, source=source, name=name)
         self.client.log_inputs(run_id, datasets=[mlflow.entities.DatasetInput(
             dataset._to_mlflow_entity(),
             tags=[mlflow.entities.InputTag("mlflow.data.context", context)])])

@@ -12,7 +12,10 @@ from mlflow import MlflowClient
 from prefect import get_client
 from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
 
+from typer.testing import CliRunner
+
 from flows.pipeline import pipeline
+from seqlm.cli import app
 from seqlm.generate import load_trained, predict
 from seqlm.tracking import TrackingError
 
@@ -77,6 +80,13 @@ def test_pipeline_runs_logs_and_skips_unchanged_stages(small_pipeline, workdir):
     model, vocab, _ = load_trained(workdir / "models/gru", device="cpu")
     assert text == predict("time traveller", 10, model, vocab, torch.device("cpu"))
     assert version.tags["val_perplexity"]
+
+    # the CLI generates the same text from the local folder and from the registry
+    local = CliRunner().invoke(app, ["generate", "time traveller", "--model", "gru", "--num-chars", "10"])
+    registry = CliRunner().invoke(app, ["generate", "time traveller", "--model",
+                                        "models:/timemachine-gru@champion", "--num-chars", "10"])
+    assert local.exit_code == 0 and registry.exit_code == 0, local.output + registry.output
+    assert local.output.splitlines()[-1] == registry.output.splitlines()[-1] == text
 
     # the two training tasks (tag "gpu", one slot on a CPU machine) never overlapped
     with get_client(sync_client=True) as prefect:
