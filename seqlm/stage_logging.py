@@ -85,7 +85,8 @@ class StageLogger:
                                      context=context, run_id=run_id)
         self.tracker.log_artifacts([model_dir / "history.csv", model_dir / "meta.json"],
                                    run_id=run_id)
-        self.tracker.log_language_model(run_id, model_dir, item, meta["final_val_perplexity"])
+        if not cached:  # an unchanged model is already registered: no duplicate version
+            self.tracker.log_language_model(run_id, model_dir, item, meta["final_val_perplexity"])
         self.tracker.end_child(run_id)
 
     def _after_evaluate(self, _item, _paths, _cached) -> None:
