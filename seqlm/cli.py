@@ -129,8 +129,10 @@ def generate(prefix: Annotated[str, typer.Argument()] = "time traveller",
         from seqlm.tracking import tracking_uri
         mlflow.set_tracking_uri(tracking_uri())
         loaded = mlflow.pyfunc.load_model(model)
-        row = {"prefix": prefix, "num_chars": num_chars, "temperature": temperature,
-               "top_k": top_k, "seed": seed}
+        settings = {"num_chars": num_chars, "temperature": temperature, "top_k": top_k,
+                    "seed": seed}
+        # Unset settings are left out: the model's signature makes them optional columns.
+        row = {"prefix": prefix, **{k: v for k, v in settings.items() if v is not None}}
         typer.echo(loaded.predict(pd.DataFrame([row]))[0])
         return
     from seqlm.generate import load_trained, predict

@@ -85,6 +85,8 @@ class StageLogger:
                                      context=context, run_id=run_id)
         self.tracker.log_artifacts([model_dir / "history.csv", model_dir / "meta.json"],
                                    run_id=run_id)
+        self.tracker.log_figure(run_id, perplexity_figure(model_dir / "history.csv", item),
+                                "perplexity.png")
         if not cached:  # an unchanged model is already registered: no duplicate version
             self.tracker.log_language_model(run_id, model_dir, item, meta["final_val_perplexity"])
         self.tracker.end_child(run_id)
@@ -106,3 +108,20 @@ class StageLogger:
             epoch = int(row.pop("epoch"))
             self.tracker.log_metrics(run_id, row, step=epoch)
 
+
+
+def perplexity_figure(history: Path, title: str):
+    """Training and validation perplexity per epoch (d2l's animator plot, log scale)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+    frame = pd.read_csv(history)
+    figure, axes = plt.subplots(figsize=(6, 3))
+    axes.plot(frame["epoch"], frame["train_perplexity"], label="train")
+    axes.plot(frame["epoch"], frame["val_perplexity"], "--", label="validation")
+    axes.set(xlabel="epoch", ylabel="perplexity", yscale="log", title=title)
+    axes.grid(True)
+    axes.legend()
+    figure.tight_layout()
+    plt.close(figure)
+    return figure

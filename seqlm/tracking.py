@@ -76,7 +76,7 @@ class Tracker:
     def __init__(self, params: Params, uri: str | None = None) -> None:
         self.params = params
         self.uri = uri or tracking_uri()
-        self.client = MlflowClient(self.uri)
+        self.client: MlflowClient | None = None   # made in start(): creating it can fail too
         self.error: str | None = None
         self.run_id: str | None = None
         self.experiment_id: str | None = None
@@ -85,6 +85,7 @@ class Tracker:
     @_guarded
     def start(self, run_name: str | None = None) -> str:
         mlflow.set_tracking_uri(self.uri)
+        self.client = MlflowClient(self.uri)
         name = self.params.tracking.experiment
         experiment = self.client.get_experiment_by_name(name)
         self.experiment_id = (experiment.experiment_id if experiment
@@ -165,6 +166,11 @@ class Tracker:
                 self.client.log_artifact(run_id, str(path), artifact_path)
 
     @_guarded
+    def log_figure(self, run_id: str | None, figure, artifact_file: str) -> None:
+        if run_id is not None:
+            self.client.log_figure(run_id, figure, artifact_file)
+
+    @_guarded
     def log_dataset(self, frame: pd.DataFrame, source: str, name: str, context: str,
                     run_id: str | None = None) -> None:
         run_id = run_id or self.run_id
@@ -193,8 +199,9 @@ class Tracker:
         with mlflow.start_run(run_id=run_id):
             info = log_char_lm(model_dir, registered)
         version = str(info.registered_model_version)
+        # repr round-trips exactly: an equal model never takes the alias from the champion.
         self.client.set_model_version_tag(registered, version, "val_perplexity",
-                                          f"{val_perplexity:.6f}")
+                                          repr(float(val_perplexity)))
         champion = self._champion_perplexity(registered)
         if champion is None or val_perplexity < champion:
             self.client.set_registered_model_alias(registered, "champion", version)

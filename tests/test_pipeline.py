@@ -70,6 +70,8 @@ def test_pipeline_runs_logs_and_skips_unchanged_stages(small_pipeline, workdir):
     history = client.get_metric_history(gru.info.run_id, "val_perplexity")
     assert [m.step for m in history] == [1, 2, 3]
     assert gru.data.tags["device"] == "cpu"
+    assert {"perplexity.png", "history.csv", "meta.json"} <= {
+        a.path for a in client.list_artifacts(gru.info.run_id)}
     assert {d.dataset.name for d in gru.inputs.dataset_inputs} == {
         "timemachine-chars-training", "timemachine-chars-validation"}
 
@@ -98,6 +100,9 @@ def test_pipeline_runs_logs_and_skips_unchanged_stages(small_pipeline, workdir):
     # nothing changed: every stage is skipped; the run is still tracked
     again = pipeline(params_file="params.yaml", record_dvc=False)
     assert set(again.values()) == {"Cached"}
+    # ... and an unchanged model is not registered again, so the champion stays put
+    assert [int(v.version) for v in client.search_model_versions("name='timemachine-gru'")] == [1]
+    assert int(client.get_model_version_by_alias("timemachine-gru", "champion").version) == 1
     # a deleted output makes its stage (and only the stages reading it) run again
     shutil.rmtree(workdir / "data/ngrams")
     write_params(workdir, evaluate={"num_chars": 12})

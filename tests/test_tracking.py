@@ -1,0 +1,70 @@
+"""MLflow tracking against a real sqlite store: registry alias rule and the DVC hash tags."""
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from seqlm.params import load_params
+from seqlm.tracking import Tracker, dvc_hashes
+from tasks.download import download
+from tasks.preprocess import preprocess
+from tasks.train_lm import train_lm
+
+from conftest import write_params
+
+
+@pytest.fixture
+def trained_rnn(workdir: Path) -> Path:
+    write_params(workdir, train_lm={"epochs": 1, "hidden": 8, "models": ["rnn"]})
+    params = load_params()
+    download.fn(params)
+    preprocess.fn(params)
+    train_lm.fn(params, "rnn")
+    return workdir / "models" / "rnn"
+
+
+def test_champion_alias_moves_only_to_a_better_model(trained_rnn, workdir):
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    tracker = Tracker(load_params(), uri=uri)
+    tracker.start()
+    client = MlflowClient(uri)
+
+    def register(val_perplexity: float) -> int:
+        run_id = tracker.child_run("rnn", {"hidden": 8})
+        return int(tracker.log_language_model(run_id, trained_rnn, "rnn", val_perplexity))
+
+    assert register(5.0) == 1
+    assert register(6.0) == 2          # worse: registered, but the champion stays
+    assert register(5.0) == 3          # equal is not better
+    assert int(client.get_model_version_by_alias("timemachine-rnn", "champion").version) == 1
+    assert register(4.5) == 4
+    assert int(client.get_model_version_by_alias("timemachine-rnn", "champion").version) == 4
+    assert tracker.error is None
+
+
+def test_failing_store_is_remembered_not_raised(workdir):
+    (workdir / "blocker").write_text("a file where the store's folder should be")
+    tracker = Tracker(load_params(), uri=f"sqlite:///{workdir / 'blocker' / 'm.db'}")
+    assert tracker.start() is None
+    assert tracker.error is not None
+    tracker.log_metrics(None, {"x": 1.0})   # no-ops once disabled
+    assert tracker.run_id is None
+
+
+def test_dvc_hashes_reads_every_dep_and_out(tmp_path):
+    lock = tmp_path / "dvc.lock"
+    lock.write_text("""schema: '2.0'
+stages:
+  train_lm@rnn:
+    cmd: seqlm stage train_lm rnn
+    deps:
+    - path: data/processed
+      hash: md5
+      md5: aaa.dir
+    outs:
+    - path: models/rnn
+      hash: md5
+      md5: bbb.dir
+""")
+    assert dvc_hashes(lock) == {"train_lm-rnn.deps.data/processed": "aaa.dir",
+                                "train_lm-rnn.outs.models/rnn": "bbb.dir"}
