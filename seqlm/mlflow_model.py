@@ -59,5 +59,6 @@ def log_char_lm(model_dir: Path, registered_name: str) -> mlflow.models.model.Mo
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "pandas", "pyarrow",
                           "numpy"],
         signature=SIGNATURE,
+        input_example=pd.DataFrame({"prefix": ["time traveller"], "num_chars": [20]}),
         registered_model_name=registered_name,
     )
