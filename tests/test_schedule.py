@@ -1,6 +1,7 @@
 """`seqlm schedule` starts a real Prefect server on 127.0.0.1 and serves the flow on a cron."""
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 from conftest import REPO
 
 pytestmark = pytest.mark.slow
+CRON = "0 0 29 2 *"
 
 
 def _free_port() -> int:
@@ -34,8 +36,10 @@ def test_schedule_serves_a_cron_deployment_on_a_local_server(tmp_path):
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
     log = open(tmp_path / "schedule.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "seqlm.cli", "schedule", "--cron", "15 4 * * *",
-                             "--port", str(port)], cwd=REPO, env=env, stdout=log,
+    # In a scratch folder, and a cron that fires only on 29 February: nothing runs for real.
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    proc = subprocess.Popen([sys.executable, "-m", "seqlm.cli", "schedule", "--cron", CRON,
+                             "--port", str(port)], cwd=tmp_path, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     api = f"http://127.0.0.1:{port}/api"
     try:
@@ -53,7 +57,7 @@ def test_schedule_serves_a_cron_deployment_on_a_local_server(tmp_path):
         assert deployment["name"] == "scheduled"
         assert deployment["parameters"] == {"params_file": "params.yaml"}
         schedules = deployment["schedules"]
-        assert [s["schedule"]["cron"] for s in schedules] == ["15 4 * * *"]
+        assert [s["schedule"]["cron"] for s in schedules] == [CRON]
         assert all(s["active"] for s in schedules)
         flows = _post(f"{api}/flows/filter", {})
         assert [f["name"] for f in flows] == ["pipeline"]
