@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-import yaml
 
 from seqlm.params import PARAMS_FILE, ParamsError, load_params
 

@@ -57,7 +57,7 @@ def test_sequential_partitioning(args):
     assert len(batches) >= sequential_batches_per_epoch(n, batch_size, num_steps)
     offset = int(batches[0][0][0, 0])
     assert 0 <= offset <= num_steps - 1                               # the seed allowed num_steps
-    for (X, Y), (X_next, _) in zip(batches, batches[1:]):
+    for (X, _), (X_next, _) in zip(batches, batches[1:]):
         assert torch.equal(X_next[:, 0], X[:, -1] + 1)                # rows continue across batches
     for X, Y in batches:
         assert X.shape == Y.shape == (batch_size, num_steps)

@@ -1,7 +1,6 @@
 """The flow end to end on a real Prefect test server and a real MLflow sqlite store."""
 import json
 import shutil
-from pathlib import Path
 
 import mlflow
 import pandas as pd
