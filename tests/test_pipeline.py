@@ -9,7 +9,8 @@ import torch
 from mlflow import MlflowClient
 
 from prefect import get_client
-from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterKey, TaskRunFilter,
+                                           TaskRunFilterName)
 
 from typer.testing import CliRunner
 
@@ -93,8 +94,14 @@ def test_pipeline_runs_logs_and_skips_unchanged_stages(small_pipeline, workdir):
     with get_client(sync_client=True) as prefect:
         runs = prefect.read_task_runs(task_run_filter=TaskRunFilter(
             name=TaskRunFilterName(like_="train_lm[")))
+        tables = prefect.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["perplexity-summary"])))
     spans = sorted((r.start_time, r.end_time) for r in runs)
     assert len(spans) == 2 and spans[0][1] <= spans[1][0]
+    # the evaluation summary is a Prefect table artifact: each model beside the baselines
+    assert len(tables) == 1 and tables[0].type == "table"
+    rows = json.loads(tables[0].data) if isinstance(tables[0].data, str) else tables[0].data
+    assert [r["model"] for r in rows] == ["rnn_scratch", "gru", "kneser_ney_3gram", "unigram"]
 
     # nothing changed: every stage is skipped; the run is still tracked
     again = pipeline(params_file="params.yaml", record_dvc=False)
