@@ -8,6 +8,7 @@ runs again. At the end dvc.lock is updated to describe exactly the artifacts wri
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import subprocess
 import sys
@@ -16,13 +17,15 @@ from pathlib import Path
 from prefect import flow, get_client, get_run_logger
 from prefect.futures import PrefectFuture
 
+from seqlm.io import write_json
 from seqlm.params import PARAMS_FILE, Params, load_params
 from seqlm.stage_logging import StageLogger
-from seqlm.stages import STAGES, Stage
+from seqlm.stages import STAGE_BY_NAME, STAGES, Stage
 from seqlm.tracking import Tracker, TrackingError, tracking_uri
 from tasks import stage_task
 
 StageKey = tuple[str, str | None]
+STAGE_RECORD = Path(".stage-record.json")   # per workspace, like checkpoints/ (git-ignored)
 
 
 def content_digest(path: Path) -> str:
@@ -65,22 +68,49 @@ def _written(stage: Stage, item: str | None, params: Params) -> list[str]:
     return paths["outs"] + paths["metrics"] + paths["plots"]
 
 
-def _outputs_present(stage: Stage, item: str | None, params: Params) -> bool:
-    return all(Path(p).exists() for p in _written(stage, item, params))
+def outputs_digest(stage: Stage, item: str | None, params: Params) -> str:
+    digest = hashlib.sha256()
+    for out in _written(stage, item, params):
+        path = Path(out)
+        digest.update(f"|{out}:{content_digest(path) if path.exists() else 'missing'}".encode())
+    return digest.hexdigest()
+
+
+class StageRecord:
+    """What each stage's last run in this workspace read (its cache key) and wrote (a digest of
+    its outputs). A cached result is reused only when both still hold: outputs that were
+    deleted, edited, or left by a run with other inputs make the stage run again."""
+
+    def __init__(self, path: Path = STAGE_RECORD) -> None:
+        self.path = path
+        self.entries: dict[str, list[str]] = (json.loads(path.read_text()) if path.exists() else {})
+
+    def is_current(self, label: str, key: str, outputs: str) -> bool:
+        return self.entries.get(label) == [key, outputs]
+
+    def update(self, label: str, key: str, outputs: str) -> None:
+        self.entries[label] = [key, outputs]
+        write_json(self.path, self.entries)
 
 
 def submit_stage(stage: Stage, item: str | None, params: Params, stage_logger: StageLogger,
-                 wait_for: list[PrefectFuture]) -> PrefectFuture:
+                 record: StageRecord) -> tuple[PrefectFuture, str]:
+    """Submit one stage whose upstream stages have finished, so its inputs are final."""
+    key = stage_cache_key(stage, item, params)
     task = stage_task(stage.name, params).with_options(
-        name=f"{stage.name}[{item}]" if item else stage.name,
-        # Prefect computes the key when the task starts, after its upstream stages finished.
-        cache_key_fn=lambda _ctx, _args: stage_cache_key(stage, item, params),
+        name=_label(stage.name, item),
+        cache_key_fn=lambda _ctx, _args: key,
         persist_result=True,
-        refresh_cache=not _outputs_present(stage, item, params),
+        refresh_cache=not record.is_current(_label(stage.name, item), key,
+                                            outputs_digest(stage, item, params)),
     )
     kwargs = stage_logger.task_kwargs(stage.name, item)
     args = (params, item) if item is not None else (params,)
-    return task.submit(*args, wait_for=wait_for, **kwargs)
+    return task.submit(*args, **kwargs), key
+
+
+def _label(name: str, item: str | None) -> str:
+    return f"{name}[{item}]" if item else name
 
 
 def dvc_record(logger: logging.Logger | logging.LoggerAdapter) -> None:
@@ -99,13 +129,11 @@ def dvc_record(logger: logging.Logger | logging.LoggerAdapter) -> None:
 
 
 def limit_training_slots() -> int:
-    """Training tasks carry the tag `gpu`: one at a time per GPU, and one at a time on the CPU,
-    where two trainings side by side would fight over the same cores."""
-    import torch
-    slots = max(1, torch.cuda.device_count())
+    """Training tasks carry the tag `gpu` and take one slot: training uses one device (the CPU,
+    or the first GPU), and two trainings side by side would only fight over it."""
     with get_client(sync_client=True) as client:
-        client.create_concurrency_limit(tag="gpu", concurrency_limit=slots)
-    return slots
+        client.create_concurrency_limit(tag="gpu", concurrency_limit=1)
+    return 1
 
 
 @flow(name="pipeline", log_prints=True)
@@ -118,26 +146,31 @@ def pipeline(params_file: str = str(PARAMS_FILE), record_dvc: bool = True) -> di
     tracker.start()
     stage_logger = StageLogger(tracker, params)
 
-    futures: dict[StageKey, PrefectFuture] = {}
-    for stage in STAGES:
-        for item in stage.items(params):
-            wait_for = [futures[key] for key in upstream(stage, item, params)]
-            futures[(stage.name, item)] = submit_stage(stage, item, params, stage_logger, wait_for)
-
+    record = StageRecord()
+    futures: dict[StageKey, tuple[PrefectFuture, str]] = {}
     states: dict[str, str] = {}
     try:
-        for (name, item), future in futures.items():  # submission order is topological
+        for stage in STAGES:
+            for item in stage.items(params):
+                for key in upstream(stage, item, params):
+                    futures[key][0].result()  # inputs final before this stage's key is taken
+                futures[(stage.name, item)] = submit_stage(stage, item, params, stage_logger,
+                                                           record)
+        for (name, item), (future, key) in futures.items():  # in topological order
             paths = future.result()
-            label = f"{name}[{item}]" if item else name
+            label = _label(name, item)
             states[label] = future.state.name
+            stage = STAGE_BY_NAME[name]
+            record.update(label, key, outputs_digest(stage, item, params))
             if future.state.name == "Cached":
                 logger.info("stage %s unchanged: skipped (cached)", label)
             stage_logger.after(name, item, paths, cached=future.state.name == "Cached")
+        if record_dvc:
+            dvc_record(logger)
     except BaseException:
+        stage_logger.end_runs("FAILED")
         tracker.finish("FAILED")
         raise
-    if record_dvc:
-        dvc_record(logger)
     tracker.finish("FINISHED")
     if tracker.error:
         raise TrackingError(

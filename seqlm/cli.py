@@ -1,11 +1,13 @@
 """`seqlm`: run the pipeline, one stage (what dvc.yaml calls), the schedule, or generate text."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -13,7 +15,7 @@ import typer
 
 from seqlm.params import PARAMS_FILE, ParamsError, load_params
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Sequence models of D2L chapter 8 as a Prefect + DVC + MLflow pipeline.")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry noise
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "seqlm")      # stage progress in run logs
@@ -24,6 +26,18 @@ ParamsOption = Annotated[Path, typer.Option("--params", help="params file")]
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
+
+
+@contextlib.contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """A failing stage ends the command with its own one-line message, not a traceback (the
+    Prefect run logs keep the traceback). SEQLM_TRACEBACK=1 lets the exception through."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - every stage error is reported the same way
+        if os.environ.get("SEQLM_TRACEBACK"):
+            raise
+        _fail(f"{type(exc).__name__}: {' '.join(str(exc).split())}")
 
 
 def _params(path: Path):
@@ -39,7 +53,8 @@ def run(params: ParamsOption = PARAMS_FILE,
     """Run the whole pipeline as a Prefect flow; unchanged stages are skipped."""
     _params(params)  # a bad params.yaml fails here, before any server starts
     from flows.pipeline import pipeline
-    states = pipeline(params_file=str(params), record_dvc=dvc)
+    with _one_line_errors():
+        states = pipeline(params_file=str(params), record_dvc=dvc)
     for stage, state in states.items():
         typer.echo(f"{stage:24s} {state}")
 
@@ -57,7 +72,8 @@ def stage(name: str, item: Annotated[Optional[str], typer.Argument()] = None,
     args = (loaded, item) if item is not None else (loaded,)
     # Stages with retries (download) go through Prefect's engine so that retries apply;
     # the others run as plain functions, without starting a server.
-    paths = task(*args) if task.retries else task.fn(*args)
+    with _one_line_errors():
+        paths = task(*args) if task.retries else task.fn(*args)
     for path in paths:
         typer.echo(str(path))
 

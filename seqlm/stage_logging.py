@@ -18,6 +18,7 @@ class StageLogger:
         self.tracker = tracker
         self.params = params
         self.child_runs: dict[str, str | None] = {}
+        self.open_runs: set[str] = set()
 
     def task_kwargs(self, stage: str, item: str | None) -> dict[str, Callable]:
         """Training stages get a per-epoch callback that logs into their own nested run."""
@@ -38,7 +39,17 @@ class StageLogger:
 
     def _child(self, name: str, params: dict) -> str | None:
         self.child_runs[name] = self.tracker.child_run(name, params)
+        self.open_runs.add(name)
         return self.child_runs[name]
+
+    def _end_child(self, name: str, status: str = "FINISHED") -> None:
+        self.tracker.end_child(self.child_runs.get(name), status)
+        self.open_runs.discard(name)
+
+    def end_runs(self, status: str) -> None:
+        """Close the nested runs whose stage did not finish (the flow failed)."""
+        for name in list(self.open_runs):
+            self._end_child(name, status)
 
     def after(self, stage: str, item: str | None, paths: list[Path], cached: bool) -> None:
         getattr(self, f"_after_{stage}", lambda *_: None)(item, paths, cached)
@@ -64,7 +75,7 @@ class StageLogger:
             self._replay_history(run_id, Path(S.AR_DIR) / "history.csv")
         self.tracker.log_metrics_file(f"{S.REPORTS}/train_ar.json", run_id)
         self.tracker.log_artifacts([S.AR_DIR], "ar", run_id)
-        self.tracker.end_child(run_id)
+        self._end_child("ar_mlp")
 
     def _after_train_lm(self, item: str, _paths, cached: bool) -> None:
         run_id = self.child_runs.get(item)
@@ -87,9 +98,8 @@ class StageLogger:
                                    run_id=run_id)
         self.tracker.log_figure(run_id, perplexity_figure(model_dir / "history.csv", item),
                                 "perplexity.png")
-        if not cached:  # an unchanged model is already registered: no duplicate version
-            self.tracker.log_language_model(run_id, model_dir, item, meta["final_val_perplexity"])
-        self.tracker.end_child(run_id)
+        self.tracker.log_language_model(run_id, model_dir, item, meta["final_val_perplexity"])
+        self._end_child(item)
 
     def _after_evaluate(self, _item, _paths, _cached) -> None:
         self.tracker.log_metrics_file(S.METRICS)

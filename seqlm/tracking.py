@@ -22,6 +22,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
+from seqlm.io import file_digest
 from seqlm.params import Params
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -195,10 +196,16 @@ class Tracker:
             return None
         from seqlm.mlflow_model import log_char_lm
         registered = f"{self.params.tracking.registered_model_prefix}-{model_name.replace('_', '-')}"
-        # log_model needs an active run; the run is this worker thread's own (thread-local).
+        weights = file_digest(model_dir / "model.pt")
+        for known in self.client.search_model_versions(f"name='{registered}'"):
+            if known.tags.get("weights_sha256") == weights:       # e.g. a cached stage re-run
+                return str(known.version)
+        # log_model needs an active run; MLflow's active run is thread-local, and this is the
+        # flow's thread, which has none of its own.
         with mlflow.start_run(run_id=run_id):
             info = log_char_lm(model_dir, registered)
         version = str(info.registered_model_version)
+        self.client.set_model_version_tag(registered, version, "weights_sha256", weights)
         # repr round-trips exactly: an equal model never takes the alias from the champion.
         self.client.set_model_version_tag(registered, version, "val_perplexity",
                                           repr(float(val_perplexity)))

@@ -77,6 +77,9 @@ def evaluate(params: Params) -> list[Path]:
     for name, curve in curves.items():
         written.append(_write_csv(curve[["epoch", "train_perplexity", "val_perplexity"]],
                                   f"{S.PLOTS}/perplexity/{name}.csv"))
+    for stale in Path(S.PLOTS, "perplexity").glob("*.csv"):   # models no longer in the list
+        if stale.stem not in curves:
+            stale.unlink()
     written.append(_write_csv(kstep[["k", "mse"]], f"{S.PLOTS}/kstep.csv"))
     written.append(_write_csv(table, f"{S.REPORTS}/summary.csv"))
     written.append(write_json(f"{S.REPORTS}/samples.json", samples))

@@ -115,6 +115,16 @@ def test_pipeline_runs_logs_and_skips_unchanged_stages(small_pipeline, workdir):
     third = pipeline(params_file="params.yaml", record_dvc=False)
     assert third["ngrams"] == "Completed" and third["evaluate"] == "Completed"
     assert third["train_lm[gru]"] == "Cached" and third["download"] == "Cached"
+    # back to the first params: their cached result exists, but the outputs on disk are those of
+    # num_chars=12, so evaluate must run again rather than reuse it
+    write_params(workdir, evaluate={"num_chars": 10})
+    fourth = pipeline(params_file="params.yaml", record_dvc=False)
+    assert fourth["evaluate"] == "Completed" and fourth["ngrams"] == "Cached"
+    samples = json.loads((workdir / "reports/samples.json").read_text())
+    assert len(samples["gru"]["traveller"]["greedy"]) == len("traveller") + 10
+    # an edited output is not mistaken for the stage's own
+    (workdir / "models/ar/kstep.csv").write_text("k,mse\n1,0.0\n")
+    assert pipeline(params_file="params.yaml", record_dvc=False)["train_ar"] == "Completed"
 
 
 def test_unreachable_mlflow_store_still_writes_artifacts(workdir, prefect_server, monkeypatch):

@@ -102,3 +102,13 @@ def test_preprocess_refuses_a_corpus_of_only_non_letters(workdir):
     with pytest.raises(CorpusError, match="no letters"):
         preprocess.fn(load_params())
     assert not (workdir / S.PROCESSED).exists()
+
+
+def test_cli_stage_error_is_one_line(workdir):
+    from typer.testing import CliRunner
+    from seqlm.cli import app
+    (workdir / "data" / "raw").mkdir()
+    (workdir / "data" / "raw" / "timemachine.txt").write_bytes(b"")
+    result = CliRunner().invoke(app, ["stage", "preprocess"])
+    assert result.exit_code == 2
+    assert result.output.strip() == "error: CorpusError: data/raw/timemachine.txt: corpus is empty"

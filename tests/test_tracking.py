@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from seqlm.params import load_params
@@ -29,7 +30,11 @@ def test_champion_alias_moves_only_to_a_better_model(trained_rnn, workdir):
     tracker.start()
     client = MlflowClient(uri)
 
-    def register(val_perplexity: float) -> int:
+    def register(val_perplexity: float, retrain: bool = True) -> int:
+        if retrain:  # other weights: a new model, as after a change of params
+            saved = torch.load(trained_rnn / "model.pt", weights_only=True)
+            saved["state_dict"] = {k: v + 0.01 for k, v in saved["state_dict"].items()}
+            torch.save(saved, trained_rnn / "model.pt")
         run_id = tracker.child_run("rnn", {"hidden": 8})
         return int(tracker.log_language_model(run_id, trained_rnn, "rnn", val_perplexity))
 
@@ -39,6 +44,9 @@ def test_champion_alias_moves_only_to_a_better_model(trained_rnn, workdir):
     assert int(client.get_model_version_by_alias("timemachine-rnn", "champion").version) == 1
     assert register(4.5) == 4
     assert int(client.get_model_version_by_alias("timemachine-rnn", "champion").version) == 4
+    # the same weights again (a cached stage, or a re-run after an MLflow outage): no new version
+    assert register(4.5, retrain=False) == 4
+    assert len(client.search_model_versions("name='timemachine-rnn'")) == 4
     assert tracker.error is None
 
 
