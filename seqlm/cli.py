@@ -19,6 +19,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Sequence models of D2L chapter 8 as a Prefect + DVC + MLflow pipeline.")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry noise
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "seqlm")      # stage progress in run logs
+# The temporary server needs 6-13 s to start on 2 idle cores; Prefect gives up after 20 s, which a
+# busy machine can exceed.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 ParamsOption = Annotated[Path, typer.Option("--params", help="params file")]
 
