@@ -7,6 +7,7 @@ Optional columns: num_chars (default 50), temperature and top_k (sampling), seed
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -51,14 +52,18 @@ SIGNATURE = ModelSignature(
 
 def log_char_lm(model_dir: Path, registered_name: str) -> mlflow.models.model.ModelInfo:
     """Log model_dir (model.pt, vocab.parquet, meta.json) under the active run and register it."""
-    return mlflow.pyfunc.log_model(
-        name="model",
-        python_model=CharLanguageModel(),
-        artifacts={"model_dir": str(model_dir)},
-        code_paths=[str(PACKAGE_DIR)],  # ships seqlm, so the model loads outside this repo too
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "pandas", "pyarrow",
-                          "numpy"],
-        signature=SIGNATURE,
-        input_example=pd.DataFrame({"prefix": ["time traveller"], "num_chars": [20]}),
-        registered_model_name=registered_name,
-    )
+    with warnings.catch_warnings():
+        # The integer column of the input example draws a hint about missing values; the
+        # signature above already declares num_chars, top_k and seed as optional.
+        warnings.simplefilter("ignore", UserWarning)
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=CharLanguageModel(),
+            artifacts={"model_dir": str(model_dir)},
+            code_paths=[str(PACKAGE_DIR)],  # ships seqlm: the model loads outside this repo too
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "pandas", "pyarrow",
+                              "numpy"],
+            signature=SIGNATURE,
+            input_example=pd.DataFrame({"prefix": ["time traveller"], "num_chars": [20]}),
+            registered_model_name=registered_name,
+        )
