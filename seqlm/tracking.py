@@ -182,9 +182,9 @@ class Tracker:
             # hint about missing values; neither applies to these files.
             warnings.simplefilter("ignore", UserWarning)
             dataset = mlflow.data.from_pandas(frame, source=source, name=name)
+            entity = dataset._to_mlflow_entity()
         self.client.log_inputs(run_id, datasets=[mlflow.entities.DatasetInput(
-            dataset._to_mlflow_entity(),
-            tags=[mlflow.entities.InputTag("mlflow.data.context", context)])])
+            entity, tags=[mlflow.entities.InputTag("mlflow.data.context", context)])])
 
     @_guarded
     def log_language_model(self, run_id: str | None, model_dir: Path, model_name: str,
