@@ -209,6 +209,7 @@ class Tracker:
         # repr round-trips exactly: an equal model never takes the alias from the champion.
         self.client.set_model_version_tag(registered, version, "val_perplexity",
                                           repr(float(val_perplexity)))
+        self.client.set_model_version_tag(registered, version, "val_split", self._val_split())
         champion = self._champion_perplexity(registered)
         if champion is None or val_perplexity < champion:
             self.client.set_registered_model_alias(registered, "champion", version)
@@ -222,7 +223,13 @@ class Tracker:
         except mlflow.exceptions.MlflowException:
             return None
         value = current.tags.get("val_perplexity")
-        return float(value) if value is not None else None
+        if value is None or current.tags.get("val_split") != self._val_split():
+            return None  # scored on other text: not comparable, the new version takes the alias
+        return float(value)
+
+    def _val_split(self) -> str:
+        p = self.params.preprocess
+        return f"train {p.train_tokens}, validation {p.val_tokens} characters"
 
     def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
         items = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v))

@@ -47,6 +47,11 @@ def test_champion_alias_moves_only_to_a_better_model(trained_rnn, workdir):
     # the same weights again (a cached stage, or a re-run after an MLflow outage): no new version
     assert register(4.5, retrain=False) == 4
     assert len(client.search_model_versions("name='timemachine-rnn'")) == 4
+    # perplexities on another validation split are not comparable: the new version takes over
+    write_params(workdir, preprocess={"val_tokens": 4000})
+    tracker.params = load_params()
+    assert register(9.0) == 5
+    assert int(client.get_model_version_by_alias("timemachine-rnn", "champion").version) == 5
     assert tracker.error is None
 
 
