@@ -17,7 +17,7 @@ from pathlib import Path
 from prefect import flow, get_client, get_run_logger
 from prefect.futures import PrefectFuture
 
-from seqlm.io import write_json
+from seqlm.io import file_digest, write_json
 from seqlm.params import PARAMS_FILE, Params, load_params
 from seqlm.stage_logging import StageLogger
 from seqlm.stages import STAGE_BY_NAME, STAGES, Stage
@@ -36,9 +36,7 @@ def content_digest(path: Path) -> str:
         if file.name.startswith("."):  # temporary files of an interrupted atomic write
             continue
         digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
+        digest.update(file_digest(file).encode())
     return digest.hexdigest()
 
 

@@ -43,6 +43,13 @@ def write_json(path: Path | str, data: object) -> Path:
     return Path(path)
 
 
+def write_csv(path: Path | str, frame: Any) -> Path:
+    """A pandas DataFrame as CSV without the index."""
+    with atomic_open(path, "w", encoding="utf-8", newline="") as handle:
+        frame.to_csv(handle, index=False)
+    return Path(path)
+
+
 def file_digest(path: Path | str, algorithm: str = "sha256") -> str:
     digest = hashlib.new(algorithm)
     with open(path, "rb") as handle:

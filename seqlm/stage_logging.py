@@ -11,6 +11,7 @@ import pandas as pd
 from seqlm import stages as S
 from seqlm.params import Params
 from seqlm.tracking import Tracker, flatten
+from seqlm.train import split as train_val_split
 
 
 class StageLogger:
@@ -87,10 +88,7 @@ class StageLogger:
                                           if k.startswith("final_") or k.endswith("tokens_per_s")})
         self.tracker.set_tags(run_id, {"device": str(meta.get("device")), "cached": str(cached)})
         ids = np.load(S.CORPUS["char"], mmap_mode="r")
-        p = self.params.preprocess
-        splits = {"training": ids[:p.train_tokens],
-                  "validation": ids[p.train_tokens:p.train_tokens + p.val_tokens]}
-        for context, split in splits.items():
+        for context, split in zip(("training", "validation"), train_val_split(ids, self.params)):
             self.tracker.log_dataset(pd.DataFrame({"char_id": np.asarray(split)}),
                                      source=S.CORPUS["char"], name=f"timemachine-chars-{context}",
                                      context=context, run_id=run_id)

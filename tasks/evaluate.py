@@ -11,27 +11,20 @@ from prefect import task
 
 from seqlm import stages as S
 from seqlm.generate import load_trained, predict
-from seqlm.io import atomic_open, atomic_path, write_json
+from seqlm.io import atomic_open, write_csv, write_json
 from seqlm.ngram_lm import KneserNeyLM, unigram_perplexity
 from seqlm.params import Params
 from seqlm.text import Vocab
-from seqlm.train import perplexity
+from seqlm.train import perplexity, split
 
 CPU = torch.device("cpu")
 
 
-def _write_csv(frame: pd.DataFrame, path: Path | str) -> Path:
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False)
-    return Path(path)
-
-
 @task(name="evaluate")
 def evaluate(params: Params) -> list[Path]:
-    p, lm, ev = params.preprocess, params.train_lm, params.evaluate
+    lm, ev = params.train_lm, params.evaluate
     vocab = Vocab.load(S.VOCAB["char"])
-    ids = np.load(S.CORPUS["char"])
-    train_ids, val_ids = ids[:p.train_tokens], ids[p.train_tokens:p.train_tokens + p.val_tokens]
+    train_ids, val_ids = split(np.load(S.CORPUS["char"]), params)
 
     rows = []
     samples: dict[str, dict[str, dict[str, str]]] = {}
@@ -75,13 +68,13 @@ def evaluate(params: Params) -> list[Path]:
     }
     written = [write_json(S.METRICS, metrics)]
     for name, curve in curves.items():
-        written.append(_write_csv(curve[["epoch", "train_perplexity", "val_perplexity"]],
-                                  f"{S.PLOTS}/perplexity/{name}.csv"))
+        written.append(write_csv(f"{S.PLOTS}/perplexity/{name}.csv",
+                                 curve[["epoch", "train_perplexity", "val_perplexity"]]))
     for stale in Path(S.PLOTS, "perplexity").glob("*.csv"):   # models no longer in the list
         if stale.stem not in curves:
             stale.unlink()
-    written.append(_write_csv(kstep[["k", "mse"]], f"{S.PLOTS}/kstep.csv"))
-    written.append(_write_csv(table, f"{S.REPORTS}/summary.csv"))
+    written.append(write_csv(f"{S.PLOTS}/kstep.csv", kstep[["k", "mse"]]))
+    written.append(write_csv(f"{S.REPORTS}/summary.csv", table))
     written.append(write_json(f"{S.REPORTS}/samples.json", samples))
     with atomic_open(f"{S.REPORTS}/summary.md", "w", encoding="utf-8") as handle:
         handle.write(_summary_markdown(table, kstep, ar, samples))

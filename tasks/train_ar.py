@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from prefect import task
 
 from seqlm import autoregress as ar
-from seqlm.io import atomic_open, atomic_path, write_json
+from seqlm.io import atomic_path, write_csv, write_json
 from seqlm.params import Params
 from seqlm.stages import AR_DIR, SINE, STAGE_BY_NAME, Stage
 
@@ -58,12 +58,6 @@ def _write_parquet(path: Path, frame: pd.DataFrame) -> Path:
     return path
 
 
-def _write_csv(path: Path, frame: pd.DataFrame) -> Path:
-    with atomic_open(path, "w", encoding="utf-8", newline="") as handle:
-        frame.to_csv(handle, index=False)
-    return path
-
-
 @task(name="train_ar")
 def train_ar(params: Params, on_epoch: ar.OnEpoch | None = None) -> list[Path]:
     # CPU always: a 4→10→1 MLP does microseconds of arithmetic per step, so on a GPU every
@@ -96,11 +90,11 @@ def train_ar(params: Params, on_epoch: ar.OnEpoch | None = None) -> list[Path]:
         torch.save({"state_dict": net.state_dict(),
                     "config": {"tau": tau, "hidden": p.hidden},
                     "params": {"seed": params.seed, "train_ar": p.model_dump(mode="json")}}, tmp)
-    written.append(_write_csv(out / "history.csv", pd.DataFrame(
+    written.append(write_csv(out / "history.csv", pd.DataFrame(
         {"epoch": np.arange(1, p.epochs + 1), "train_loss": history})))
     written.append(_write_parquet(out / "predictions.parquet", pd.DataFrame(
         {"t": t, "x": x.numpy(), "onestep": onestep.numpy(), "multistep": multistep.numpy()})))
-    written.append(_write_csv(out / "kstep.csv", pd.DataFrame(
+    written.append(write_csv(out / "kstep.csv", pd.DataFrame(
         {"k": list(kstep_mse), "mse": list(kstep_mse.values())})))
     written.append(_write_parquet(out / "kstep_preds.parquet", pd.DataFrame({
         "k": np.repeat(np.asarray(p.k_steps, dtype=np.int64), rows),

@@ -11,7 +11,7 @@ import torch
 from prefect import task
 
 from seqlm.generate import HISTORY_FILE, META_FILE, MODEL_FILE, VOCAB_FILE
-from seqlm.io import atomic_open, atomic_path, write_json
+from seqlm.io import atomic_path, write_csv, write_json
 from seqlm.models import check_model_name
 from seqlm.params import Params
 from seqlm.stages import CORPUS, STAGE_BY_NAME, VOCAB, Stage
@@ -47,8 +47,7 @@ def write_model_dir(out: Path, result: TrainResult, vocab: Vocab, params: Params
                     "vocab_fingerprint": vocab.fingerprint()}, tmp)
     vocab.save(out / VOCAB_FILE)                 # the folder is self-contained
     history = pd.DataFrame(result.history, columns=list(HISTORY_COLUMNS))
-    with atomic_open(out / HISTORY_FILE, "w", encoding="utf-8", newline="") as handle:
-        history.to_csv(handle, index=False)
+    write_csv(out / HISTORY_FILE, history)
     last = result.history[-1]
     write_json(out / META_FILE, {
         "model": config["model"], **{k: build[k] for k in ("vocab_size", "hidden", "num_layers")},
