@@ -99,12 +99,19 @@ def submit_stage(stage: Stage, item: str | None, params: Params, stage_logger: S
         name=_label(stage.name, item),
         cache_key_fn=lambda _ctx, _args: key,
         persist_result=True,
-        refresh_cache=not record.is_current(_label(stage.name, item), key,
-                                            outputs_digest(stage, item, params)),
+        refresh_cache=(fetches_every_run(stage, params) or
+                       not record.is_current(_label(stage.name, item), key,
+                                             outputs_digest(stage, item, params))),
     )
     kwargs = stage_logger.task_kwargs(stage.name, item)
     args = (params, item) if item is not None else (params,)
     return task.submit(*args, **kwargs), key
+
+
+def fetches_every_run(stage: Stage, params: Params) -> bool:
+    """A download without a checksum reads a source that may change: it runs every time, and
+    the stages after it run again only when the content it fetched changed."""
+    return stage.name == "download" and params.download.checksum is None
 
 
 def _label(name: str, item: str | None) -> str:
@@ -163,7 +170,11 @@ def pipeline(params_file: str = str(PARAMS_FILE), record_dvc: bool = True) -> di
             if future.state.name == "Cached":
                 logger.info("stage %s unchanged: skipped (cached)", label)
             stage_logger.after(name, item, paths, cached=future.state.name == "Cached")
-        if record_dvc:
+        if record_dvc and Path(params_file).resolve() != PARAMS_FILE.resolve():
+            logger.warning("params from %s, not %s: dvc.lock not updated (it describes the "
+                           "outputs of %s; use `dvc exp run -S key=value` for DVC experiments)",
+                           params_file, PARAMS_FILE, PARAMS_FILE)
+        elif record_dvc:
             dvc_record(logger)
     except BaseException:
         stage_logger.end_runs("FAILED")

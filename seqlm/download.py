@@ -69,34 +69,58 @@ class AllSourcesFailed(RuntimeError):
 
 
 def ensure_file(p: DownloadParams, log: Logger = logging.getLogger(__name__)) -> bool:
-    """Make `p.out` the file whose digest is `p.checksum`, trying `p.sources` in order.
+    """Make `p.out` the file whose digest is `p.checksum`, trying `p.sources` in order, and
+    record its sha256 beside it (`<out>.sha256`, the format `sha256sum -c` reads).
 
-    Returns False when a matching file was already there (nothing fetched), True after a fetch.
-    Raises AllSourcesFailed when no source delivers it.
+    Without a checksum the source may change: it is fetched every time and the content's sha256
+    is recorded. Returns False when a matching file was already there (nothing fetched), True
+    after a fetch. Raises AllSourcesFailed when no source delivers it.
     """
     out = Path(p.out)
-    if out.is_file():
+    if p.checksum is not None and out.is_file():
         digest = file_digest(out, p.algorithm)
         if digest == p.checksum:
             log.info("%s is cached (%s %s); not fetching", out, p.algorithm, digest)
+            write_checksum_file(out)
             return False
         log.warning("%s has %s %s, expected %s; fetching it again", out, p.algorithm, digest,
                     p.checksum)
+    previous = file_digest(out, "sha256") if out.is_file() else None
     failures: list[Failure] = []
     for source in p.sources:
         try:
             with atomic_path(out) as tmp:
                 digest = _copy(source, tmp, p)
-                if digest != p.checksum:
+                if p.checksum is not None and digest != p.checksum:
                     raise SourceError(
                         f"checksum mismatch ({p.algorithm} {digest}, expected {p.checksum})")
         except SourceError as exc:
             log.warning("%s: %s", source, exc.reason)
             failures.append(Failure(source, exc.reason, exc.network))
         else:
-            log.info("fetched %s from %s (%s %s)", out, source, p.algorithm, digest)
+            sha256 = write_checksum_file(out)
+            change = ("" if p.checksum is not None else
+                      "; unchanged since the last fetch" if sha256 == previous else
+                      f"; new content (was sha256 {previous})" if previous else "")
+            log.info("fetched %s from %s (%s %s%s)", out, source, p.algorithm, digest, change)
             return True
     raise AllSourcesFailed(str(out), tuple(failures))
+
+
+def checksum_file(out: Path | str) -> Path:
+    out = Path(out)
+    return out.with_name(f"{out.name}.sha256")
+
+
+def write_checksum_file(out: Path) -> str:
+    """Write `<out>.sha256` for `out` (atomically; only when it changes); return the sha256."""
+    sha256 = file_digest(out, "sha256")
+    line = f"{sha256}  {out.name}\n"
+    record = checksum_file(out)
+    if not record.is_file() or record.read_text(encoding="utf-8") != line:
+        with atomic_path(record) as tmp:
+            tmp.write_text(line, encoding="utf-8")
+    return sha256
 
 
 def _copy(source: str, dest: Path, p: DownloadParams) -> str:

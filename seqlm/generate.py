@@ -3,6 +3,7 @@ and loading a trained model folder models/<name>/ as train_lm writes it."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -72,6 +73,16 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int | None,
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def _current_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Models saved before the torch layers were kept one per module held one multi-layer
+    `rnn` module: rnn.weight_ih_l1 is now layers.1.weight_ih_l0 (registered models stay
+    loadable)."""
+    def rename(key: str) -> str:
+        match = re.fullmatch(r"rnn\.(\w+)_l(\d+)", key)
+        return f"layers.{match[2]}.{match[1]}_l0" if match else key
+    return {rename(k): v for k, v in state_dict.items()}
+
+
 def load_trained(model_dir: Path | str, device: torch.device | str = "cpu",
                  ) -> tuple[nn.Module, Vocab, dict]:
     """(model in eval mode on `device`, its vocabulary, meta.json) from a folder train_lm wrote."""
@@ -87,7 +98,7 @@ def load_trained(model_dir: Path | str, device: torch.device | str = "cpu",
         config = saved["config"]
         model = build_model(config["name"], config["vocab_size"], config["hidden"],
                             config["num_layers"])
-        model.load_state_dict(saved["state_dict"])
+        model.load_state_dict(_current_keys(saved["state_dict"]))
     except Exception as exc:  # corrupt zip/pickle, missing keys, shape mismatch: all "unreadable"
         reason = " ".join(str(exc).split())[:200]
         raise ModelLoadError(

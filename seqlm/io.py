@@ -38,7 +38,7 @@ def atomic_open(path: Path | str, mode: str = "w", **kwargs: Any) -> Iterator[IO
 
 def write_json(path: Path | str, data: object) -> Path:
     with atomic_open(path, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
+        json.dump(data, handle, indent=2, sort_keys=True, allow_nan=False)  # valid JSON or an error
         handle.write("\n")
     return Path(path)
 
@@ -47,6 +47,15 @@ def write_csv(path: Path | str, frame: Any) -> Path:
     """A pandas DataFrame as CSV without the index."""
     with atomic_open(path, "w", encoding="utf-8", newline="") as handle:
         frame.to_csv(handle, index=False)
+    return Path(path)
+
+
+def save_torch(path: Path | str, obj: Any) -> Path:
+    """torch.save, atomically and byte-reproducibly: saved through a file object, the archive's
+    inner folder is always named "archive", not after the (random) temporary file name."""
+    import torch
+    with atomic_open(path, "wb") as handle:
+        torch.save(obj, handle)
     return Path(path)
 
 

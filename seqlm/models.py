@@ -22,13 +22,17 @@ class RNNScratch(nn.Module):
     """H_t = tanh(X_t W_xh + H_{t-1} W_hh + b_h), O_t = H_t W_hq + b_q, X_t one-hot; a Python loop
     over the time steps (D2L 8.5). Weights N(0, 0.01^2), biases zero."""
 
-    def __init__(self, vocab_size: int, hidden: int) -> None:
+    def __init__(self, vocab_size: int, hidden: int, generator: torch.Generator | None = None,
+                 ) -> None:
         super().__init__()
         self.vocab_size, self.hidden = vocab_size, hidden
-        self.W_xh = nn.Parameter(torch.randn(vocab_size, hidden) * 0.01)
-        self.W_hh = nn.Parameter(torch.randn(hidden, hidden) * 0.01)
+
+        def normal(*shape: int) -> nn.Parameter:
+            return nn.Parameter(torch.randn(*shape, generator=generator) * 0.01)
+        self.W_xh = normal(vocab_size, hidden)
+        self.W_hh = normal(hidden, hidden)
         self.b_h = nn.Parameter(torch.zeros(hidden))
-        self.W_hq = nn.Parameter(torch.randn(hidden, vocab_size) * 0.01)
+        self.W_hq = normal(hidden, vocab_size)
         self.b_q = nn.Parameter(torch.zeros(vocab_size))
 
     def forward(self, X: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
@@ -52,21 +56,51 @@ class RNNScratch(nn.Module):
 
 
 class TorchRNN(nn.Module):
-    """One-hot inputs -> nn.RNN / nn.GRU / nn.LSTM -> a Linear head (d2l RNNModel, D2L 8.6)."""
+    """One-hot inputs -> num_layers of nn.RNN / nn.GRU / nn.LSTM -> a Linear head (d2l RNNModel,
+    D2L 8.6), with dropout on the outputs of every recurrent layer when training (the
+    non-recurrent connections, Zaremba et al. 2014).
+
+    The layers are kept one per module so that dropout draws from the model's own `generator`
+    (on the model's device; training sets and checkpoints it): randomness never comes from
+    torch's global RNG, which trainings running side by side in one process would share. The
+    state is (num_layers, batch, hidden), as torch's layers use it."""
 
     LAYERS = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 
-    def __init__(self, kind: str, vocab_size: int, hidden: int, num_layers: int) -> None:
+    def __init__(self, kind: str, vocab_size: int, hidden: int, num_layers: int,
+                 dropout: float = 0.0, generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.vocab_size, self.hidden, self.num_layers = vocab_size, hidden, num_layers
+        self.dropout = dropout
+        self.generator: torch.Generator | None = None
         self.is_lstm = kind == "lstm"
-        self.rnn = self.LAYERS[kind](vocab_size, hidden, num_layers)
+        self.layers = nn.ModuleList(self.LAYERS[kind](vocab_size if i == 0 else hidden, hidden)
+                                    for i in range(num_layers))
         self.linear = nn.Linear(hidden, vocab_size)
+        # torch's default initialisation, drawn from `generator`: U(-1/sqrt(h), 1/sqrt(h)) for
+        # the recurrent weights and biases, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for the head.
+        with torch.no_grad():
+            for p in self.layers.parameters():
+                p.uniform_(-hidden ** -0.5, hidden ** -0.5, generator=generator)
+            for p in self.linear.parameters():
+                p.uniform_(-hidden ** -0.5, hidden ** -0.5, generator=generator)
 
     def forward(self, X: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        inputs = F.one_hot(X.T, self.vocab_size).to(torch.float32)   # (steps, batch, vocab)
-        Y, new = self.rnn(inputs, state if self.is_lstm else state[0])
-        return self.linear(Y.reshape(-1, self.hidden)), new if self.is_lstm else (new,)
+        Y = F.one_hot(X.T, self.vocab_size).to(torch.float32)     # (steps, batch, vocab)
+        new: list[State] = []
+        for i, layer in enumerate(self.layers):
+            own = tuple(s[i:i + 1] for s in state)
+            Y, out = layer(Y, own if self.is_lstm else own[0])
+            new.append(out if self.is_lstm else (out,))
+            Y = self._drop(Y)
+        logits = self.linear(Y.reshape(-1, self.hidden))
+        return logits, tuple(torch.cat(parts) for parts in zip(*new))
+
+    def _drop(self, Y: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.dropout == 0:
+            return Y
+        keep = torch.empty_like(Y).bernoulli_(1 - self.dropout, generator=self.generator)
+        return Y * keep / (1 - self.dropout)
 
     def begin_state(self, batch_size: int, device: torch.device | str) -> State:
         shape = (self.num_layers, batch_size, self.hidden)
@@ -84,13 +118,18 @@ def check_model_name(name: str) -> None:
         raise ValueError(f"unknown model {name!r}: expected one of {', '.join(MODEL_NAMES)}")
 
 
-def build_model(name: str, vocab_size: int, hidden: int, num_layers: int = 1) -> nn.Module:
+def build_model(name: str, vocab_size: int, hidden: int, num_layers: int = 1,
+                dropout: float = 0.0, generator: torch.Generator | None = None) -> nn.Module:
+    """The model, initialised from `generator` (torch's global RNG when None)."""
     check_model_name(name)
     if vocab_size < 1 or hidden < 1 or num_layers < 1:
         raise ValueError(f"model {name}: vocab_size={vocab_size}, hidden={hidden} and "
                          f"num_layers={num_layers} must all be >= 1")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"model {name}: dropout={dropout} must lie in [0, 1)")
     if name == "rnn_scratch":
-        if num_layers != 1:
-            raise ValueError(f"model rnn_scratch has one layer, got num_layers={num_layers}")
-        return RNNScratch(vocab_size, hidden)
-    return TorchRNN(name, vocab_size, hidden, num_layers)
+        if num_layers != 1 or dropout:
+            raise ValueError(f"model rnn_scratch has one layer and no dropout, got "
+                             f"num_layers={num_layers}, dropout={dropout}")
+        return RNNScratch(vocab_size, hidden, generator)
+    return TorchRNN(name, vocab_size, hidden, num_layers, dropout, generator)

@@ -1,9 +1,10 @@
 """Count-based baselines for the language models: interpolated Kneser-Ney and add-one unigrams.
 
-Perplexity convention (shared by both, and meant for the RNNs too): every token of the evaluated
-text but the first is scored, each given the tokens before it *in that text* (up to order - 1 of
-them); the first token has no context for any model. Near the start the context is shorter than
-order - 1 and the model simply uses the orders it has.
+Scoring convention: the tokens of a text from position `first` on are scored, each given the
+tokens before it in that text (up to order - 1 of them); seqlm.protocol passes the validation
+tokens with the context in front of them, the same positions and text the RNNs are scored on.
+Near the start of the text the context is shorter than order - 1 and the model uses the orders
+it has.
 """
 from __future__ import annotations
 
@@ -107,28 +108,42 @@ class KneserNeyLM:
         history = [np.full(self.vocab_size, token) for token in context]
         return np.log(self._probs(history, np.full(self.vocab_size, len(context)), words))
 
-    def perplexity(self, ids: np.ndarray) -> float:
-        """exp(mean -log P(ids[i] | ids[max(0, i-order+1):i])) over i = 1..len(ids)-1."""
+    def token_log_probs(self, ids: np.ndarray, first: int = 1) -> np.ndarray:
+        """log P(ids[i] | ids[max(0, i-order+1):i]) for i = first..len(ids)-1, in order."""
         ids = _as_ids(ids, self.vocab_size, "evaluated")
-        if len(ids) < 2:
-            raise ValueError(f"perplexity needs at least 2 tokens, got {len(ids)}")
+        _check_scored(len(ids), first)
         padded = np.concatenate([np.zeros(self.order - 1, dtype=np.int64), ids])
-        positions = np.arange(1, len(ids))
-        # Column j holds the token j - (order - 1) places before each position (padding if < 0).
-        history = [padded[j + 1:j + len(ids)] for j in range(self.order - 1)]
-        probs = self._probs(history, np.minimum(positions, self.order - 1), ids[1:])
-        return float(np.exp(-np.mean(np.log(probs))))
+        positions = np.arange(first, len(ids))
+        # Column j holds the token order - 1 - j places before each position (padding if < 0).
+        history = [padded[first + j:j + len(ids)] for j in range(self.order - 1)]
+        probs = self._probs(history, np.minimum(positions, self.order - 1), ids[first:])
+        return np.log(probs)
+
+    def perplexity(self, ids: np.ndarray, first: int = 1) -> float:
+        """exp(mean -log P) over the tokens from position `first` on."""
+        return float(np.exp(-np.mean(self.token_log_probs(ids, first))))
 
 
-def unigram_perplexity(train_ids: np.ndarray, eval_ids: np.ndarray, vocab_size: int) -> float:
-    """Perplexity of add-one smoothed unigram frequencies of train_ids on eval_ids[1:] (the same
-    positions as KneserNeyLM.perplexity)."""
+def unigram_log_probs(train_ids: np.ndarray, ids: np.ndarray, vocab_size: int,
+                      first: int = 1) -> np.ndarray:
+    """log P(ids[i]) for i = first..len(ids)-1 under add-one smoothed unigram frequencies of
+    train_ids (the same positions as KneserNeyLM.token_log_probs)."""
     train_ids = _as_ids(train_ids, vocab_size, "training")
-    eval_ids = _as_ids(eval_ids, vocab_size, "evaluated")
-    if len(eval_ids) < 2:
-        raise ValueError(f"perplexity needs at least 2 tokens, got {len(eval_ids)}")
+    ids = _as_ids(ids, vocab_size, "evaluated")
+    _check_scored(len(ids), first)
     probs = (np.bincount(train_ids, minlength=vocab_size) + 1) / (len(train_ids) + vocab_size)
-    return float(np.exp(-np.mean(np.log(probs[eval_ids[1:]]))))
+    return np.log(probs[ids[first:]])
+
+
+def unigram_perplexity(train_ids: np.ndarray, ids: np.ndarray, vocab_size: int,
+                       first: int = 1) -> float:
+    return float(np.exp(-np.mean(unigram_log_probs(train_ids, ids, vocab_size, first))))
+
+
+def _check_scored(n_tokens: int, first: int) -> None:
+    if not 1 <= first < n_tokens:
+        raise ValueError(f"perplexity needs a token of context and one to score: got {n_tokens} "
+                         f"tokens, scoring from position {first}")
 
 
 def _as_ids(ids: np.ndarray, vocab_size: int, what: str) -> np.ndarray:

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import unquote, urlparse
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
@@ -27,7 +29,8 @@ class Section(BaseModel):
 
 class DownloadParams(Section):
     sources: list[str] = Field(min_length=1)
-    checksum: str
+    # None: the source's content may change; every run fetches it and records its sha256.
+    checksum: str | None = None
     out: str
     connect_timeout_s: PositiveFloat = 5.0
     read_timeout_s: PositiveFloat = 30.0
@@ -35,7 +38,9 @@ class DownloadParams(Section):
 
     @field_validator("checksum")
     @classmethod
-    def _hex_digest(cls, value: str) -> str:
+    def _hex_digest(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         value = value.lower()
         if len(value) not in (40, 64) or any(c not in "0123456789abcdef" for c in value):
             raise ValueError("must be a sha1 (40 hex digits) or sha256 (64 hex digits)")
@@ -43,13 +48,15 @@ class DownloadParams(Section):
 
     @property
     def algorithm(self) -> str:
-        return "sha1" if len(self.checksum) == 40 else "sha256"
+        return "sha1" if self.checksum is not None and len(self.checksum) == 40 else "sha256"
 
 
 class PreprocessParams(Section):
     min_freq: Annotated[int, Field(ge=0)] = 0
     reserved_tokens: list[str] = []
-    train_tokens: PositiveInt = 10_000
+    # The first train_tokens character ids train, the next val_tokens validate; None trains on
+    # everything before the last val_tokens (a split of the whole corpus).
+    train_tokens: PositiveInt | None = 10_000
     val_tokens: PositiveInt = 5_000
 
 
@@ -87,11 +94,14 @@ class TrainLmParams(Section):
     batch_size: PositiveInt = 32
     num_steps: PositiveInt = 35
     epochs: PositiveInt = 500
+    optimizer: Literal["sgd", "adam"] = "sgd"
     lr: PositiveFloat = 1.0
     clip_theta: PositiveFloat = 1.0
     hidden_scratch: PositiveInt = 512
     hidden: PositiveInt = 256
     num_layers: PositiveInt = 1
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0   # torch layers only
+    patience: Annotated[int, Field(ge=0)] = 0            # epochs without a better val ppl; 0: off
     checkpoint_every: PositiveInt = 50
 
     @field_validator("models")
@@ -104,18 +114,36 @@ class TrainLmParams(Section):
     def hidden_size(self, model: str) -> int:
         return self.hidden_scratch if model == "rnn_scratch" else self.hidden
 
+    def layers(self, model: str) -> int:
+        """The scratch RNN is one hand-written layer without dropout; the settings are for the
+        torch layers."""
+        return 1 if model == "rnn_scratch" else self.num_layers
+
+    def dropout_of(self, model: str) -> float:
+        return 0.0 if model == "rnn_scratch" else self.dropout
+
 
 class EvaluateParams(Section):
-    ngram_order: PositiveInt = 3
+    # Orders of the Kneser-Ney character baselines, each scored like the language models.
+    ngram_orders: list[Annotated[int, Field(ge=1, le=12)]] = Field(default=[3], min_length=1)
     prefixes: list[str] = Field(default=["time traveller", "traveller"], min_length=1)
     num_chars: PositiveInt = 50
     temperature: PositiveFloat = 0.8
     top_k: PositiveInt = 5
 
+    @field_validator("ngram_orders")
+    @classmethod
+    def _distinct_orders(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError("lists an order twice")
+        return value
+
 
 class TrackingParams(Section):
-    experiment: str = "seqlm"
-    registered_model_prefix: str = "timemachine"
+    experiment: Annotated[str, Field(min_length=1)] = "seqlm"
+    # Names the registered models (<corpus_name>-<model>) and the MLflow datasets; None: the
+    # file name of the first download source without its suffix.
+    corpus_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")] | None = None
 
 
 class Params(Section):
@@ -137,6 +165,13 @@ class Params(Section):
             raise ValueError(f"sine.T = {self.sine.T} is too short for train_ar: needs at least "
                              f"n_train + tau + max(k_steps) = {need}")
         return self
+
+    @property
+    def corpus_name(self) -> str:
+        if self.tracking.corpus_name is not None:
+            return self.tracking.corpus_name
+        name = Path(unquote(urlparse(self.download.sources[0]).path)).stem
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-._") or "corpus"
 
     def section(self, dotted: str) -> object:
         """`section("train_lm.epochs")` -> the value; used to hash what a stage depends on."""

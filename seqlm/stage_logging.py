@@ -7,11 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
+from seqlm import protocol
 from seqlm import stages as S
+from seqlm.io import file_digest
 from seqlm.params import Params
 from seqlm.tracking import Tracker, flatten
-from seqlm.train import split as train_val_split
+from seqlm.text import Vocab
+from seqlm.train import perplexity, split_of
 
 
 class StageLogger:
@@ -20,6 +24,8 @@ class StageLogger:
         self.params = params
         self.child_runs: dict[str, str | None] = {}
         self.open_runs: set[str] = set()
+        # (tokens/s, seconds) per epoch of each training: run-specific, so MLflow's, not DVC's
+        self.timings: dict[str, list[tuple[float, float]]] = {}
 
     def task_kwargs(self, stage: str, item: str | None) -> dict[str, Callable]:
         """Training stages get a per-epoch callback that logs into their own nested run."""
@@ -36,7 +42,14 @@ class StageLogger:
             run_id = self._child(item, section)
         else:
             return {}
-        return {"on_epoch": self.tracker.epoch_logger(run_id)}
+        log_epoch = self.tracker.epoch_logger(run_id)
+        timings = self.timings.setdefault(item or stage, [])
+
+        def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+            log_epoch(epoch, metrics)
+            if "tokens_per_s" in metrics:
+                timings.append((metrics["tokens_per_s"], metrics["seconds"]))
+        return {"on_epoch": on_epoch}
 
     def _child(self, name: str, params: dict) -> str | None:
         self.child_runs[name] = self.tracker.child_run(name, params)
@@ -58,8 +71,11 @@ class StageLogger:
     # ---- per stage ----------------------------------------------------------------------------
     def _after_preprocess(self, _item, _paths, _cached) -> None:
         lines = Path(S.LINES).read_text(encoding="utf-8").splitlines()
-        self.tracker.log_dataset(pd.DataFrame({"line": lines}), source=self.params.download.out,
-                                 name="timemachine", context="corpus")
+        raw = self.params.download.out
+        sha256 = file_digest(raw)
+        self.tracker.log_dataset(pd.DataFrame({"line": lines}), source=raw,
+                                 name=self.params.corpus_name, context="corpus",
+                                 digest=sha256[:16], tags={"sha256": sha256})
         self.tracker.log_artifacts([S.VOCAB["char"], S.VOCAB["word"]], "vocab")
 
     def _after_ngrams(self, _item, _paths, _cached) -> None:
@@ -84,19 +100,27 @@ class StageLogger:
         if cached:
             self._replay_history(run_id, model_dir / "history.csv")
         meta = json.loads((model_dir / "meta.json").read_text())
-        self.tracker.log_metrics(run_id, {k: v for k, v in meta.items()
-                                          if k.startswith("final_") or k.endswith("tokens_per_s")})
-        self.tracker.set_tags(run_id, {"device": str(meta.get("device")), "cached": str(cached)})
+        metrics = {k: v for k, v in meta.items() if k.startswith(("final_", "best_"))}
+        if self.timings.get(item):
+            speeds, seconds = zip(*self.timings[item])
+            metrics["mean_tokens_per_s"] = float(np.mean(speeds))
+            metrics["train_wall_s"] = float(np.sum(seconds))
+        self.tracker.log_metrics(run_id, metrics)
+        self.tracker.set_tags(run_id, {"device": str(meta.get("device")), "cached": str(cached),
+                                       "stopped_early": str(meta["stopped_early"])})
         ids = np.load(S.CORPUS["char"], mmap_mode="r")
-        for context, split in zip(("training", "validation"), train_val_split(ids, self.params)):
-            self.tracker.log_dataset(pd.DataFrame({"char_id": np.asarray(split)}),
-                                     source=S.CORPUS["char"], name=f"timemachine-chars-{context}",
+        split = split_of(ids, self.params)
+        for context, part in zip(("training", "validation"), protocol.train_val(ids, split)):
+            self.tracker.log_dataset(pd.DataFrame({"char_id": np.asarray(part)}),
+                                     source=S.CORPUS["char"],
+                                     name=f"{self.params.corpus_name}-chars-{context}",
                                      context=context, run_id=run_id)
         self.tracker.log_artifacts([model_dir / "history.csv", model_dir / "meta.json"],
                                    run_id=run_id)
         self.tracker.log_figure(run_id, perplexity_figure(model_dir / "history.csv", item),
                                 "perplexity.png")
-        self.tracker.log_language_model(run_id, model_dir, item, meta["final_val_perplexity"])
+        self.tracker.log_language_model(run_id, model_dir, item, meta["best_val_perplexity"],
+                                        meta["validation_digest"], self._rescore)
         self._end_child(item)
 
     def _after_evaluate(self, _item, _paths, _cached) -> None:
@@ -109,6 +133,16 @@ class StageLogger:
         create_table_artifact(table=table.to_dict("records"), key="perplexity-summary",
                               description="Train/validation perplexity of each language model "
                                           "beside the character n-gram baseline")
+
+    def _rescore(self, model: torch.nn.Module, vocab: Vocab) -> float:
+        """`model`'s validation perplexity on this run's validation text, read through its own
+        vocabulary (characters it does not know are <unk> to it)."""
+        corpus = np.load(S.CORPUS["char"], mmap_mode="r")
+        split = split_of(corpus, self.params)
+        text = protocol.validation_text(corpus, split).tolist()
+        chars = Vocab.load(S.VOCAB["char"]).to_tokens(text)
+        return perplexity(model, np.asarray(vocab[chars], dtype=np.int64),
+                          split.val_start - split.context_start, "cpu")
 
     def _replay_history(self, run_id: str | None, history: Path) -> None:
         """A cached stage did not train: log its per-epoch metrics from the history file."""

@@ -14,6 +14,7 @@ import yaml
 from seqlm.params import Params, TrainLmParams
 
 RAW = "${download.out}"
+RAW_SHA256 = "${download.out}.sha256"     # `sha256sum -c` format: what the download holds
 PROCESSED = "data/processed"
 LINES = f"{PROCESSED}/lines.txt"
 VOCAB = {"char": f"{PROCESSED}/vocab_char.parquet", "word": f"{PROCESSED}/vocab_word.parquet"}
@@ -53,8 +54,9 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("download", deps=("tasks/download.py", "seqlm/download.py"), params=("download",), outs=(RAW,)),
-    Stage("preprocess", deps=(RAW, "tasks/preprocess.py", "seqlm/text.py"),
+    Stage("download", deps=("tasks/download.py", "seqlm/download.py"), params=("download",),
+          outs=(RAW, RAW_SHA256)),
+    Stage("preprocess", deps=(RAW, "tasks/preprocess.py", "seqlm/text.py", "seqlm/protocol.py"),
           params=("preprocess",), outs=(PROCESSED,)),
     Stage("ngrams", deps=(PROCESSED, "tasks/ngrams.py", "seqlm/ngrams.py", "seqlm/text.py"),
           params=("ngrams",), outs=(NGRAMS,), metrics=(f"{REPORTS}/ngrams.json",)),
@@ -63,14 +65,14 @@ STAGES: tuple[Stage, ...] = (
     Stage("train_ar", deps=(SINE, "tasks/train_ar.py", "seqlm/autoregress.py"), params=("seed", "train_ar"),
           outs=(AR_DIR,), metrics=(f"{REPORTS}/train_ar.json",)),
     Stage("train_lm", deps=(PROCESSED, "tasks/train_lm.py", "seqlm/models.py",
-                            "seqlm/train.py", "seqlm/loaders.py", "seqlm/generate.py",
-                            "seqlm/text.py"),
+                            "seqlm/train.py", "seqlm/loaders.py", "seqlm/protocol.py",
+                            "seqlm/generate.py", "seqlm/text.py"),
           params=("seed", "preprocess.train_tokens", "preprocess.val_tokens", *LM_TRAINING_KEYS),
           outs=(LM_DIR,), foreach="train_lm.models"),
     Stage("evaluate", deps=(PROCESSED, MODELS, f"{REPORTS}/train_ar.json", "tasks/evaluate.py",
                             "seqlm/ngram_lm.py", "seqlm/ngrams.py", "seqlm/generate.py",
                             "seqlm/train.py", "seqlm/models.py", "seqlm/loaders.py",
-                            "seqlm/text.py"),
+                            "seqlm/protocol.py", "seqlm/text.py"),
           params=("seed", "preprocess.train_tokens", "preprocess.val_tokens", "evaluate",
                   "train_lm.models"),
           outs=(f"{REPORTS}/summary.md", f"{REPORTS}/summary.csv", f"{REPORTS}/samples.json"),

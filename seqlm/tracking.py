@@ -26,6 +26,8 @@ from seqlm.io import file_digest
 from seqlm.params import Params
 
 DEFAULT_URI = "sqlite:///mlflow.db"
+# Validation perplexity of a (model, vocabulary) on the current run's validation text.
+Rescore = Callable[[Any, Any], float]
 log = logging.getLogger(__name__)
 
 
@@ -173,7 +175,8 @@ class Tracker:
 
     @_guarded
     def log_dataset(self, frame: pd.DataFrame, source: str, name: str, context: str,
-                    run_id: str | None = None) -> None:
+                    run_id: str | None = None, digest: str | None = None,
+                    tags: dict[str, str] | None = None) -> None:
         run_id = run_id or self.run_id
         if run_id is None:
             return
@@ -181,21 +184,25 @@ class Tracker:
             # A relative path is ambiguous to MLflow's source registry, and integer columns get a
             # hint about missing values; neither applies to these files.
             warnings.simplefilter("ignore", UserWarning)
-            dataset = mlflow.data.from_pandas(frame, source=source, name=name)
+            dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest)
             entity = dataset._to_mlflow_entity()
+        input_tags = {"mlflow.data.context": context, **(tags or {})}
         self.client.log_inputs(run_id, datasets=[mlflow.entities.DatasetInput(
-            entity, tags=[mlflow.entities.InputTag("mlflow.data.context", context)])])
+            entity, tags=[mlflow.entities.InputTag(k, v) for k, v in input_tags.items()])])
 
     @_guarded
     def log_language_model(self, run_id: str | None, model_dir: Path, model_name: str,
-                           val_perplexity: float) -> str | None:
+                           val_perplexity: float, val_digest: str, rescore: Rescore,
+                           ) -> str | None:
         """Log the model (weights + vocabulary) as a pyfunc that generates text, register it and
-        move the `champion` alias to it only if it beats the current champion on validation
-        perplexity. Returns the registered version."""
+        move the `champion` alias to it only if it beats the current champion on the same
+        validation text (`val_digest`): a champion measured on other text (another corpus,
+        split or version of the data) is scored on this one with `rescore` first. Returns the
+        version."""
         if run_id is None:
             return None
         from seqlm.mlflow_model import log_char_lm
-        registered = f"{self.params.tracking.registered_model_prefix}-{model_name.replace('_', '-')}"
+        registered = f"{self.params.corpus_name}-{model_name.replace('_', '-')}"
         weights = file_digest(model_dir / "model.pt")
         for known in self.client.search_model_versions(f"name='{registered}'"):
             if known.tags.get("weights_sha256") == weights:       # e.g. a cached stage re-run
@@ -209,27 +216,34 @@ class Tracker:
         # repr round-trips exactly: an equal model never takes the alias from the champion.
         self.client.set_model_version_tag(registered, version, "val_perplexity",
                                           repr(float(val_perplexity)))
-        self.client.set_model_version_tag(registered, version, "val_split", self._val_split())
-        champion = self._champion_perplexity(registered)
+        self.client.set_model_version_tag(registered, version, "val_digest", val_digest)
+        champion = self._champion_perplexity(registered, val_digest, rescore)
         if champion is None or val_perplexity < champion:
             self.client.set_registered_model_alias(registered, "champion", version)
             log.info("%s v%s is the new champion (val perplexity %.3f, was %s)",
                      registered, version, val_perplexity, champion)
+        else:
+            log.info("%s v%s (val perplexity %.3f) does not beat the champion (%.3f): alias "
+                     "kept", registered, version, val_perplexity, champion)
         return version
 
-    def _champion_perplexity(self, registered: str) -> float | None:
+    def _champion_perplexity(self, registered: str, val_digest: str, rescore: Rescore,
+                             ) -> float | None:
+        """The champion's validation perplexity on the text of `val_digest`; None when there is
+        no champion."""
         try:
             current = self.client.get_model_version_by_alias(registered, "champion")
         except mlflow.exceptions.MlflowException:
             return None
         value = current.tags.get("val_perplexity")
-        if value is None or current.tags.get("val_split") != self._val_split():
-            return None  # scored on other text: not comparable, the new version takes the alias
-        return float(value)
-
-    def _val_split(self) -> str:
-        p = self.params.preprocess
-        return f"train {p.train_tokens}, validation {p.val_tokens} characters"
+        if value is not None and current.tags.get("val_digest") == val_digest:
+            return float(value)
+        loaded = mlflow.pyfunc.load_model(f"models:/{registered}/{current.version}")
+        champion = loaded.unwrap_python_model()
+        score = rescore(champion.model, champion.vocab)
+        log.info("%s champion v%s was measured on other validation text; on this run's it "
+                 "scores %.3f", registered, current.version, score)
+        return score
 
     def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
         items = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v))

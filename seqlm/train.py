@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqlm import loaders, models
-from seqlm.io import atomic_path, file_digest
+from seqlm import loaders, models, protocol
+from seqlm.io import file_digest, save_torch
 from seqlm.loaders import BATCHES_PER_EPOCH, LOADERS, LoaderSizeError
 from seqlm.models import build_model, check_model_name, detach_state
 from seqlm.params import Params
@@ -25,7 +25,10 @@ from seqlm.text import Vocab
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = Path("checkpoints")        # outside the DVC outs: `dvc repro` deletes outs first
-HISTORY_COLUMNS = ("epoch", "train_perplexity", "val_perplexity", "tokens_per_s")
+# What history.csv keeps: the same for every run of the same params, code and machine. Timings
+# (tokens_per_s, seconds) are in the rows too but reach only the callback, MLflow and the logs.
+HISTORY_COLUMNS = ("epoch", "train_perplexity", "val_perplexity")
+EVAL_CHUNK = 256                         # validation steps per forward call (bounds memory)
 EpochCallback = Callable[[int, dict[str, float]], None]
 
 
@@ -34,17 +37,39 @@ class TrainingError(RuntimeError):
 
 
 class CheckpointError(TrainingError):
-    """A checkpoint file is unreadable or belongs to another vocabulary."""
+    """A checkpoint file is unreadable."""
 
 
 @dataclass
 class TrainResult:
-    model: nn.Module
+    model: nn.Module                    # the last epoch's weights
+    best_state: dict[str, torch.Tensor]  # the best-validation epoch's weights, on the CPU
     config: dict                        # what the run's result depends on (hashed into checkpoints)
-    history: list[dict[str, float]]     # one row per epoch, HISTORY_COLUMNS
+    history: list[dict[str, float]]     # per epoch: HISTORY_COLUMNS, tokens_per_s, seconds
     device: torch.device
-    wall_s: float                       # training + validation seconds, over all resumed runs
     resumed_from: int                   # epochs restored from a checkpoint (0: fresh start)
+    stopped_early: bool                 # train_lm.patience epochs passed without a better one
+    validation_digest: str              # what the validation perplexities were measured on
+
+    @property
+    def best(self) -> dict[str, float]:
+        return best_row(self.history)
+
+    @property
+    def wall_s(self) -> float:
+        """Training + validation seconds over every run that built this history."""
+        return sum(row["seconds"] for row in self.history)
+
+
+def best_row(history: list[dict[str, float]]) -> dict[str, float]:
+    """The epoch with the lowest validation perplexity (the earliest of equal ones)."""
+    return min(history, key=lambda row: row["val_perplexity"])
+
+
+def patience_exhausted(history: list[dict[str, float]], patience: int) -> bool:
+    """Early stopping: `patience` epochs have passed since the best one (0: never)."""
+    return bool(patience and history and
+                history[-1]["epoch"] - best_row(history)["epoch"] >= patience)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -58,11 +83,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def num_layers(name: str, params: Params) -> int:
-    """The scratch RNN is one hand-written layer; train_lm.num_layers is for the torch layers."""
-    return 1 if name == "rnn_scratch" else params.train_lm.num_layers
-
-
 def clip_gradients(parameters: Sequence[nn.Parameter], theta: float) -> torch.Tensor:
     """d2l grad_clipping: if the global L2 norm exceeds theta, scale every gradient by theta/norm.
     The condition is a min() on the device, so no step waits for the host; returns the norm."""
@@ -73,105 +93,162 @@ def clip_gradients(parameters: Sequence[nn.Parameter], theta: float) -> torch.Te
     return norm
 
 
-def perplexity(model: nn.Module, ids: np.ndarray | torch.Tensor, device: torch.device | str,
-               batch_size: int, num_steps: int) -> float:
-    """exp(mean cross-entropy) of predicting ids[1:] from ids[:-1]: the sequence is cut into
-    batch_size contiguous rows read num_steps at a time with the state carried, so every token
-    but the last (n - 1) % batch_size ones is scored exactly once."""
-    ids = torch.as_tensor(ids, dtype=torch.long, device=device)
-    if eval_batches(len(ids), batch_size, num_steps) < 1:
-        raise LoaderSizeError(f"batch_size={batch_size} x num_steps={num_steps} needs more than "
-                              f"the {len(ids)} tokens available: no full batch to evaluate")
-    row = (len(ids) - 1) // batch_size
-    xs = ids[:row * batch_size].reshape(batch_size, row)
-    ys = ids[1:row * batch_size + 1].reshape(batch_size, row)
+def perplexity(model: nn.Module, text: np.ndarray | torch.Tensor, first: int,
+               device: torch.device | str) -> float:
+    """exp(mean cross-entropy) of text[first:], each token predicted from the text before it, by
+    the evaluation protocol of seqlm.protocol (text = protocol.validation_text(...), first = the
+    context length in front of the scored tokens). One host sync, at the end."""
+    nll, _, mask = _window_nll(model, text, first, device)
+    return _exp((nll * mask).sum(dtype=torch.float64).item() / (len(text) - first))
+
+
+def token_nll(model: nn.Module, text: np.ndarray | torch.Tensor, first: int,
+              device: torch.device | str) -> np.ndarray:
+    """-log P(text[i] | text before it) for i = first..len(text)-1, in order: what perplexity()
+    averages, token by token."""
+    nll, positions, mask = _window_nll(model, text, first, device)
+    out = np.empty(len(text) - first)
+    out[(positions[mask] - first).cpu().numpy()] = nll[mask].double().cpu().numpy()
+    return out
+
+
+def _window_nll(model: nn.Module, text: np.ndarray | torch.Tensor, first: int,
+                device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    text = torch.as_tensor(text, dtype=torch.long, device=device)
+    X, Y, positions, mask = protocol.windows(text, first)
     was_training = model.training
     model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=device)
+    chunks = []
     with torch.no_grad():
-        state = model.begin_state(batch_size, device)
-        for i in range(0, row, num_steps):          # the last window may be shorter
-            logits, state = model(xs[:, i:i + num_steps], state)
-            total += F.cross_entropy(logits, ys[:, i:i + num_steps].T.reshape(-1), reduction="sum")
+        state = model.begin_state(X.shape[0], device)
+        for i in range(0, X.shape[1], EVAL_CHUNK):
+            cols = slice(i, i + EVAL_CHUNK)
+            logits, state = model(X[:, cols], state)          # time-major rows
+            nll = F.cross_entropy(logits, Y[:, cols].T.reshape(-1), reduction="none")
+            chunks.append(nll.reshape(-1, X.shape[0]).T)     # back to (rows, steps)
     model.train(was_training)
-    return _exp(total.item() / (row * batch_size))
+    return torch.cat(chunks, dim=1), positions, mask
 
 
-def eval_batches(n_tokens: int, batch_size: int, num_steps: int) -> int:
-    """Full batches that perplexity() reads from n_tokens ids (it also reads a shorter last one)."""
-    return (n_tokens - 1) // batch_size // num_steps
+def val_perplexity(model: nn.Module, corpus: np.ndarray, split: protocol.Split,
+                   device: torch.device | str) -> float:
+    """The validation perplexity of `model` on `split` of `corpus` (the protocol's numbers)."""
+    return perplexity(model, protocol.validation_text(corpus, split),
+                      split.val_start - split.context_start, device)
+
+
+def split_of(corpus: np.ndarray, params: Params) -> protocol.Split:
+    """The train/validation split of params.preprocess over `corpus`."""
+    p = params.preprocess
+    try:
+        return protocol.split_of(len(corpus), p.train_tokens, p.val_tokens)
+    except protocol.SplitError as exc:
+        raise TrainingError(str(exc)) from None
+
+
+def build_optimizer(model: nn.Module, params: Params) -> torch.optim.Optimizer:
+    p = params.train_lm
+    if p.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=p.lr)
+    return torch.optim.SGD(model.parameters(), lr=p.lr)        # the chapter's
 
 
 def train(name: str, corpus: np.ndarray, vocab: Vocab, params: Params, *,
           checkpoint_dir: Path | str | None = None, on_epoch: EpochCallback | None = None,
           ) -> TrainResult:
-    """Train model `name` on the first preprocess.train_tokens ids of `corpus`, validating on the
-    next val_tokens, for train_lm.epochs epochs; resume from checkpoint_dir/last.pt when it holds
-    the same run. `on_epoch(epoch, metrics)` sees every epoch of the history, restored ones
-    included, in order."""
+    """Train model `name` on the training split of `corpus`, validating every epoch by the
+    protocol, for train_lm.epochs epochs or until train_lm.patience epochs bring no better
+    validation perplexity; resume from checkpoint_dir when it holds a checkpoint of the same run.
+    `on_epoch(epoch, metrics)` sees every epoch of the history, restored ones included, in order."""
     p = params.train_lm
     check_model_name(name)
     device = resolve_device(p.device)
-    train_ids, val_ids = split(corpus, params)
-    _check_split("train", len(train_ids), params, BATCHES_PER_EPOCH[p.sampling])
-    _check_split("val", len(val_ids), params, eval_batches)
+    split = split_of(corpus, params)
+    _check_train_split(split.train_end, params)
     if int(corpus.max()) >= len(vocab):
         raise TrainingError(f"corpus holds token id {int(corpus.max())} but the vocabulary has "
                             f"{len(vocab)} tokens: the corpus and vocabulary files do not match")
 
-    config = run_config(name, params, vocab, device, np.concatenate([train_ids, val_ids]))
-    config_hash = _hash(config)
-    torch.manual_seed(params.seed)
-    model = build_model(name, len(vocab), config["hidden"], config["num_layers"]).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=p.lr)
+    config = run_config(name, params, vocab, device, corpus, split)
+    model = build_model(name, len(vocab), config["hidden"], config["num_layers"],
+                        config["dropout"], torch.Generator().manual_seed(params.seed)).to(device)
+    dropout_rng = _dropout_generator(model, device, params.seed)
+    optimizer = build_optimizer(model, params)
     history: list[dict[str, float]] = []
-    wall_s = 0.0
+    best_state: dict[str, torch.Tensor] = {}
 
-    ckpt_path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir is not None else None
-    if ckpt_path is not None and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, vocab, device)
-        if ckpt["config_hash"] != config_hash:
-            log.warning("%s: checkpoint of another configuration (%s); starting %s afresh",
-                        ckpt_path, _config_diff(ckpt.get("config", {}), config), name)
-        elif ckpt["epoch"] > p.epochs:
-            log.warning("%s: checkpoint is at epoch %d, past train_lm.epochs = %d; "
-                        "starting %s afresh", ckpt_path, ckpt["epoch"], p.epochs, name)
-        else:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            torch.set_rng_state(ckpt["torch_rng"].cpu())
-            history, wall_s = ckpt["history"], ckpt["wall_s"]
-            log.info("%s: resuming %s from epoch %d", ckpt_path, name, ckpt["epoch"])
+    ckpt_path = checkpoint_file(checkpoint_dir, config) if checkpoint_dir is not None else None
+    ckpt = _restorable(ckpt_path, device, p.epochs, name)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if dropout_rng is not None:
+            dropout_rng.set_state(ckpt["dropout_rng"].cpu())
+        history, best_state = ckpt["history"], ckpt["best_state"]
+        log.info("%s: resuming %s from epoch %d", ckpt_path, name, ckpt["epoch"])
     resumed_from = len(history)
     if on_epoch is not None:
         for row in history:
             on_epoch(int(row["epoch"]), _metrics(row))
 
-    train_t = torch.as_tensor(train_ids, dtype=torch.long, device=device)   # on the device once
-    val_t = torch.as_tensor(val_ids, dtype=torch.long, device=device)
-    for epoch in range(resumed_from + 1, p.epochs + 1):
+    train_t = torch.as_tensor(corpus[:split.train_end], dtype=torch.long, device=device)
+    val_t = torch.as_tensor(protocol.validation_text(corpus, split), dtype=torch.long,
+                            device=device)                 # both on the device once
+    first = split.val_start - split.context_start
+    stopped = patience_exhausted(history, p.patience)
+    epoch = resumed_from
+    while epoch < p.epochs and not stopped:
+        epoch += 1
         start = time.perf_counter()
         rng = np.random.default_rng([params.seed, epoch])    # a resumed run sees the same batches
         loss, tokens = _train_epoch(model, optimizer, train_t, rng, p.sampling, p.batch_size,
                                     p.num_steps, p.clip_theta)
         train_s = time.perf_counter() - start       # the loss.item() above waited for the device
-        if not math.isfinite(loss):
-            raise TrainingError(f"{name}: training loss is {loss} at epoch {epoch} "
-                                f"(train_lm.lr = {p.lr}); lower the learning rate")
         row = {"epoch": epoch, "train_perplexity": _exp(loss),
-               "val_perplexity": perplexity(model, val_t, device, p.batch_size, p.num_steps),
+               "val_perplexity": perplexity(model, val_t, first, device),
                "tokens_per_s": tokens / train_s}
+        _check_finite(name, row, p.lr)
+        row["seconds"] = time.perf_counter() - start
         history.append(row)
-        wall_s += time.perf_counter() - start
+        if best_row(history) is row:
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        stopped = patience_exhausted(history, p.patience)
         if on_epoch is not None:
             on_epoch(epoch, _metrics(row))
-        if ckpt_path is not None and (epoch % p.checkpoint_every == 0 or epoch == p.epochs):
-            save_checkpoint(ckpt_path, model, optimizer, epoch, history, wall_s, config,
-                            config_hash, vocab.fingerprint())
-            log.info("%s epoch %d: train ppl %.3f, val ppl %.3f, %.0f tokens/s; checkpoint %s",
-                     name, epoch, row["train_perplexity"], row["val_perplexity"],
+        if ckpt_path is not None and (epoch % p.checkpoint_every == 0 or epoch == p.epochs
+                                      or stopped):
+            save_checkpoint(ckpt_path, model, optimizer, dropout_rng, epoch, history, best_state,
+                            config)
+            best = best_row(history)
+            log.info("%s epoch %d: train ppl %.3f, val ppl %.3f (best %.3f at epoch %d), "
+                     "%.0f tokens/s; checkpoint %s", name, epoch, row["train_perplexity"],
+                     row["val_perplexity"], best["val_perplexity"], int(best["epoch"]),
                      row["tokens_per_s"], ckpt_path)
-    return TrainResult(model, config, history, device, wall_s, resumed_from)
+    if stopped:
+        best = best_row(history)
+        log.info("%s: stopped early at epoch %d, %d epochs after the best (val ppl %.3f at epoch "
+                 "%d; train_lm.patience = %d)", name, epoch, epoch - int(best["epoch"]),
+                 best["val_perplexity"], int(best["epoch"]), p.patience)
+    return TrainResult(model, best_state, config, history, device, resumed_from, stopped,
+                       protocol.validation_digest(corpus, split, vocab.idx_to_token))
+
+
+def _check_finite(name: str, row: dict[str, float], lr: float) -> None:
+    """A diverged run stops at once: nothing of it is saved, checkpointed or registered."""
+    if not (math.isfinite(row["train_perplexity"]) and math.isfinite(row["val_perplexity"])):
+        raise TrainingError(
+            f"{name}: training diverged at epoch {int(row['epoch'])} (train perplexity "
+            f"{row['train_perplexity']}, validation perplexity {row['val_perplexity']}); "
+            f"lower train_lm.lr (now {lr})")
+
+
+def _dropout_generator(model: nn.Module, device: torch.device, seed: int,
+                       ) -> torch.Generator | None:
+    """The generator a model with dropout draws its masks from, on the training device."""
+    if not getattr(model, "dropout", 0):
+        return None
+    model.generator = torch.Generator(device=device).manual_seed(seed)
+    return model.generator
 
 
 def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, corpus: torch.Tensor,
@@ -200,69 +277,84 @@ def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, corpus: tor
     return loss_sum.item() / tokens, tokens
 
 
-def split(corpus: np.ndarray, params: Params) -> tuple[np.ndarray, np.ndarray]:
-    """The train and validation ids: corpus[:train_tokens], corpus[train_tokens:+val_tokens]."""
-    n_train, n_val = params.preprocess.train_tokens, params.preprocess.val_tokens
-    if n_train + n_val > len(corpus):
-        raise TrainingError(f"preprocess.train_tokens + preprocess.val_tokens = {n_train} + "
-                            f"{n_val} exceeds the corpus of {len(corpus)} tokens")
-    return corpus[:n_train], corpus[n_train:n_train + n_val]
-
-
-def _check_split(which: str, n_tokens: int, params: Params,
-                 batches: Callable[[int, int, int], int]) -> None:
+def _check_train_split(n_tokens: int, params: Params) -> None:
     p = params.train_lm
-    if batches(n_tokens, p.batch_size, p.num_steps) < 1:
+    if BATCHES_PER_EPOCH[p.sampling](n_tokens, p.batch_size, p.num_steps) < 1:
         raise LoaderSizeError(
-            f"{which} split (preprocess.{which}_tokens = {n_tokens}) is too small for "
+            f"train split ({n_tokens} tokens, preprocess.train_tokens) is too small for "
             f"train_lm.batch_size = {p.batch_size} x train_lm.num_steps = {p.num_steps}: "
             "an epoch would have no batch")
 
 
 def run_config(name: str, params: Params, vocab: Vocab, device: torch.device,
-               data: np.ndarray) -> dict:
-    """Everything the trajectory of a run depends on. `epochs` and `checkpoint_every` are left
-    out on purpose: they decide where a run stops, not what it computes, so a longer run resumes
-    a shorter one. The code of the model, loop and loaders is in, as in the DVC stage's deps."""
+               corpus: np.ndarray, split: protocol.Split) -> dict:
+    """Everything the trajectory of a run depends on. `epochs`, `patience` and
+    `checkpoint_every` are left out on purpose: they decide where a run stops, not what it
+    computes, so a longer run resumes a shorter one. The data (train and validation text, the
+    vocabulary) and the code of the model, loop, loaders and protocol are in."""
     p = params.train_lm
+    data = np.asarray(corpus[:split.val_end], dtype=np.int64)
     return {
-        "model": name, "vocab_size": len(vocab), "hidden": p.hidden_size(name),
-        "num_layers": num_layers(name, params), "seed": params.seed,
-        "train_tokens": params.preprocess.train_tokens, "val_tokens": params.preprocess.val_tokens,
+        "model": name, "vocab": vocab.fingerprint(), "vocab_size": len(vocab),
+        "hidden": p.hidden_size(name), "num_layers": p.layers(name),
+        "dropout": p.dropout_of(name), "seed": params.seed,
+        "train_tokens": split.train_end, "val_tokens": split.scored,
         "sampling": p.sampling, "batch_size": p.batch_size, "num_steps": p.num_steps,
-        "lr": p.lr, "clip_theta": p.clip_theta, "device": device.type,
-        "data": hashlib.sha256(np.asarray(data, dtype=np.int64).tobytes()).hexdigest()[:16],
+        "optimizer": p.optimizer, "lr": p.lr, "clip_theta": p.clip_theta, "device": device.type,
+        "data": hashlib.sha256(data.tobytes()).hexdigest()[:16],
         "code": {Path(f).name: file_digest(f)[:16]
-                 for f in (models.__file__, loaders.__file__, __file__)},
+                 for f in (models.__file__, loaders.__file__, protocol.__file__, __file__)},
     }
 
 
-def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
-                    history: list[dict[str, float]], wall_s: float, config: dict,
-                    config_hash: str, vocab_fingerprint: str) -> None:
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-             "history": history, "wall_s": wall_s, "torch_rng": torch.get_rng_state(),
-             "config": config, "config_hash": config_hash, "vocab_fingerprint": vocab_fingerprint}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+def checkpoint_file(checkpoint_dir: Path | str, config: dict) -> Path:
+    """One checkpoint per configuration: a run of other data, vocabulary or settings starts
+    afresh beside the others, which stay (and resume when their configuration comes back)."""
+    return Path(checkpoint_dir) / f"{_hash(config)}.pt"
 
 
-def load_checkpoint(path: Path, vocab: Vocab, device: torch.device) -> dict:
-    """Read a checkpoint; refuse, naming the file, an unreadable one or one of another vocab."""
-    keys = {"model", "optimizer", "epoch", "history", "wall_s", "torch_rng", "config_hash",
-            "vocab_fingerprint"}
+def _restorable(path: Path | None, device: torch.device, epochs: int, name: str) -> dict | None:
+    """The checkpoint to resume from, if any. An unreadable one is set aside (renamed, kept)."""
+    if path is None or not path.exists():
+        return None
+    try:
+        ckpt = load_checkpoint(path, device)
+    except CheckpointError as exc:
+        aside = path.with_name(f"{path.name}.unreadable")
+        path.replace(aside)
+        log.warning("%s; set aside as %s, training %s afresh", exc, aside, name)
+        return None
+    if ckpt["epoch"] > epochs:
+        log.warning("%s: checkpoint is at epoch %d, past train_lm.epochs = %d; starting %s "
+                    "afresh", path, ckpt["epoch"], epochs, name)
+        return None
+    return ckpt
+
+
+CHECKPOINT_KEYS = frozenset({"model", "optimizer", "dropout_rng", "epoch", "history",
+                             "best_state", "config"})
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    dropout_rng: torch.Generator | None, epoch: int,
+                    history: list[dict[str, float]], best_state: dict[str, torch.Tensor],
+                    config: dict) -> None:
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "dropout_rng": dropout_rng.get_state() if dropout_rng is not None else None,
+             "epoch": epoch, "history": history, "best_state": best_state, "config": config}
+    save_torch(path, state)
+
+
+def load_checkpoint(path: Path, device: torch.device) -> dict:
+    """Read a checkpoint; CheckpointError naming the file when it is not one."""
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
-        if not isinstance(ckpt, dict) or not keys <= ckpt.keys():
+        if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= ckpt.keys():
             raise ValueError("not a training checkpoint")
     except Exception as exc:  # torch.load fails in many ways (zip, pickle, EOF); all mean "corrupt"
         reason = " ".join(str(exc).split())[:200]
-        raise CheckpointError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {reason}); "
-                              "delete it to train from scratch") from None
-    if ckpt["vocab_fingerprint"] != vocab.fingerprint():
-        raise CheckpointError(f"{path}: checkpoint was trained on another vocabulary (fingerprint "
-                              f"{ckpt['vocab_fingerprint']}, data has {vocab.fingerprint()}); "
-                              "delete it to train from scratch")
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {reason})"
+                              ) from None
     return ckpt
 
 
@@ -278,6 +370,3 @@ def _hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _config_diff(old: dict, new: dict) -> str:
-    changed = sorted(k for k in new.keys() | old.keys() if old.get(k) != new.get(k))
-    return "differs in " + ", ".join(changed) if changed else "different hash"

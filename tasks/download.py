@@ -18,9 +18,9 @@ RETRY_BACKOFF_S = 1.0  # first retry after 1 s, then 2 s, 4 s, ...
 
 @task(name="download")
 def download(params: Params) -> list[Path]:
-    [out] = STAGE_BY_NAME["download"].paths(params)["outs"]  # == params.download.out
+    outs = STAGE_BY_NAME["download"].paths(params)["outs"]  # the corpus and its sha256 record
     ensure_file(params.download, log=_logger())
-    return [Path(out)]
+    return [Path(out) for out in outs]
 
 
 def retry_on_network_error(task: Task, task_run: TaskRun, state: State) -> bool:

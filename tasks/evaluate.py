@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -12,19 +13,26 @@ from prefect import task
 from seqlm import stages as S
 from seqlm.generate import load_trained, predict
 from seqlm.io import atomic_open, write_csv, write_json
-from seqlm.ngram_lm import KneserNeyLM, unigram_perplexity
+from seqlm import protocol
+from seqlm.ngram_lm import KneserNeyLM, unigram_log_probs, unigram_perplexity
 from seqlm.params import Params
 from seqlm.text import Vocab
-from seqlm.train import perplexity, split
+from seqlm.train import split_of, token_nll
 
 CPU = torch.device("cpu")
 
 
 @task(name="evaluate")
 def evaluate(params: Params) -> list[Path]:
+    """Every language model and baseline scored by the same protocol (seqlm.protocol) on the same
+    validation tokens, the AR model's k-step errors, and what the models generate."""
     lm, ev = params.train_lm, params.evaluate
     vocab = Vocab.load(S.VOCAB["char"])
-    train_ids, val_ids = split(np.load(S.CORPUS["char"]), params)
+    corpus = np.load(S.CORPUS["char"])
+    split = split_of(corpus, params)
+    train_ids = corpus[:split.train_end]
+    text = protocol.validation_text(corpus, split)
+    first = split.val_start - split.context_start
 
     rows = []
     samples: dict[str, dict[str, dict[str, str]]] = {}
@@ -37,11 +45,11 @@ def evaluate(params: Params) -> list[Path]:
         if model_vocab.fingerprint() != vocab.fingerprint():
             raise ValueError(f"{model_dir}: trained on a different vocabulary than "
                              f"{S.VOCAB['char']}; re-run train_lm")
-        val_ppl = perplexity(model, torch.as_tensor(val_ids, dtype=torch.long), CPU,
-                             lm.batch_size, lm.num_steps)
-        rows.append({"model": name, "train_perplexity": meta["final_train_perplexity"],
-                     "val_perplexity": val_ppl, "tokens_per_s": meta.get("tokens_per_s"),
-                     "device": meta.get("device")})
+        nll = token_nll(model, text, first, CPU)
+        rows.append({"model": name, "epochs": meta["epochs"], "best_epoch": meta["best_epoch"],
+                     "train_perplexity": meta["final_train_perplexity"],
+                     "final_val_perplexity": meta["final_val_perplexity"],
+                     "val_perplexity": math.exp(nll.mean()), "scored_tokens": len(nll)})
         samples[name] = {prefix: {
             "greedy": predict(prefix, ev.num_chars, model, vocab, CPU),
             "sampled": predict(prefix, ev.num_chars, model, vocab, CPU,
@@ -49,24 +57,17 @@ def evaluate(params: Params) -> list[Path]:
         } for prefix in ev.prefixes}
         curves[name] = pd.read_csv(model_dir / "history.csv")
 
-    kn = KneserNeyLM().fit(train_ids, len(vocab), ev.ngram_order)
-    baselines = [
-        {"model": f"kneser_ney_{ev.ngram_order}gram", "train_perplexity": kn.perplexity(train_ids),
-         "val_perplexity": kn.perplexity(val_ids)},
-        {"model": "unigram", "train_perplexity": unigram_perplexity(train_ids, train_ids, len(vocab)),
-         "val_perplexity": unigram_perplexity(train_ids, val_ids, len(vocab))},
-    ]
-    table = pd.DataFrame(rows + baselines)
+    for order in ev.ngram_orders:
+        kn = KneserNeyLM().fit(train_ids, len(vocab), order)
+        rows.append(_baseline(f"kneser_ney_{order}gram", kn.perplexity(train_ids),
+                              kn.token_log_probs(text, first)))
+    rows.append(_baseline("unigram", unigram_perplexity(train_ids, train_ids, len(vocab)),
+                          unigram_log_probs(train_ids, text, len(vocab), first)))
+    table = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
     ar = json.loads((Path(S.REPORTS) / "train_ar.json").read_text())
     kstep = pd.read_csv(Path(S.AR_DIR) / "kstep.csv")
 
-    metrics = {
-        "lm": {r["model"]: {"train_perplexity": r["train_perplexity"],
-                            "val_perplexity": r["val_perplexity"]} for r in rows},
-        "baseline": {b["model"]: {"val_perplexity": b["val_perplexity"]} for b in baselines},
-        "ar": {f"kstep_mse_{int(k)}": float(m) for k, m in zip(kstep["k"], kstep["mse"])},
-    }
-    written = [write_json(S.METRICS, metrics)]
+    written = [write_json(S.METRICS, _metrics(table))]
     for name, curve in curves.items():
         written.append(write_csv(f"{S.PLOTS}/perplexity/{name}.csv",
                                  curve[["epoch", "train_perplexity", "val_perplexity"]]))
@@ -77,22 +78,52 @@ def evaluate(params: Params) -> list[Path]:
     written.append(write_csv(f"{S.REPORTS}/summary.csv", table))
     written.append(write_json(f"{S.REPORTS}/samples.json", samples))
     with atomic_open(f"{S.REPORTS}/summary.md", "w", encoding="utf-8") as handle:
-        handle.write(_summary_markdown(table, kstep, ar, samples))
+        handle.write(_summary_markdown(table, split, kstep, ar, samples))
     written.append(Path(S.REPORTS) / "summary.md")
     return written
 
 
-def _summary_markdown(table: pd.DataFrame, kstep: pd.DataFrame, ar: dict,
-                      samples: dict[str, dict[str, dict[str, str]]]) -> str:
-    lines = ["# Evaluation", "", "## Language models (character level, same validation text)", "",
-             "| model | train perplexity | validation perplexity | tokens/s | device |",
-             "|---|---:|---:|---:|---|"]
+SUMMARY_COLUMNS = ["model", "epochs", "best_epoch", "train_perplexity", "final_val_perplexity",
+                   "val_perplexity", "scored_tokens"]
+
+
+def _baseline(name: str, train_perplexity: float, log_probs: np.ndarray) -> dict:
+    return {"model": name, "train_perplexity": train_perplexity,
+            "val_perplexity": math.exp(-log_probs.mean()), "scored_tokens": len(log_probs)}
+
+
+def _metrics(table: pd.DataFrame) -> dict:
+    """reports/metrics.json, for `dvc metrics show`: per language model the final epoch's train
+    and validation perplexity, the best epoch and the kept model's validation perplexity; per
+    baseline its validation perplexity."""
+    metrics: dict[str, dict] = {"lm": {}, "baseline": {}}
     for row in table.to_dict("records"):
-        speed = row.get("tokens_per_s")
-        lines.append(f"| {row['model']} | {row['train_perplexity']:.3f} | "
-                     f"{row['val_perplexity']:.3f} | "
-                     f"{'' if pd.isna(speed) or speed is None else f'{speed:,.0f}'} | "
-                     f"{'' if pd.isna(row.get('device')) else row.get('device')} |")
+        if pd.isna(row["epochs"]):
+            metrics["baseline"][row["model"]] = {"val_ppl": row["val_perplexity"]}
+        else:
+            metrics["lm"][row["model"]] = {
+                "train_ppl": row["train_perplexity"], "val_ppl_final": row["final_val_perplexity"],
+                "best_epoch": int(row["best_epoch"]), "val_ppl": row["val_perplexity"]}
+    return metrics
+
+
+def _summary_markdown(table: pd.DataFrame, split: protocol.Split, kstep: pd.DataFrame, ar: dict,
+                      samples: dict[str, dict[str, dict[str, str]]]) -> str:
+    def num(value: object, spec: str) -> str:
+        return "" if pd.isna(value) else format(value, spec)
+
+    lines = ["# Evaluation", "",
+             f"## Language models (character level, the same {split.scored:,} validation "
+             "characters)", "",
+             "The kept model of each RNN is its best-validation epoch; the final epoch's "
+             "perplexities are the chapter's numbers.", "",
+             "| model | epochs | train ppl (final epoch) | val ppl (final epoch) | best epoch | "
+             "val ppl (kept model) |", "|---|---:|---:|---:|---:|---:|"]
+    for row in table.to_dict("records"):
+        lines.append(f"| {row['model']} | {num(row['epochs'], '.0f')} | "
+                     f"{num(row['train_perplexity'], '.3f')} | "
+                     f"{num(row['final_val_perplexity'], '.3f')} | "
+                     f"{num(row['best_epoch'], '.0f')} | {num(row['val_perplexity'], '.3f')} |")
     lines += ["", "## Sine autoregression (MLP, tau features)", "",
               f"Training loss after the last epoch: {ar['train_loss']:.6f}", "",
               "| k | k-step MSE (held-out) |", "|---:|---:|"]

@@ -8,6 +8,7 @@ from prefect import task
 
 from seqlm.io import atomic_open, atomic_path
 from seqlm.params import Params
+from seqlm.protocol import SplitError, split_of
 from seqlm.stages import CORPUS, LINES, STAGE_BY_NAME, VOCAB
 from seqlm.text import TOKENIZERS, Vocab, read_lines, tokenize
 
@@ -17,11 +18,10 @@ def preprocess(params: Params) -> list[Path]:
     p = params.preprocess
     raw = STAGE_BY_NAME["preprocess"].paths(params)["deps"][0]
     lines = read_lines(raw)
-    n_chars = sum(map(len, lines))
-    if p.train_tokens + p.val_tokens > n_chars:
-        raise ValueError(
-            f"preprocess.train_tokens + preprocess.val_tokens = {p.train_tokens} + {p.val_tokens}"
-            f" exceeds the {n_chars} character tokens of {raw}")
+    try:
+        split_of(sum(map(len, lines)), p.train_tokens, p.val_tokens)
+    except SplitError as exc:
+        raise SplitError(f"{raw}: {exc}") from None
 
     with atomic_open(LINES, "w", encoding="utf-8", newline="\n") as handle:
         handle.write("\n".join(lines) + "\n")

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from prefect import task
 
 from seqlm import autoregress as ar
-from seqlm.io import atomic_path, write_csv, write_json
+from seqlm.io import atomic_path, save_torch, write_csv, write_json
 from seqlm.params import Params
 from seqlm.stages import AR_DIR, SINE, STAGE_BY_NAME, Stage
 
@@ -86,10 +86,10 @@ def train_ar(params: Params, on_epoch: ar.OnEpoch | None = None) -> list[Path]:
     # Row r's k-step prediction is of x[r + tau + k - 1], i.e. time t = r + tau + k.
     kt = {k: t[tau + k - 1: tau + k - 1 + rows] for k in p.k_steps}
     written = [out / "model.pt"]
-    with atomic_path(out / "model.pt") as tmp:
-        torch.save({"state_dict": net.state_dict(),
-                    "config": {"tau": tau, "hidden": p.hidden},
-                    "params": {"seed": params.seed, "train_ar": p.model_dump(mode="json")}}, tmp)
+    save_torch(out / "model.pt", {"state_dict": net.state_dict(),
+                                  "config": {"tau": tau, "hidden": p.hidden},
+                                  "params": {"seed": params.seed,
+                                             "train_ar": p.model_dump(mode="json")}})
     written.append(write_csv(out / "history.csv", pd.DataFrame(
         {"epoch": np.arange(1, p.epochs + 1), "train_loss": history})))
     written.append(_write_parquet(out / "predictions.parquet", pd.DataFrame(

@@ -11,7 +11,7 @@ import torch
 from prefect import task
 
 from seqlm.generate import HISTORY_FILE, META_FILE, MODEL_FILE, VOCAB_FILE
-from seqlm.io import atomic_path, write_csv, write_json
+from seqlm.io import save_torch, write_csv, write_json
 from seqlm.models import check_model_name
 from seqlm.params import Params
 from seqlm.stages import CORPUS, STAGE_BY_NAME, VOCAB, Stage
@@ -22,8 +22,9 @@ from seqlm.train import CHECKPOINTS, HISTORY_COLUMNS, TrainResult, train
 @task(name="train_lm", tags=["gpu"])
 def train_lm(params: Params, model: str,
              on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> list[Path]:
-    """Train `model` (resuming checkpoints/<model>/last.pt when it holds the same run) and write
-    model.pt, vocab.parquet, history.csv and meta.json into models/<model>/."""
+    """Train `model` (resuming its checkpoint in checkpoints/<model>/ when one holds the same
+    run) and write model.pt (the best epoch's weights), vocab.parquet, history.csv and meta.json
+    into models/<model>/."""
     check_model_name(model)
     for path in (CORPUS["char"], VOCAB["char"]):
         if not Path(path).is_file():
@@ -37,28 +38,31 @@ def train_lm(params: Params, model: str,
 
 
 def write_model_dir(out: Path, result: TrainResult, vocab: Vocab, params: Params) -> list[Path]:
+    """models/<model>/: the best-validation epoch's weights, the vocabulary, the per-epoch
+    history and meta.json. Only what the same params, code and machine reproduce byte for byte:
+    timings and resume points go to MLflow and the logs."""
     config = result.config
-    build = {"name": config["model"], "vocab_size": config["vocab_size"],
-             "hidden": config["hidden"], "num_layers": config["num_layers"]}
-    with atomic_path(out / MODEL_FILE) as tmp:
-        # On the CPU, so that a GPU-trained model loads anywhere.
-        state_dict = {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
-        torch.save({"state_dict": state_dict, "config": build,
-                    "vocab_fingerprint": vocab.fingerprint()}, tmp)
+    build = {k: config[k] for k in ("vocab_size", "hidden", "num_layers", "dropout")}
+    build["name"] = config["model"]
+    # On the CPU, so that a GPU-trained model loads anywhere.
+    state_dict = {k: v.detach().cpu() for k, v in result.best_state.items()}
+    save_torch(out / MODEL_FILE, {"state_dict": state_dict, "config": build,
+                                  "vocab_fingerprint": vocab.fingerprint()})
     vocab.save(out / VOCAB_FILE)                 # the folder is self-contained
-    history = pd.DataFrame(result.history, columns=list(HISTORY_COLUMNS))
-    write_csv(out / HISTORY_FILE, history)
-    last = result.history[-1]
+    write_csv(out / HISTORY_FILE, pd.DataFrame(result.history, columns=list(HISTORY_COLUMNS)))
+    last, best = result.history[-1], result.best
     write_json(out / META_FILE, {
         "model": config["model"], **{k: build[k] for k in ("vocab_size", "hidden", "num_layers")},
         "vocab_fingerprint": vocab.fingerprint(),
         "device": str(result.device), "torch": torch.__version__,
         "python": platform.python_version(),
-        "epochs": int(last["epoch"]), "resumed_from_epoch": result.resumed_from,
+        "epochs": int(last["epoch"]), "stopped_early": result.stopped_early,
         "final_train_perplexity": last["train_perplexity"],
         "final_val_perplexity": last["val_perplexity"],
-        "tokens_per_s": float(history["tokens_per_s"].mean()),      # mean over the epochs
-        "wall_s": result.wall_s,
+        "best_epoch": int(best["epoch"]),
+        "best_train_perplexity": best["train_perplexity"],
+        "best_val_perplexity": best["val_perplexity"],
+        "validation_digest": result.validation_digest,
         "params": {"seed": params.seed,
                    "preprocess": params.preprocess.model_dump(
                        mode="json", include={"train_tokens", "val_tokens"}),

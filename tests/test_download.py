@@ -26,6 +26,8 @@ from tasks.download import configured_download, download
 from conftest import write_params
 
 OUT = Path("data/raw/timemachine.txt")
+SHA256 = Path("data/raw/timemachine.txt.sha256")
+OUTS = [OUT, SHA256]
 MIRROR = Path("data/mirror/timemachine.txt")
 
 
@@ -121,8 +123,9 @@ def params_with(root: Path, **download: object) -> Params:
 
 
 def leftovers(folder: Path) -> list[str]:
-    """Files in `folder` other than the output: temp files that should not be there."""
-    return sorted(p.name for p in folder.iterdir() if p.name != OUT.name) if folder.exists() else []
+    """Files in `folder` other than the outputs: temp files that should not be there."""
+    names = {out.name for out in OUTS}
+    return sorted(p.name for p in folder.iterdir() if p.name not in names) if folder.exists() else []
 
 
 def sha1(data: bytes) -> str:
@@ -134,12 +137,14 @@ def test_http_fetch_then_cached(workdir: Path, server: Server) -> None:
     server.plans["/tm.txt"] = [corpus]
     params = params_with(workdir, sources=[server.url("/tm.txt")])
 
-    assert download.fn(params) == [OUT]
+    assert download.fn(params) == OUTS
     assert OUT.read_bytes() == corpus
     assert sha1(OUT.read_bytes()) == params.download.checksum
+    # the record beside it is what `sha256sum -c` reads
+    assert SHA256.read_text() == f"{hashlib.sha256(corpus).hexdigest()}  timemachine.txt\n"
     mtime = OUT.stat().st_mtime_ns
 
-    assert download.fn(params) == [OUT]
+    assert download.fn(params) == OUTS
     assert server.hits["/tm.txt"] == 1  # the cached file was not fetched again
     assert OUT.stat().st_mtime_ns == mtime
     assert leftovers(OUT.parent) == []
@@ -151,8 +156,29 @@ def test_good_cached_file_is_not_touched(workdir: Path) -> None:
     mtime = OUT.stat().st_mtime_ns
     # The only source is unreachable: success proves nothing was fetched.
     params = params_with(workdir, sources=[closed_port_url()])
-    assert download.fn(params) == [OUT]
+    assert download.fn(params) == OUTS
     assert OUT.stat().st_mtime_ns == mtime
+    assert leftovers(OUT.parent) == []
+
+
+def test_without_a_checksum_every_run_fetches_and_records_the_content(
+        workdir: Path, server: Server, caplog: pytest.LogCaptureFixture) -> None:
+    """A source whose content may change: fetched every time, its sha256 recorded; the file
+    changes only when the content does."""
+    v1, v2 = MIRROR.read_bytes(), MIRROR.read_bytes() + b"THE END, REVISED\n"
+    server.plans["/tm.txt"] = [v1, v1, v2]
+    params = params_with(workdir, sources=[server.url("/tm.txt")], checksum=None)
+    assert params.download.checksum is None and params.download.algorithm == "sha256"
+    records = []
+    with caplog.at_level("INFO", logger="seqlm.download"):
+        for _ in range(3):
+            assert download.fn(params) == OUTS
+            records.append((OUT.read_bytes(), SHA256.read_text()))
+    assert server.hits["/tm.txt"] == 3
+    assert records[0] == records[1] and records[0][0] == v1
+    assert records[2] == (v2, f"{hashlib.sha256(v2).hexdigest()}  timemachine.txt\n")
+    assert "unchanged since the last fetch" in caplog.text
+    assert f"new content (was sha256 {hashlib.sha256(v1).hexdigest()})" in caplog.text
     assert leftovers(OUT.parent) == []
 
 
@@ -186,7 +212,7 @@ def test_dropped_connection_fails_retriably_and_leaves_nothing(workdir: Path,
 
 def test_404_then_local_mirror(workdir: Path, server: Server) -> None:
     params = params_with(workdir, sources=[server.url("/missing.txt"), str(MIRROR)])
-    assert download.fn(params) == [OUT]
+    assert download.fn(params) == OUTS
     assert server.hits["/missing.txt"] == 1
     assert OUT.read_bytes() == MIRROR.read_bytes()
 
@@ -214,7 +240,7 @@ def test_sha256_and_file_url(workdir: Path) -> None:
     params = params_with(workdir, sources=[MIRROR.resolve().as_uri()],
                          checksum=hashlib.sha256(corpus).hexdigest())
     assert params.download.algorithm == "sha256"
-    assert download.fn(params) == [OUT]
+    assert download.fn(params) == OUTS
     assert OUT.read_bytes() == corpus
 
 
@@ -249,7 +275,7 @@ def test_prefect_retries_a_dropped_connection(prefect_server: None, workdir: Pat
     server.plans["/tm.txt"] = [Drop(corpus), corpus]
     params = params_with(workdir, sources=[server.url("/tm.txt")], retries=2)
 
-    assert run_configured(params) == [OUT]
+    assert run_configured(params) == OUTS
     assert server.hits["/tm.txt"] == 2
     assert OUT.read_bytes() == corpus
     assert leftovers(OUT.parent) == []

@@ -96,8 +96,9 @@ def test_scratch_initialisation() -> None:
 def test_torch_models_use_the_requested_layer() -> None:
     for name, cls in (("rnn", torch.nn.RNN), ("gru", torch.nn.GRU), ("lstm", torch.nn.LSTM)):
         model = build_model(name, V, hidden=24, num_layers=3)
-        assert type(model.rnn) is cls
-        assert (model.rnn.hidden_size, model.rnn.num_layers, model.rnn.input_size) == (24, 3, V)
+        assert [type(layer) for layer in model.layers] == [cls] * 3
+        assert [(layer.input_size, layer.hidden_size, layer.num_layers)
+                for layer in model.layers] == [(V, 24, 1), (24, 24, 1), (24, 24, 1)]
         assert model.linear.out_features == V
 
 
@@ -108,5 +109,43 @@ def test_bad_model_arguments() -> None:
     assert "\n" not in str(exc.value)
     with pytest.raises(ValueError, match="one layer"):
         build_model("rnn_scratch", V, 16, num_layers=2)
+    with pytest.raises(ValueError, match="no dropout"):
+        build_model("rnn_scratch", V, 16, dropout=0.5)
+    with pytest.raises(ValueError, match=r"dropout=1 must lie in \[0, 1\)"):
+        build_model("gru", V, 16, dropout=1)
     with pytest.raises(ValueError, match="hidden=0"):
         build_model("gru", V, 0)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_initialisation_comes_from_the_generator_not_the_global_rng(name: str) -> None:
+    def built(global_seed: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(global_seed)
+        return build_model(name, V, 16, generator=torch.Generator().manual_seed(7)).state_dict()
+    a, b = built(0), built(1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other = build_model(name, V, 16, generator=torch.Generator().manual_seed(8)).state_dict()
+    assert not all(torch.equal(a[k], other[k]) for k in a)
+
+
+def test_torch_layers_init_like_torch_defaults() -> None:
+    model = build_model("lstm", V, hidden=400, generator=torch.Generator().manual_seed(0))
+    bound = 400 ** -0.5
+    for p in [*model.layers.parameters(), *model.linear.parameters()]:
+        assert p.abs().max() <= bound and p.abs().max() > 0.9 * bound   # U(-1/sqrt(h), 1/sqrt(h))
+
+
+def test_dropout_only_when_training_and_reproducible_from_the_model_generator() -> None:
+    model = build_model("gru", V, 16, num_layers=2, dropout=0.5,
+                        generator=torch.Generator().manual_seed(0))
+    X = torch.randint(0, V, (BATCH, STEPS))
+
+    def forward(seed: int) -> torch.Tensor:
+        model.generator = torch.Generator().manual_seed(seed)
+        return model(X, model.begin_state(BATCH, "cpu"))[0]
+    assert torch.equal(forward(1), forward(1))
+    assert not torch.equal(forward(1), forward(2))
+    model.eval()
+    assert torch.equal(forward(1), forward(2))                      # no dropout at evaluation
+    plain = build_model("gru", V, 16, num_layers=2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(forward(1), plain.eval()(X, plain.begin_state(BATCH, "cpu"))[0])

@@ -127,7 +127,9 @@ def test_bad_input_is_refused() -> None:
     with pytest.raises(ValueError, match="do not fit a 63-bit key"):
         KneserNeyLM().fit(ids, 5000, 6)
     lm = KneserNeyLM().fit(ids, 3, 2)
-    with pytest.raises(ValueError, match="at least 2 tokens, got 1"):
+    with pytest.raises(ValueError, match="a token of context and one to score: got 1 tokens"):
         lm.perplexity(np.array([1]))
+    with pytest.raises(ValueError, match="got 4 tokens, scoring from position 4"):
+        lm.perplexity(ids, first=4)
     with pytest.raises(ValueError, match="evaluated ids must be a 1-D integer array"):
         lm.perplexity(np.array([0.5, 1.0]))

@@ -90,8 +90,9 @@ def test_preprocess_refuses_splits_beyond_the_corpus_and_writes_nothing(workdir)
     (workdir / "data" / "raw").mkdir()
     (workdir / "data" / "raw" / "timemachine.txt").write_bytes(CORPUS.read_bytes())
     write_params(workdir, preprocess={"train_tokens": 170_000, "val_tokens": 5_000})
-    with pytest.raises(ValueError, match="train_tokens \\+ preprocess.val_tokens = 170000 \\+ 5000 "
-                                         "exceeds the 170580 character tokens"):
+    with pytest.raises(ValueError, match="^data/raw/timemachine.txt: preprocess.train_tokens \\+ "
+                                         "preprocess.val_tokens = 170000 \\+ 5000 exceeds the "
+                                         "corpus of 170580 tokens"):
         preprocess.fn(load_params())
     assert not (workdir / S.PROCESSED).exists()
 

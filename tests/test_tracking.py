@@ -5,6 +5,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from seqlm.models import TorchRNN
 from seqlm.params import load_params
 from seqlm.tracking import Tracker, dvc_hashes
 from tasks.download import download
@@ -29,30 +30,52 @@ def test_champion_alias_moves_only_to_a_better_model(trained_rnn, workdir):
     tracker = Tracker(load_params(), uri=uri)
     tracker.start()
     client = MlflowClient(uri)
+    rescored: list[tuple[type, int]] = []
+    champion_on_new_text = 7.0
 
-    def register(val_perplexity: float, retrain: bool = True) -> int:
+    def rescore(model: torch.nn.Module, vocab) -> float:
+        rescored.append((type(model), len(vocab)))
+        return champion_on_new_text
+
+    def register(val_perplexity: float, retrain: bool = True, digest: str = "text-A") -> int:
         if retrain:  # other weights: a new model, as after a change of params
             saved = torch.load(trained_rnn / "model.pt", weights_only=True)
             saved["state_dict"] = {k: v + 0.01 for k, v in saved["state_dict"].items()}
             torch.save(saved, trained_rnn / "model.pt")
         run_id = tracker.child_run("rnn", {"hidden": 8})
-        return int(tracker.log_language_model(run_id, trained_rnn, "rnn", val_perplexity))
+        return int(tracker.log_language_model(run_id, trained_rnn, "rnn", val_perplexity,
+                                              digest, rescore))
+
+    def champion() -> int:
+        return int(client.get_model_version_by_alias("timemachine-rnn", "champion").version)
 
     assert register(5.0) == 1
     assert register(6.0) == 2          # worse: registered, but the champion stays
     assert register(5.0) == 3          # equal is not better
-    assert int(client.get_model_version_by_alias("timemachine-rnn", "champion").version) == 1
+    assert champion() == 1
     assert register(4.5) == 4
-    assert int(client.get_model_version_by_alias("timemachine-rnn", "champion").version) == 4
+    assert champion() == 4
     # the same weights again (a cached stage, or a re-run after an MLflow outage): no new version
     assert register(4.5, retrain=False) == 4
     assert len(client.search_model_versions("name='timemachine-rnn'")) == 4
-    # perplexities on another validation split are not comparable: the new version takes over
-    write_params(workdir, preprocess={"val_tokens": 4000})
-    tracker.params = load_params()
-    assert register(9.0) == 5
-    assert int(client.get_model_version_by_alias("timemachine-rnn", "champion").version) == 5
+    assert rescored == []              # same validation text: the tags are compared
+    # other validation text (another version of the corpus, another split): the champion is
+    # loaded from the registry and scored on the new text first
+    assert register(8.0, digest="text-B") == 5
+    assert champion() == 4 and rescored == [(TorchRNN, 28)]
+    assert register(6.5, digest="text-B") == 6
+    assert champion() == 6 and len(rescored) == 2
+    assert client.get_model_version("timemachine-rnn", "6").tags["val_digest"] == "text-B"
     assert tracker.error is None
+
+
+def test_registered_names_follow_the_corpus(workdir):
+    assert load_params().corpus_name == "timemachine"          # the first source's file name
+    write_params(workdir, download={"sources": ["https://example.org/data/tiny%20shakespeare.txt",
+                                                "data/mirror/shakespeare.txt"]})
+    assert load_params().corpus_name == "tiny-shakespeare"
+    write_params(workdir, tracking={"corpus_name": "bard"})
+    assert load_params().corpus_name == "bard"
 
 
 def test_failing_store_is_remembered_not_raised(workdir):
