@@ -1,8 +1,10 @@
 """The flow end to end on a real Prefect test server and a real MLflow sqlite store."""
+import hashlib
 import json
 import shutil
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -16,7 +18,10 @@ from typer.testing import CliRunner
 
 from flows.pipeline import pipeline
 from seqlm.cli import app
+from seqlm import protocol
 from seqlm.generate import load_trained, predict
+from seqlm.text import Vocab
+from seqlm.train import perplexity
 from seqlm.tracking import TrackingError
 
 from conftest import write_params
@@ -81,7 +86,14 @@ def test_pipeline_runs_logs_and_skips_unchanged_stages(small_pipeline, workdir):
     text = loaded.predict(pd.DataFrame({"prefix": ["time traveller"], "num_chars": [10]}))[0]
     model, vocab, _ = load_trained(workdir / "models/gru", device="cpu")
     assert text == predict("time traveller", 10, model, vocab, torch.device("cpu"))
-    assert version.tags["val_perplexity"]
+    # what is registered is the best-validation epoch: the same number in the history, the
+    # registry and the evaluation table, and the kept weights are what the registry serves
+    history = pd.read_csv(workdir / "models/gru/history.csv")
+    summary = pd.read_csv(workdir / "reports/summary.csv").set_index("model")
+    assert float(version.tags["val_perplexity"]) == history["val_perplexity"].min() == \
+        summary.loc["gru", "val_perplexity"]
+    assert summary.loc["gru", "best_epoch"] == history["val_perplexity"].idxmin() + 1
+    assert summary["scored_tokens"].nunique() == 1                 # one protocol for all
 
     # the CLI generates the same text from the local folder and from the registry
     local = CliRunner().invoke(app, ["generate", "time traveller", "--model", "gru", "--num-chars", "10"])
@@ -137,3 +149,72 @@ def test_unreachable_mlflow_store_still_writes_artifacts(workdir, prefect_server
         pipeline(params_file="params.yaml", record_dvc=False)
     assert (workdir / "reports/summary.md").exists()
     assert (workdir / "models/rnn/model.pt").exists()
+
+
+TINY = dict(SMALL, train_lm={"epochs": 2, "hidden": 16, "checkpoint_every": 2, "models": ["rnn"]})
+
+
+def test_scheduled_retraining_follows_the_content_of_an_unpinned_source(
+        small_pipeline, workdir, monkeypatch):
+    """download.checksum unset: every run fetches the source; only a change of its content runs
+    the later stages again, and the champion moves only to a model better on the new text."""
+    from test_download import Server
+    write_params(workdir, **TINY)
+    v1 = (workdir / "data/mirror/timemachine.txt").read_bytes()
+    v2 = v1.replace(b"Time Traveller", b"Time Voyager")        # also in the validation text
+    with Server().running() as server:
+        write_params(workdir, download={"sources": [server.url("/timemachine.txt")],
+                                        "checksum": None})
+        client = MlflowClient(small_pipeline)
+        states, datasets = [], []
+        for content in (v1, v1, v2):
+            server.plans["/timemachine.txt"] = [content]
+            states.append(pipeline(params_file="params.yaml", record_dvc=False))
+            versions = client.search_model_versions("name='timemachine-rnn'")
+            datasets.append(len(versions))
+        assert server.hits["/timemachine.txt"] == 3
+    first, same, changed = states
+    assert set(first.values()) == {"Completed"}
+    assert same["download"] == "Completed"                   # fetched again ...
+    assert {s for k, s in same.items() if k != "download"} == {"Cached"}   # ... nothing else ran
+    assert all(changed[k] == "Completed" for k in ("preprocess", "ngrams", "train_lm[rnn]",
+                                                   "evaluate"))
+    assert changed["sine"] == changed["train_ar"] == "Cached"
+    assert datasets == [1, 1, 2]                             # a new model version for new data
+    assert (workdir / "data/raw/timemachine.txt").read_bytes() == v2
+    assert (workdir / "data/raw/timemachine.txt.sha256").read_text().split()[0] == \
+        hashlib.sha256(v2).hexdigest()
+    # the parent run records the content's sha256 with the dataset
+    parents = [r for r in client.search_runs([client.get_experiment_by_name("seqlm").experiment_id])
+               if "mlflow.parentRunId" not in r.data.tags]
+    latest = max(parents, key=lambda r: r.info.start_time)
+    [corpus] = latest.inputs.dataset_inputs
+    assert {t.key: t.value for t in corpus.tags}["sha256"] == hashlib.sha256(v2).hexdigest()
+    # the champion is the better of the two on the new validation text
+    meta = json.loads((workdir / "models/rnn/meta.json").read_text())
+    old = mlflow.pyfunc.load_model("models:/timemachine-rnn/1").unwrap_python_model()
+    corpus_ids = np.load(workdir / "data/processed/corpus_char.npy")
+    text = protocol.validation_text(corpus_ids, protocol.Split(10_000, 15_000))
+    vocab = Vocab.load(workdir / "data/processed/vocab_char.parquet")
+    old_ids = np.asarray(old.vocab[vocab.to_tokens(text.tolist())])
+    old_ppl = perplexity(old.model, old_ids, protocol.CONTEXT, "cpu")
+    champion = int(client.get_model_version_by_alias("timemachine-rnn", "champion").version)
+    assert champion == (2 if meta["best_val_perplexity"] < old_ppl else 1), (meta, old_ppl)
+
+
+def test_a_second_corpus_by_params_alone_trains_its_own_models(small_pipeline, workdir):
+    write_params(workdir, **TINY)
+    pipeline(params_file="params.yaml", record_dvc=False)
+    client = MlflowClient(small_pipeline)
+    champion = client.get_model_version_by_alias("timemachine-rnn", "champion")
+    # another text, other characters' frequencies: another vocabulary order and other ids
+    lines = (workdir / "data/mirror/timemachine.txt").read_text().splitlines()
+    (workdir / "data/mirror/reversed.txt").write_text("\n".join(l[::-1] for l in lines) + "\n")
+    write_params(workdir, download={"sources": ["data/mirror/reversed.txt"], "checksum": None,
+                                    "out": "data/raw/reversed.txt"})
+    states = pipeline(params_file="params.yaml", record_dvc=False)
+    assert states["train_lm[rnn]"] == "Completed"             # no stale checkpoint in the way
+    assert int(client.get_model_version_by_alias("reversed-rnn", "champion").version) == 1
+    assert client.get_model_version_by_alias("timemachine-rnn", "champion").version == \
+        champion.version
+    assert len(list((workdir / "checkpoints/rnn").glob("*.pt"))) == 2   # both kept
