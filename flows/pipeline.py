@@ -7,21 +7,30 @@ runs again. At the end dvc.lock is updated to describe exactly the artifacts wri
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 from prefect import flow, get_client, get_run_logger
+from prefect.context import FlowRunContext
+from prefect.exceptions import ObjectNotFound
 from prefect.futures import PrefectFuture
 
+from seqlm import server
+from seqlm.interrupt import Interrupted, stop_on_signals
 from seqlm.io import file_digest, write_json
 from seqlm.params import PARAMS_FILE, Params, load_params
+from seqlm.preflight import check_machine, check_preprocessed
 from seqlm.stage_logging import StageLogger
 from seqlm.stages import STAGE_BY_NAME, STAGES, Stage
-from seqlm.tracking import Tracker, TrackingError, tracking_uri
+from seqlm.tracking import FIX_URI, Tracker, TrackingError, check_store, tracking_uri
+from seqlm.workspace import (RunRecord, close_unfinished, dvc_lock_released, unfinished_run,
+                             workspace_lock)
 from tasks import stage_task
 
 StageKey = tuple[str, str | None]
@@ -33,7 +42,8 @@ def content_digest(path: Path) -> str:
     digest = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for file in files:
-        if file.name.startswith("."):  # temporary files of an interrupted atomic write
+        inner = file.relative_to(path).parts if path.is_dir() else (file.name,)
+        if any(part.startswith(".") for part in inner):  # leftovers of an interrupted write
             continue
         digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
         digest.update(file_digest(file).encode())
@@ -92,7 +102,7 @@ class StageRecord:
 
 
 def submit_stage(stage: Stage, item: str | None, params: Params, stage_logger: StageLogger,
-                 record: StageRecord) -> tuple[PrefectFuture, str]:
+                 record: StageRecord, tags: list[str]) -> tuple[PrefectFuture, str]:
     """Submit one stage whose upstream stages have finished, so its inputs are final."""
     key = stage_cache_key(stage, item, params)
     task = stage_task(stage.name, params).with_options(
@@ -102,6 +112,7 @@ def submit_stage(stage: Stage, item: str | None, params: Params, stage_logger: S
         refresh_cache=(fetches_every_run(stage, params) or
                        not record.is_current(_label(stage.name, item), key,
                                              outputs_digest(stage, item, params))),
+        tags=tags,
     )
     kwargs = stage_logger.task_kwargs(stage.name, item)
     args = (params, item) if item is not None else (params,)
@@ -133,21 +144,46 @@ def dvc_record(logger: logging.Logger | logging.LoggerAdapter) -> None:
     logger.info("dvc.lock updated and artifacts pushed to the DVC remote")
 
 
-def limit_training_slots() -> int:
-    """Training tasks carry the tag `gpu` and take one slot: training uses one device (the CPU,
-    or the first GPU), and two trainings side by side would only fight over it."""
+TRAINING_SLOTS = 1   # trainings side by side: one device (the CPU, or the first GPU) each
+
+
+def open_training_slots(flow_run_id: str) -> str:
+    """A concurrency limit owned by this run for its training tasks (tag `training-<run id>`):
+    two trainings on one device would only fight over it. Owned by the run, it is deleted when
+    the run ends, and a killed run's limit is deleted by the next run: it can never hold a slot
+    that another run waits for."""
+    tag = f"training-{flow_run_id}"
     with get_client(sync_client=True) as client:
-        client.create_concurrency_limit(tag="gpu", concurrency_limit=1)
-    return 1
+        client.create_concurrency_limit(tag=tag, concurrency_limit=TRAINING_SLOTS)
+    return tag
+
+
+def close_training_slots(tag: str) -> None:
+    with get_client(sync_client=True) as client, contextlib.suppress(ObjectNotFound):
+        client.delete_concurrency_limit_by_tag(tag)
 
 
 @flow(name="pipeline", log_prints=True)
 def pipeline(params_file: str = str(PARAMS_FILE), record_dvc: bool = True) -> dict[str, str]:
     """Run every stage whose inputs changed; returns {stage: final state name}."""
+    with workspace_lock("seqlm run", dvc=record_dvc), stop_on_signals():
+        return _run_stages(params_file, record_dvc)
+
+
+def _run_stages(params_file: str, record_dvc: bool) -> dict[str, str]:
     logger = get_run_logger()
     params = load_params(params_file)
-    logger.info("training tasks limited to %d at a time (tag 'gpu')", limit_training_slots())
-    tracker = Tracker(params)
+    check_store()                       # an unusable store fails now, not after the stages
+    check_machine(params)
+    killed = unfinished_run()
+    run = RunRecord()
+    if killed is not None:
+        close_unfinished(killed, logger)
+    flow_run_id = str(FlowRunContext.get().flow_run.id)
+    tag = open_training_slots(flow_run_id)
+    run.set(flow_run_id=flow_run_id, server_pid=server.started_pid, concurrency_tag=tag,
+            mlflow_uri=tracking_uri())
+    tracker = Tracker(params, on_open=run.add_mlflow_run)
     tracker.start()
     stage_logger = StageLogger(tracker, params)
 
@@ -155,12 +191,24 @@ def pipeline(params_file: str = str(PARAMS_FILE), record_dvc: bool = True) -> di
     futures: dict[StageKey, tuple[PrefectFuture, str]] = {}
     states: dict[str, str] = {}
     try:
+        corpus_checked = False
         for stage in STAGES:
+            if stage.name not in ("download", "preprocess") and not corpus_checked:
+                # Everything that needs the corpus's size fails now, before any later stage.
+                futures[("preprocess", None)][0].result()
+                check_preprocessed(params)
+                corpus_checked = True
+            trainings = [i for i in stage.items(params)] if stage.name == "train_lm" else []
+            if len(trainings) > TRAINING_SLOTS:
+                logger.info("%d trainings, %d at a time on this device: %s wait for a slot",
+                            len(trainings), TRAINING_SLOTS,
+                            ", ".join(_label(stage.name, i) for i in trainings[TRAINING_SLOTS:]))
             for item in stage.items(params):
                 for key in upstream(stage, item, params):
                     futures[key][0].result()  # inputs final before this stage's key is taken
-                futures[(stage.name, item)] = submit_stage(stage, item, params, stage_logger,
-                                                           record)
+                futures[(stage.name, item)] = submit_stage(
+                    stage, item, params, stage_logger, record,
+                    tags=[tag] if stage.name == "train_lm" else [])
         for (name, item), (future, key) in futures.items():  # in topological order
             paths = future.result()
             label = _label(name, item)
@@ -175,16 +223,20 @@ def pipeline(params_file: str = str(PARAMS_FILE), record_dvc: bool = True) -> di
                            "outputs of %s; use `dvc exp run -S key=value` for DVC experiments)",
                            params_file, PARAMS_FILE, PARAMS_FILE)
         elif record_dvc:
-            dvc_record(logger)
-    except BaseException:
-        stage_logger.end_runs("FAILED")
-        tracker.finish("FAILED")
+            with dvc_lock_released():
+                dvc_record(logger)
+    except BaseException as exc:
+        status = "KILLED" if isinstance(exc, (KeyboardInterrupt, Interrupted)) else "FAILED"
+        stage_logger.end_runs(status)
+        tracker.finish(status)
+        close_training_slots(tag)
+        run.finish()
         raise
     tracker.finish("FINISHED")
+    close_training_slots(tag)
+    run.finish()
     if tracker.error:
         raise TrackingError(
             f"MLflow store {tracking_uri()!r} failed ({tracker.error}); all pipeline artifacts "
-            "were written. Fix MLFLOW_TRACKING_URI (unset it to use sqlite:///mlflow.db in the "
-            "repository root, or point it at a running `mlflow server`) and re-run: unchanged "
-            "stages are skipped.")
+            f"were written. {FIX_URI} and re-run: unchanged stages are skipped.")
     return states

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import subprocess
 import sys
@@ -19,9 +20,14 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Sequence models of D2L chapter 8 as a Prefect + DVC + MLflow pipeline.")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry noise
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "seqlm")      # stage progress in run logs
+# Prefect gives extra loggers its handlers but not a level: without this, INFO lines are dropped.
+logging.getLogger("seqlm").setLevel(logging.INFO)
 # The temporary server needs 6-13 s to start on 2 idle cores; Prefect gives up after 20 s, which a
 # busy machine can exceed.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+# A tracking server that stops answering mid-run: fail in seconds, not after minutes of retries.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
 ParamsOption = Annotated[Path, typer.Option("--params", help="params file")]
 
@@ -34,9 +40,16 @@ def _fail(message: str) -> None:
 @contextlib.contextmanager
 def _one_line_errors() -> Iterator[None]:
     """A failing stage ends the command with its own one-line message, not a traceback (the
-    Prefect run logs keep the traceback). SEQLM_TRACEBACK=1 lets the exception through."""
+    Prefect run logs keep the traceback). SEQLM_TRACEBACK=1 lets the exception through.
+    Ctrl-C / SIGTERM end it with one line and the shell's exit code for the signal."""
+    from seqlm import interrupt
     try:
-        yield
+        with interrupt.stop_on_signals():
+            yield
+    except (KeyboardInterrupt, interrupt.Interrupted):
+        typer.secho("interrupted: the run stopped; finished stages and the last checkpoints "
+                    "are kept, and the next run resumes", fg=typer.colors.RED, err=True)
+        raise typer.Exit(interrupt.exit_code()) from None
     except Exception as exc:  # noqa: BLE001 - every stage error is reported the same way
         if os.environ.get("SEQLM_TRACEBACK"):
             raise
@@ -54,9 +67,17 @@ def _params(path: Path):
 def run(params: ParamsOption = PARAMS_FILE,
         dvc: Annotated[bool, typer.Option(help="update dvc.lock and push to the DVC remote")] = True) -> None:
     """Run the whole pipeline as a Prefect flow; unchanged stages are skipped."""
-    _params(params)  # a bad params.yaml fails here, before any server starts
-    from flows.pipeline import pipeline
+    loaded = _params(params)  # a bad params.yaml fails here, before any server starts
+    from seqlm.preflight import check_machine
+    from seqlm.workspace import workspace_lock
     with _one_line_errors():
+        check_machine(loaded)
+    with _one_line_errors(), workspace_lock("seqlm run", dvc=dvc):   # refused at once if busy
+        from seqlm.tracking import check_store
+        check_store()                       # an unusable MLflow store fails in seconds
+        from seqlm.server import start_temporary_server
+        start_temporary_server()            # before Prefect is imported: it reads the URL once
+        from flows.pipeline import pipeline
         states = pipeline(params_file=str(params), record_dvc=dvc)
     for stage, state in states.items():
         typer.echo(f"{stage:24s} {state}")
@@ -75,7 +96,8 @@ def stage(name: str, item: Annotated[Optional[str], typer.Argument()] = None,
     args = (loaded, item) if item is not None else (loaded,)
     # Stages with retries (download) go through Prefect's engine so that retries apply;
     # the others run as plain functions, without starting a server.
-    with _one_line_errors():
+    from seqlm.workspace import workspace_lock
+    with _one_line_errors(), workspace_lock(f"seqlm stage {name}"):
         paths = task(*args) if task.retries else task.fn(*args)
     for path in paths:
         typer.echo(str(path))
@@ -106,7 +128,9 @@ def _server_up(api_url: str) -> bool:
 
 @app.command()
 def schedule(cron: Annotated[str, typer.Option(help="cron schedule (UTC)")] = "0 3 * * *",
-             port: int = 4200, params: ParamsOption = PARAMS_FILE) -> None:
+             port: Annotated[int, typer.Option(help="port of the Prefect server on 127.0.0.1 "
+                                                    "(and its UI)")] = 4200,
+             params: ParamsOption = PARAMS_FILE) -> None:
     """Start a Prefect server on 127.0.0.1 (unless one answers) and serve the pipeline on a cron
     schedule. Ctrl-C stops both; the schedule stays active for the next start."""
     _params(params)
@@ -134,12 +158,26 @@ def schedule(cron: Annotated[str, typer.Option(help="cron schedule (UTC)")] = "0
 
 
 @app.command()
-def generate(prefix: Annotated[str, typer.Argument()] = "time traveller",
+def generate(prefix: Annotated[str, typer.Argument(
+                 help="text to continue; normalised as the corpus is (lower case, other "
+                      "characters become one space)")] = "time traveller",
              model: Annotated[str, typer.Option(help="model folder name under models/, or an "
                                                      "MLflow URI like models:/timemachine-rnn@champion")] = "rnn",
-             num_chars: int = 50, temperature: Optional[float] = None,
-             top_k: Optional[int] = None, seed: Optional[int] = None) -> None:
+             num_chars: Annotated[int, typer.Option(min=0, help="characters to generate")] = 50,
+             temperature: Annotated[Optional[float], typer.Option(
+                 help="sample from softmax(logits / T), T > 0, instead of the greedy "
+                      "argmax")] = None,
+             top_k: Annotated[Optional[int], typer.Option(
+                 min=1, help="sample among the k most likely characters only")] = None,
+             seed: Annotated[Optional[int], typer.Option(
+                 help="seed of the sampling (the same seed, the same text)")] = None) -> None:
     """Continue PREFIX with a trained model (greedy unless --temperature/--top-k)."""
+    with _one_line_errors():
+        typer.echo(_generate(prefix, model, num_chars, temperature, top_k, seed))
+
+
+def _generate(prefix: str, model: str, num_chars: int, temperature: float | None,
+              top_k: int | None, seed: int | None) -> str:
     import torch
     if model.startswith(("models:/", "runs:/")):
         import mlflow
@@ -151,15 +189,15 @@ def generate(prefix: Annotated[str, typer.Argument()] = "time traveller",
                     "seed": seed}
         # Unset settings are left out: the model's signature makes them optional columns.
         row = {"prefix": prefix, **{k: v for k, v in settings.items() if v is not None}}
-        typer.echo(loaded.predict(pd.DataFrame([row]))[0])
-        return
+        return loaded.predict(pd.DataFrame([row]))[0]
     from seqlm.generate import load_trained, predict
     model_dir = Path("models") / model
     if not (model_dir / "model.pt").exists():
-        _fail(f"{model_dir}/model.pt not found: train it first (seqlm run) or pass an MLflow URI")
+        raise FileNotFoundError(f"{model_dir}/model.pt not found: train it first (seqlm run) or "
+                                "pass an MLflow URI")
     net, vocab, _ = load_trained(model_dir, device="cpu")
-    typer.echo(predict(prefix, num_chars, net, vocab, torch.device("cpu"),
-                       temperature=temperature, top_k=top_k, seed=seed))
+    return predict(prefix, num_chars, net, vocab, torch.device("cpu"), temperature=temperature,
+                   top_k=top_k, seed=seed)
 
 
 def main() -> None:

@@ -20,15 +20,31 @@ class ModelLoadError(ValueError):
     """A trained model folder is incomplete, unreadable or inconsistent."""
 
 
+_NON_LETTERS = re.compile(r"[^A-Za-z]+")
+
+
+def normalize_prefix(text: str) -> str:
+    """A prefix as preprocessing cleans the corpus: lower-cased, every run of other characters
+    one space ("Zebra!" -> "zebra "). Not stripped: a trailing space is part of the prompt."""
+    return _NON_LETTERS.sub(" ", text).lower()
+
+
 def predict(prefix: str, num_chars: int, model: nn.Module, vocab: Vocab,
             device: torch.device | str, *, temperature: float | None = None, top_k: int | None = None,
             seed: int | None = None) -> str:
     """prefix + num_chars generated characters. Greedy (argmax) when neither temperature nor top_k
     is given; otherwise sampled from softmax(logits / temperature) (temperature 1 by default)
     restricted to the top_k most likely tokens, with a torch.Generator seeded by `seed`.
-    Characters outside the vocabulary read as <unk>."""
-    if not prefix:
-        raise ValueError("predict needs a non-empty prefix to warm up the state")
+    The prefix is normalised as the corpus was (normalize_prefix); one that is empty then, or
+    has characters the vocabulary lacks, is a ValueError naming them."""
+    text = normalize_prefix(prefix)
+    if not text:
+        raise ValueError(f"prefix {prefix!r} is empty: give at least one character to start from")
+    missing = sorted({c for c in text if c not in vocab.token_to_idx})
+    if missing:
+        raise ValueError(f"prefix {prefix!r} has characters the model's vocabulary lacks: "
+                         f"{''.join(missing)!r}")
+    prefix = text
     if num_chars < 0:
         raise ValueError(f"num_chars = {num_chars} must be >= 0")
     if temperature is not None and not temperature > 0:

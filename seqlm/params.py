@@ -61,7 +61,7 @@ class PreprocessParams(Section):
 
 
 class NgramParams(Section):
-    max_n: PositiveInt = 3
+    max_n: Annotated[int, Field(ge=1, le=10)] = 3
     chunk_tokens: Annotated[int, Field(ge=1_000)] = 1_000_000
 
 
@@ -96,6 +96,9 @@ class TrainLmParams(Section):
     epochs: PositiveInt = 500
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: PositiveFloat = 1.0
+    # After every epoch without a better validation perplexity the learning rate is multiplied
+    # by lr_decay (1: constant, the chapter's).
+    lr_decay: Annotated[float, Field(gt=0, le=1)] = 1.0
     clip_theta: PositiveFloat = 1.0
     hidden_scratch: PositiveInt = 512
     hidden: PositiveInt = 256
@@ -126,7 +129,9 @@ class TrainLmParams(Section):
 class EvaluateParams(Section):
     # Orders of the Kneser-Ney character baselines, each scored like the language models.
     ngram_orders: list[Annotated[int, Field(ge=1, le=12)]] = Field(default=[3], min_length=1)
-    prefixes: list[str] = Field(default=["time traveller", "traveller"], min_length=1)
+    # Normalised as the corpus is (lower case, other characters -> one space) before use.
+    prefixes: list[Annotated[str, Field(min_length=1)]] = Field(
+        default=["time traveller", "traveller"], min_length=1)
     num_chars: PositiveInt = 50
     temperature: PositiveFloat = 0.8
     top_k: PositiveInt = 5

@@ -39,6 +39,29 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
+FIX_URI = ("Fix MLFLOW_TRACKING_URI (unset it to use sqlite:///mlflow.db in the repository root, "
+           "or point it at a running `mlflow server`)")
+
+
+def check_store(uri: str | None = None) -> None:
+    """Fail in seconds, before any stage runs, when the tracking store cannot be used: a server
+    that does not answer its health check, or a SQLite file in a folder that does not exist."""
+    uri = uri or tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        import httpx
+        try:
+            httpx.get(f"{uri.rstrip('/')}/health", timeout=5).raise_for_status()
+        except httpx.HTTPError as exc:
+            reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise TrackingError(f"MLflow store {uri!r} does not answer ({reason}). {FIX_URI}.") \
+                from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise TrackingError(f"MLflow store {uri!r}: {folder} is not a writable folder. "
+                                f"{FIX_URI}.")
+
+
 def git_commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -76,8 +99,10 @@ def _guarded(method: Callable) -> Callable:
 
 
 class Tracker:
-    def __init__(self, params: Params, uri: str | None = None) -> None:
+    def __init__(self, params: Params, uri: str | None = None,
+                 on_open: Callable[[str], None] | None = None) -> None:
         self.params = params
+        self.on_open = on_open             # told the id of every run opened (to close it later)
         self.uri = uri or tracking_uri()
         self.client: MlflowClient | None = None   # made in start(): creating it can fail too
         self.error: str | None = None
@@ -97,6 +122,7 @@ class Tracker:
             "git_commit": git_commit(), "params_hash": self.params.digest(),
             "mlflow.source.type": "JOB"})
         self.run_id = run.info.run_id
+        self._opened(self.run_id)
         self._log_params(self.run_id, flatten(self.params.model_dump(mode="json")))
         return self.run_id
 
@@ -118,8 +144,13 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, run_name=name, tags={
             "mlflow.parentRunId": self.run_id, "git_commit": git_commit(),
             "params_hash": self.params.digest()})
+        self._opened(run.info.run_id)
         self._log_params(run.info.run_id, params)
         return run.info.run_id
+
+    def _opened(self, run_id: str) -> None:
+        if self.on_open is not None:
+            self.on_open(run_id)
 
     def epoch_logger(self, run_id: str | None) -> Callable[[int, dict[str, float]], None]:
         """Callback for the training loops: metrics of each epoch, step = epoch."""

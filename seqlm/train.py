@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqlm import loaders, models, protocol
+from seqlm import interrupt, loaders, models, protocol
 from seqlm.io import file_digest, save_torch
 from seqlm.loaders import BATCHES_PER_EPOCH, LOADERS, LoaderSizeError
 from seqlm.models import build_model, check_model_name, detach_state
@@ -70,6 +70,19 @@ def patience_exhausted(history: list[dict[str, float]], patience: int) -> bool:
     """Early stopping: `patience` epochs have passed since the best one (0: never)."""
     return bool(patience and history and
                 history[-1]["epoch"] - best_row(history)["epoch"] >= patience)
+
+
+def learning_rate(history: list[dict[str, float]], lr: float, decay: float) -> float:
+    """The learning rate of the next epoch: lr, times `decay` for every epoch so far that did not
+    improve the best validation perplexity. A function of the history, so a resumed run
+    continues the schedule exactly."""
+    best, misses = math.inf, 0
+    for row in history:
+        if row["val_perplexity"] < best:
+            best = row["val_perplexity"]
+        else:
+            misses += 1
+    return lr * decay ** misses
 
 
 def resolve_device(name: str) -> torch.device:
@@ -196,13 +209,21 @@ def train(name: str, corpus: np.ndarray, vocab: Vocab, params: Params, *,
                             device=device)                 # both on the device once
     first = split.val_start - split.context_start
     stopped = patience_exhausted(history, p.patience)
-    epoch = resumed_from
+    epoch = saved = resumed_from
     while epoch < p.epochs and not stopped:
         epoch += 1
         start = time.perf_counter()
         rng = np.random.default_rng([params.seed, epoch])    # a resumed run sees the same batches
-        loss, tokens = _train_epoch(model, optimizer, train_t, rng, p.sampling, p.batch_size,
-                                    p.num_steps, p.clip_theta)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(history, p.lr, p.lr_decay)
+        try:
+            loss, tokens = _train_epoch(model, optimizer, train_t, rng, p.sampling, p.batch_size,
+                                        p.num_steps, p.clip_theta)
+        except interrupt.Interrupted:
+            # The weights are part-way through this epoch: the last checkpoint is what resumes.
+            kept = f"; checkpoint at epoch {saved} kept" if saved and ckpt_path else ""
+            raise interrupt.Interrupted(f"{name}: interrupted in epoch {epoch}{kept}; run "
+                                        "again to resume") from None
         train_s = time.perf_counter() - start       # the loss.item() above waited for the device
         row = {"epoch": epoch, "train_perplexity": _exp(loss),
                "val_perplexity": perplexity(model, val_t, first, device),
@@ -219,6 +240,7 @@ def train(name: str, corpus: np.ndarray, vocab: Vocab, params: Params, *,
                                       or stopped):
             save_checkpoint(ckpt_path, model, optimizer, dropout_rng, epoch, history, best_state,
                             config)
+            saved = epoch
             best = best_row(history)
             log.info("%s epoch %d: train ppl %.3f, val ppl %.3f (best %.3f at epoch %d), "
                      "%.0f tokens/s; checkpoint %s", name, epoch, row["train_perplexity"],
@@ -261,6 +283,7 @@ def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, corpus: tor
     loss_sum = torch.zeros((), dtype=torch.float64, device=corpus.device)
     tokens, state = 0, None
     for X, Y in LOADERS[sampling](corpus, batch_size, num_steps, rng):
+        interrupt.check()                                         # Ctrl-C: stop within a batch
         if state is None or sampling == "random":
             state = model.begin_state(X.shape[0], corpus.device)  # random: batches are not adjacent
         else:
@@ -300,7 +323,8 @@ def run_config(name: str, params: Params, vocab: Vocab, device: torch.device,
         "dropout": p.dropout_of(name), "seed": params.seed,
         "train_tokens": split.train_end, "val_tokens": split.scored,
         "sampling": p.sampling, "batch_size": p.batch_size, "num_steps": p.num_steps,
-        "optimizer": p.optimizer, "lr": p.lr, "clip_theta": p.clip_theta, "device": device.type,
+        "optimizer": p.optimizer, "lr": p.lr, "lr_decay": p.lr_decay, "clip_theta": p.clip_theta,
+        "device": device.type,
         "data": hashlib.sha256(data.tobytes()).hexdigest()[:16],
         "code": {Path(f).name: file_digest(f)[:16]
                  for f in (models.__file__, loaders.__file__, protocol.__file__, __file__)},

@@ -12,7 +12,7 @@ from prefect import task
 
 from seqlm import stages as S
 from seqlm.generate import load_trained, predict
-from seqlm.io import atomic_open, write_csv, write_json
+from seqlm.io import publish, write_csv, write_json
 from seqlm import protocol
 from seqlm.ngram_lm import KneserNeyLM, unigram_log_probs, unigram_perplexity
 from seqlm.params import Params
@@ -67,22 +67,23 @@ def evaluate(params: Params) -> list[Path]:
     ar = json.loads((Path(S.REPORTS) / "train_ar.json").read_text())
     kstep = pd.read_csv(Path(S.AR_DIR) / "kstep.csv")
 
-    written = [write_json(S.METRICS, _metrics(table))]
-    for name, curve in curves.items():
-        written.append(write_csv(f"{S.PLOTS}/perplexity/{name}.csv",
-                                 curve[["epoch", "train_perplexity", "val_perplexity"]]))
-    for stale in Path(S.PLOTS, "perplexity").glob("*.csv"):   # models no longer in the list
-        if stale.stem not in curves:
-            stale.unlink()
-    written.append(write_csv(f"{S.PLOTS}/kstep.csv", kstep[["k", "mse"]]))
-    written.append(write_csv(f"{S.REPORTS}/summary.csv", table))
-    written.append(write_json(f"{S.REPORTS}/samples.json", samples))
-    with atomic_open(f"{S.REPORTS}/summary.md", "w", encoding="utf-8") as handle:
-        handle.write(_summary_markdown(table, split, kstep, ar, samples))
-    written.append(Path(S.REPORTS) / "summary.md")
-    return written
+    curves_dir = Path(S.PLOTS) / "perplexity"
+    with publish() as outputs:                  # every report or none
+        write_json(outputs.file(S.METRICS), _metrics(table))
+        folder = outputs.folder(curves_dir)     # models no longer in the list leave with it
+        for name, curve in curves.items():
+            write_csv(folder / f"{name}.csv", curve[["epoch", "train_perplexity",
+                                                     "val_perplexity"]])
+        write_csv(outputs.file(f"{S.PLOTS}/kstep.csv"), kstep[["k", "mse"]])
+        write_csv(outputs.file(f"{S.REPORTS}/summary.csv"), table)
+        write_json(outputs.file(f"{S.REPORTS}/samples.json"), samples)
+        with open(outputs.file(f"{S.REPORTS}/summary.md"), "w", encoding="utf-8") as handle:
+            handle.write(_summary_markdown(table, split, kstep, ar, samples))
+    return [Path(S.METRICS), *(curves_dir / f"{name}.csv" for name in curves),
+            Path(S.PLOTS) / "kstep.csv", *(Path(S.REPORTS) / name for name in REPORT_FILES)]
 
 
+REPORT_FILES = ("summary.csv", "samples.json", "summary.md")
 SUMMARY_COLUMNS = ["model", "epochs", "best_epoch", "train_perplexity", "final_val_perplexity",
                    "val_perplexity", "scored_tokens"]
 

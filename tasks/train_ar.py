@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from prefect import task
 
 from seqlm import autoregress as ar
-from seqlm.io import atomic_path, save_torch, write_csv, write_json
+from seqlm.io import atomic_path, publish, save_torch, write_csv, write_json
 from seqlm.params import Params
 from seqlm.stages import AR_DIR, SINE, STAGE_BY_NAME, Stage
 
@@ -80,39 +80,41 @@ def train_ar(params: Params, on_epoch: ar.OnEpoch | None = None) -> list[Path]:
     kpreds = ar.kstep(net, x, tau, max_steps)
     kstep_mse = ar.kstep_heldout_mse(kpreds, x, tau, p.n_train, p.k_steps)
 
-    # Everything is computed: only now write, so a failure above leaves no partial outputs.
-    out = Path(AR_DIR)
+    # Everything is computed: only now write, all outputs together.
     rows = kpreds.shape[0]
     # Row r's k-step prediction is of x[r + tau + k - 1], i.e. time t = r + tau + k.
     kt = {k: t[tau + k - 1: tau + k - 1 + rows] for k in p.k_steps}
-    written = [out / "model.pt"]
-    save_torch(out / "model.pt", {"state_dict": net.state_dict(),
-                                  "config": {"tau": tau, "hidden": p.hidden},
-                                  "params": {"seed": params.seed,
-                                             "train_ar": p.model_dump(mode="json")}})
-    written.append(write_csv(out / "history.csv", pd.DataFrame(
-        {"epoch": np.arange(1, p.epochs + 1), "train_loss": history})))
-    written.append(_write_parquet(out / "predictions.parquet", pd.DataFrame(
-        {"t": t, "x": x.numpy(), "onestep": onestep.numpy(), "multistep": multistep.numpy()})))
-    written.append(write_csv(out / "kstep.csv", pd.DataFrame(
-        {"k": list(kstep_mse), "mse": list(kstep_mse.values())})))
-    written.append(_write_parquet(out / "kstep_preds.parquet", pd.DataFrame({
-        "k": np.repeat(np.asarray(p.k_steps, dtype=np.int64), rows),
-        "t": np.concatenate([kt[k] for k in p.k_steps]),
-        "prediction": np.concatenate([kpreds[:, k - 1].numpy() for k in p.k_steps])})))
     x_np, onestep_np, multistep_np = x.numpy(), onestep.numpy(), multistep.numpy()
-    written.append(_plot(out / "onestep.png", [(t, x_np), (t[tau:], onestep_np[tau:])],
-                         ["data", "1-step preds"], (1, T)))
-    written.append(_plot(out / "multistep.png",
-                         [(t, x_np), (t[tau:], onestep_np[tau:]), (t[start:], multistep_np[start:])],
-                         ["data", "1-step preds", "multistep preds"], (1, T)))
-    written.append(_plot(out / "kstep.png", [(kt[k], kpreds[:, k - 1].numpy()) for k in p.k_steps],
-                         [f"{k}-step preds" for k in p.k_steps], (tau + 1, T)))
-
     report = {"train_loss": history[-1], "multistep_mse": multistep_mse}
     report.update({f"kstep_mse_{k}": mse for k, mse in kstep_mse.items()})
-    written.append(write_json(STAGE.paths(params)["metrics"][0], report))
-    return written
+    metrics_path = Path(STAGE.paths(params)["metrics"][0])
+    with publish() as outputs:
+        out = outputs.folder(AR_DIR)
+        save_torch(out / "model.pt", {"state_dict": net.state_dict(),
+                                      "config": {"tau": tau, "hidden": p.hidden},
+                                      "params": {"seed": params.seed,
+                                                 "train_ar": p.model_dump(mode="json")}})
+        write_csv(out / "history.csv", pd.DataFrame(
+            {"epoch": np.arange(1, p.epochs + 1), "train_loss": history}))
+        _write_parquet(out / "predictions.parquet", pd.DataFrame(
+            {"t": t, "x": x_np, "onestep": onestep_np, "multistep": multistep_np}))
+        write_csv(out / "kstep.csv", pd.DataFrame(
+            {"k": list(kstep_mse), "mse": list(kstep_mse.values())}))
+        _write_parquet(out / "kstep_preds.parquet", pd.DataFrame({
+            "k": np.repeat(np.asarray(p.k_steps, dtype=np.int64), rows),
+            "t": np.concatenate([kt[k] for k in p.k_steps]),
+            "prediction": np.concatenate([kpreds[:, k - 1].numpy() for k in p.k_steps])}))
+        _plot(out / "onestep.png", [(t, x_np), (t[tau:], onestep_np[tau:])],
+              ["data", "1-step preds"], (1, T))
+        _plot(out / "multistep.png",
+              [(t, x_np), (t[tau:], onestep_np[tau:]), (t[start:], multistep_np[start:])],
+              ["data", "1-step preds", "multistep preds"], (1, T))
+        _plot(out / "kstep.png", [(kt[k], kpreds[:, k - 1].numpy()) for k in p.k_steps],
+              [f"{k}-step preds" for k in p.k_steps], (tau + 1, T))
+        write_json(outputs.file(metrics_path), report)
+    return [Path(AR_DIR) / name for name in AR_FILES] + [metrics_path]
 
 
+AR_FILES = ("model.pt", "history.csv", "predictions.parquet", "kstep.csv", "kstep_preds.parquet",
+            "onestep.png", "multistep.png", "kstep.png")
 STAGE: Stage = STAGE_BY_NAME["train_ar"]

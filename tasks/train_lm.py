@@ -11,7 +11,7 @@ import torch
 from prefect import task
 
 from seqlm.generate import HISTORY_FILE, META_FILE, MODEL_FILE, VOCAB_FILE
-from seqlm.io import save_torch, write_csv, write_json
+from seqlm.io import publish, save_torch, write_csv, write_json
 from seqlm.models import check_model_name
 from seqlm.params import Params
 from seqlm.stages import CORPUS, STAGE_BY_NAME, VOCAB, Stage
@@ -19,7 +19,7 @@ from seqlm.text import Vocab
 from seqlm.train import CHECKPOINTS, HISTORY_COLUMNS, TrainResult, train
 
 
-@task(name="train_lm", tags=["gpu"])
+@task(name="train_lm", tags=["training"])
 def train_lm(params: Params, model: str,
              on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> list[Path]:
     """Train `model` (resuming its checkpoint in checkpoints/<model>/ when one holds the same
@@ -39,36 +39,41 @@ def train_lm(params: Params, model: str,
 
 def write_model_dir(out: Path, result: TrainResult, vocab: Vocab, params: Params) -> list[Path]:
     """models/<model>/: the best-validation epoch's weights, the vocabulary, the per-epoch
-    history and meta.json. Only what the same params, code and machine reproduce byte for byte:
-    timings and resume points go to MLflow and the logs."""
+    history and meta.json, published together (a failed write leaves the previous folder).
+    Only what the same params, code and machine reproduce byte for byte: timings and resume
+    points go to MLflow and the logs."""
     config = result.config
     build = {k: config[k] for k in ("vocab_size", "hidden", "num_layers", "dropout")}
     build["name"] = config["model"]
+    last, best = result.history[-1], result.best
     # On the CPU, so that a GPU-trained model loads anywhere.
     state_dict = {k: v.detach().cpu() for k, v in result.best_state.items()}
-    save_torch(out / MODEL_FILE, {"state_dict": state_dict, "config": build,
-                                  "vocab_fingerprint": vocab.fingerprint()})
-    vocab.save(out / VOCAB_FILE)                 # the folder is self-contained
-    write_csv(out / HISTORY_FILE, pd.DataFrame(result.history, columns=list(HISTORY_COLUMNS)))
-    last, best = result.history[-1], result.best
-    write_json(out / META_FILE, {
-        "model": config["model"], **{k: build[k] for k in ("vocab_size", "hidden", "num_layers")},
-        "vocab_fingerprint": vocab.fingerprint(),
-        "device": str(result.device), "torch": torch.__version__,
-        "python": platform.python_version(),
-        "epochs": int(last["epoch"]), "stopped_early": result.stopped_early,
-        "final_train_perplexity": last["train_perplexity"],
-        "final_val_perplexity": last["val_perplexity"],
-        "best_epoch": int(best["epoch"]),
-        "best_train_perplexity": best["train_perplexity"],
-        "best_val_perplexity": best["val_perplexity"],
-        "validation_digest": result.validation_digest,
-        "params": {"seed": params.seed,
-                   "preprocess": params.preprocess.model_dump(
-                       mode="json", include={"train_tokens", "val_tokens"}),
-                   "train_lm": params.train_lm.model_dump(mode="json")},
-        "run_config": config,
-    })
+    with publish() as outputs:
+        folder = outputs.folder(out)
+        save_torch(folder / MODEL_FILE, {"state_dict": state_dict, "config": build,
+                                         "vocab_fingerprint": vocab.fingerprint()})
+        vocab.save(folder / VOCAB_FILE)          # the folder is self-contained
+        write_csv(folder / HISTORY_FILE,
+                  pd.DataFrame(result.history, columns=list(HISTORY_COLUMNS)))
+        write_json(folder / META_FILE, {
+            "model": config["model"],
+            **{k: build[k] for k in ("vocab_size", "hidden", "num_layers")},
+            "vocab_fingerprint": vocab.fingerprint(),
+            "device": str(result.device), "torch": torch.__version__,
+            "python": platform.python_version(),
+            "epochs": int(last["epoch"]), "stopped_early": result.stopped_early,
+            "final_train_perplexity": last["train_perplexity"],
+            "final_val_perplexity": last["val_perplexity"],
+            "best_epoch": int(best["epoch"]),
+            "best_train_perplexity": best["train_perplexity"],
+            "best_val_perplexity": best["val_perplexity"],
+            "validation_digest": result.validation_digest,
+            "params": {"seed": params.seed,
+                       "preprocess": params.preprocess.model_dump(
+                           mode="json", include={"train_tokens", "val_tokens"}),
+                       "train_lm": params.train_lm.model_dump(mode="json")},
+            "run_config": config,
+        })
     return [out / name for name in (MODEL_FILE, VOCAB_FILE, HISTORY_FILE, META_FILE)]
 
 

@@ -94,10 +94,21 @@ def test_top_k_samples_only_the_k_most_likely() -> None:
     assert len(set(hot[1:]) - set("abc")) > 0          # no top-k: every token can appear
 
 
-def test_unknown_prefix_characters_read_as_unk(trained) -> None:
+def test_prefixes_are_normalised_as_the_corpus_was(trained) -> None:
     model, vocab = trained
-    text = predict("time #traveller!", 10, model, vocab, "cpu", seed=1, temperature=0.8)
-    assert text.startswith("time #traveller!") and len(text) == len("time #traveller!") + 10
+    text = predict("Time #Traveller!", 10, model, vocab, "cpu", seed=1, temperature=0.8)
+    assert text.startswith("time traveller ") and len(text) == len("time traveller ") + 10
+    assert text == predict("time traveller ", 10, model, vocab, "cpu", seed=1, temperature=0.8)
+    assert predict("Zebra!", 3, model, vocab, "cpu").startswith("zebra ")
+
+
+def test_prefixes_the_vocabulary_cannot_read_are_refused() -> None:
+    from seqlm.models import build_model
+    vocab = Vocab(list("abc abc"))
+    model = build_model("rnn", len(vocab), 4)
+    with pytest.raises(ValueError, match="prefix 'cab dz' has characters the model's "
+                                         "vocabulary lacks: 'dz'"):
+        predict("cab dz", 5, model, vocab, "cpu")
 
 
 def test_bad_generation_arguments(trained) -> None:
@@ -106,7 +117,7 @@ def test_bad_generation_arguments(trained) -> None:
                             ({"top_k": 0}, "top_k = 0"), ({"top_k": 2.5}, "top_k = 2.5")):
         with pytest.raises(ValueError, match=message):
             predict("time", 5, model, vocab, "cpu", **kwargs)
-    with pytest.raises(ValueError, match="non-empty prefix"):
+    with pytest.raises(ValueError, match="prefix '' is empty"):
         predict("", 5, model, vocab, "cpu")
 
 

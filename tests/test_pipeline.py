@@ -2,6 +2,7 @@
 import hashlib
 import json
 import shutil
+import time
 
 import mlflow
 import numpy as np
@@ -139,12 +140,30 @@ def test_pipeline_runs_logs_and_skips_unchanged_stages(small_pipeline, workdir):
     assert pipeline(params_file="params.yaml", record_dvc=False)["train_ar"] == "Completed"
 
 
-def test_unreachable_mlflow_store_still_writes_artifacts(workdir, prefect_server, monkeypatch):
+def test_an_unreachable_mlflow_store_fails_in_seconds_before_any_stage(
+        workdir, prefect_server, monkeypatch):
+    write_params(workdir, **SMALL)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9/")  # discard port: refused
+    start = time.monotonic()
+    with pytest.raises(TrackingError, match="MLflow store 'http://127.0.0.1:9/' does not answer "
+                                            ".*Fix MLFLOW_TRACKING_URI"):
+        pipeline(params_file="params.yaml", record_dvc=False)
+    assert time.monotonic() - start < 30
+    assert not (workdir / "data/raw").exists()
+
+
+def test_a_store_failing_mid_run_keeps_every_artifact(workdir, prefect_server, monkeypatch):
+    """The store answers at start-up, then fails on every call: the stages still write their
+    artifacts and the run ends with the error and how to fix the URI."""
+    from seqlm.tracking import Tracker
     write_params(workdir, **SMALL)
     write_params(workdir, train_lm={"models": ["rnn"]})
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9/")  # discard port: refused
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    with pytest.raises(TrackingError, match="MLflow store 'http://127.0.0.1:9/' failed .* all "
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
+
+    def broken_store(self, *args, **kwargs):
+        raise ConnectionError("the store went away")
+    monkeypatch.setattr(Tracker, "_log_params", broken_store)
+    with pytest.raises(TrackingError, match="failed .*ConnectionError: the store went away.* all "
                                             "pipeline artifacts were written. Fix MLFLOW_TRACKING_URI"):
         pipeline(params_file="params.yaml", record_dvc=False)
     assert (workdir / "reports/summary.md").exists()

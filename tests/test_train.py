@@ -168,18 +168,23 @@ def only_checkpoint(folder: Path) -> Path:
     return path
 
 
-def test_a_longer_run_resumes_the_checkpoint_of_a_shorter_one(data, tmp_path: Path) -> None:
+@pytest.mark.parametrize("settings", [{}, dict(optimizer="adam", lr=0.01, dropout=0.3,
+                                                num_layers=2, lr_decay=0.5)],
+                         ids=["chapter", "adam-dropout-decay"])
+def test_a_longer_run_resumes_the_checkpoint_of_a_shorter_one(data, tmp_path: Path,
+                                                              settings: dict) -> None:
     corpus, vocab = data
     ckpt = tmp_path / "ckpt"
-    short = train("lstm", corpus, vocab, make_params(hidden=32, epochs=2, checkpoint_every=5),
-                  checkpoint_dir=ckpt)
+    short = train("lstm", corpus, vocab, make_params(hidden=32, epochs=2, checkpoint_every=5,
+                                                     **settings), checkpoint_dir=ckpt)
     assert torch.load(only_checkpoint(ckpt), weights_only=True)["epoch"] == 2   # the final too
     seen: list[int] = []
-    longer = train("lstm", corpus, vocab, make_params(hidden=32, epochs=4, checkpoint_every=5),
+    longer = train("lstm", corpus, vocab, make_params(hidden=32, epochs=4, checkpoint_every=5,
+                                                      **settings),
                    checkpoint_dir=ckpt, on_epoch=lambda e, m: seen.append(e))
     assert longer.resumed_from == 2 and seen == [1, 2, 3, 4]   # restored epochs are replayed
     assert longer.history[:2] == short.history
-    fresh = train("lstm", corpus, vocab, make_params(hidden=32, epochs=4))
+    fresh = train("lstm", corpus, vocab, make_params(hidden=32, epochs=4, **settings))
     assert_same_weights(weights(longer.model), weights(fresh.model))
     assert_same_weights(longer.best_state, fresh.best_state)
     assert [r["val_perplexity"] for r in longer.history] == [r["val_perplexity"] for r in fresh.history]
@@ -481,3 +486,11 @@ def test_train_lm_task_without_preprocessed_data(workdir: Path) -> None:
     with pytest.raises(FileNotFoundError, match="data/processed/corpus_char.npy: not found"):
         train_lm.fn(make_params(epochs=1), "rnn")
     assert not (workdir / "models").exists()
+
+
+def test_the_learning_rate_decays_after_epochs_without_improvement() -> None:
+    from seqlm.train import learning_rate
+    history = [{"val_perplexity": v} for v in (9.0, 8.0, 8.5, 7.0, 7.0, 7.5)]
+    assert [learning_rate(history[:i], 1.0, 0.5) for i in range(7)] == \
+        [1.0, 1.0, 1.0, 0.5, 0.5, 0.25, 0.125]
+    assert learning_rate(history, 0.1, 1.0) == 0.1

@@ -1,0 +1,53 @@
+"""Ctrl-C and SIGTERM stop a run within seconds, cleanly.
+
+Stages run in worker threads, and Python delivers signals to the main thread only: the handler
+sets STOP, which the training loops check between batches, and raises KeyboardInterrupt in the
+main thread, which unwinds the flow (MLflow runs closed as KILLED, the temporary Prefect server
+stopped at exit). The worker threads see STOP and end within a batch, so the process exits.
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+
+STOP = threading.Event()
+received: list[int] = []                 # the signals that stopped this process
+
+
+class Interrupted(RuntimeError):
+    """A stage stopped because the run was interrupted (Ctrl-C or SIGTERM)."""
+
+
+def check() -> None:
+    """Raise Interrupted when a stop was requested: call it between units of work."""
+    if STOP.is_set():
+        raise Interrupted("interrupted")
+
+
+def _handle(signum: int, _frame: object) -> None:
+    STOP.set()
+    received.append(signum)
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM set STOP and interrupt the main thread (elsewhere: nothing to do,
+    the owner of the main thread handles signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    STOP.clear()
+    previous = {sig: signal.signal(sig, _handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def exit_code() -> int:
+    """The shell's convention: 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM)."""
+    return 128 + (received[-1] if received else signal.SIGINT)

@@ -1,0 +1,106 @@
+"""Checks that stop a run early, each with one line naming the params key.
+
+`check_machine` needs only params.yaml and this machine, and runs before anything starts.
+`check_corpus` needs the corpus's length and vocabularies, and runs as soon as preprocess has
+written them, before any later stage: a split, a batch shape, an n-gram order or a prefix that
+does not fit fails in seconds instead of after the trainings.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from seqlm import protocol
+from seqlm.loaders import BATCHES_PER_EPOCH
+from seqlm.ngrams import NgramError, check_key_fits
+from seqlm.params import Params
+from seqlm.generate import normalize_prefix
+from seqlm.text import Vocab
+
+GATES = {"rnn_scratch": 1, "rnn": 1, "gru": 3, "lstm": 4}
+MEMORY_SHARE = 0.8            # of the memory available now, for one training
+
+
+class PreflightError(ValueError):
+    """A param does not fit the machine or the corpus; the message names the key."""
+
+
+def check_machine(params: Params) -> None:
+    import torch
+    p = params.train_lm
+    if p.device == "cuda" and not torch.cuda.is_available():
+        raise PreflightError(f"train_lm.device = 'cuda' but torch {torch.__version__} sees no "
+                             "CUDA GPU; set train_lm.device to 'auto' or 'cpu'")
+    out = Path(params.download.out)
+    if out.is_dir():
+        raise PreflightError(f"download.out = {params.download.out!r} is a folder; name the file "
+                             "to store the corpus in, e.g. data/raw/timemachine.txt")
+    available = _available_memory(p.device)
+    for model in p.models:
+        need = training_memory(params, model)
+        if need > MEMORY_SHARE * available:
+            key = "train_lm.hidden_scratch" if model == "rnn_scratch" else "train_lm.hidden"
+            raise PreflightError(
+                f"{key} = {p.hidden_size(model)}: training {model} needs about "
+                f"{need / 2**30:,.1f} GiB, and this machine has {available / 2**30:,.1f} GiB "
+                "available; lower it (or train_lm.batch_size, num_steps, num_layers)")
+
+
+def training_memory(params: Params, model: str, vocab_size: int = 100) -> float:
+    """Bytes a training of `model` holds, roughly: weights, gradients, two optimizer moments and
+    two copies (best epoch, checkpoint), plus the activations of one batch kept for BPTT."""
+    p = params.train_lm
+    hidden, layers, gates = p.hidden_size(model), p.layers(model), GATES[model]
+    weights = gates * hidden * (vocab_size + hidden + 2) + (layers - 1) * gates * hidden * \
+        (2 * hidden + 2) + hidden * vocab_size + vocab_size
+    activations = p.batch_size * p.num_steps * (layers * (gates + 2) * hidden + 3 * vocab_size)
+    return 4.0 * (6 * weights + activations)
+
+
+def _available_memory(device: str) -> float:
+    import psutil
+    import torch
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        free, _total = torch.cuda.mem_get_info()
+        return float(free)
+    return float(psutil.virtual_memory().available)
+
+
+def check_preprocessed(params: Params) -> None:
+    """check_corpus on what the preprocess stage wrote."""
+    from seqlm.stages import CORPUS, VOCAB
+    check_corpus(params, np.load(CORPUS["char"], mmap_mode="r"),
+                 {level: Vocab.load(path) for level, path in VOCAB.items()})
+
+
+def check_corpus(params: Params, corpus: np.ndarray, vocabs: dict[str, Vocab]) -> None:
+    """Checks against the preprocessed corpus (char ids) and the vocabularies by level."""
+    try:
+        split = protocol.split_of(len(corpus), params.preprocess.train_tokens,
+                                  params.preprocess.val_tokens)
+    except protocol.SplitError as exc:
+        raise PreflightError(str(exc)) from None
+    lm = params.train_lm
+    if BATCHES_PER_EPOCH[lm.sampling](split.train_end, lm.batch_size, lm.num_steps) < 1:
+        raise PreflightError(
+            f"train_lm.batch_size = {lm.batch_size} x train_lm.num_steps = {lm.num_steps} do not "
+            f"fit the training split of {split.train_end} characters "
+            "(preprocess.train_tokens): an epoch would have no batch")
+    for level, vocab in vocabs.items():
+        try:
+            check_key_fits(len(vocab), params.ngrams.max_n)
+        except NgramError as exc:
+            raise PreflightError(f"ngrams.max_n = {params.ngrams.max_n}: {level} level: {exc}") \
+                from None
+    for order in params.evaluate.ngram_orders:
+        try:
+            check_key_fits(len(vocabs["char"]), order)
+        except NgramError as exc:
+            raise PreflightError(f"evaluate.ngram_orders: {order}: {exc}") from None
+    known = set(vocabs["char"].idx_to_token)
+    for prefix in params.evaluate.prefixes:
+        missing = sorted(set(normalize_prefix(prefix)) - known)
+        if missing:
+            raise PreflightError(f"evaluate.prefixes: {prefix!r} has characters the corpus "
+                                 f"never uses: {''.join(missing)!r}")

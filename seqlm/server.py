@@ -1,0 +1,90 @@
+"""The temporary Prefect server of `seqlm run`, owned by the run.
+
+Prefect starts one by itself when PREFECT_API_URL is unset, but in the terminal's process
+group: Ctrl-C kills it at the same instant as the run, which then cannot record its end, and
+`kill -9` of the run leaves it running forever. This one is the same server (Prefect's app, its
+settings for a temporary server), started in a session of its own, so that the run decides when
+it stops, and on Linux bound to the run's life by the kernel (PR_SET_PDEATHSIG).
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+STARTUP_TIMEOUT_S = 120      # 6-13 s on 2 idle cores; a busy machine can take much longer
+started_pid: int | None = None   # the server this process started, for the run's record
+
+
+class ServerError(RuntimeError):
+    """The temporary Prefect server did not start."""
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM it when the process that started it dies."""
+    with contextlib.suppress(OSError, AttributeError):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _healthy(api_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def start_temporary_server() -> str | None:
+    """Serve the Prefect API on 127.0.0.1 until this process exits, unless PREFECT_API_URL
+    already names a server; sets PREFECT_API_URL (call before importing prefect) and returns
+    it (None when it started nothing). The server is stopped at exit, after the worker threads
+    of the run have ended, so that an interrupted task can still record its state."""
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+    port = _free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    # What Prefect's own temporary server runs: no UI, the services of a temporary server.
+    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+           "PREFECT__SERVER_FINAL": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
+         "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
+        env=env, start_new_session=True, preexec_fn=_die_with_parent)
+    atexit.register(_stop, process)       # runs after the interpreter has joined the threads
+    global started_pid
+    started_pid = process.pid
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while not _healthy(api_url):
+        if process.poll() is not None or time.monotonic() > deadline:
+            _stop(process)
+            raise ServerError(f"the temporary Prefect server did not start on 127.0.0.1:{port} "
+                              f"(exit code {process.poll()}); set PREFECT_API_URL to use a "
+                              "running `prefect server start`")
+        time.sleep(0.1)
+    os.environ["PREFECT_API_URL"] = api_url
+    return api_url
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -1,0 +1,196 @@
+"""One run per workspace, and cleaning up after a run that was killed.
+
+`seqlm run`, `seqlm stage` and scheduled runs hold `.seqlm/lock`, an flock that the kernel
+releases when the process ends, however it ends: a second run is refused at once with the
+holder's PID, and the lock of a dead process is simply taken over. `seqlm run` also holds DVC's
+repository lock (`.dvc/tmp/lock`), so a `dvc repro` started meanwhile fails at once instead of
+deleting stage outputs before its command is refused.
+
+`.seqlm/run.json` records what the running pipeline owns (its MLflow runs, its Prefect flow run,
+the temporary Prefect server, its training-slot limit). A run that ends, however, marks it
+finished; one killed with SIGKILL cannot, and the next run that takes the lock finds the record
+and closes what it left open.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import zc.lockfile
+
+from seqlm.io import write_json
+
+STATE_DIR = Path(".seqlm")
+LOCK = STATE_DIR / "lock"
+RECORD = STATE_DIR / "run.json"
+DVC_LOCK = Path(".dvc") / "tmp" / "lock"
+
+_held: dict[Path, zc.lockfile.LockFile] = {}     # locks this process holds (re-entrant)
+
+
+class WorkspaceBusy(RuntimeError):
+    """Another process is running the pipeline (or DVC) in this workspace."""
+
+
+def _now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def holder(lock: Path) -> str:
+    """What a lock file says about its holder: 'pid N (command, since T)'."""
+    try:
+        text = lock.read_text(encoding="utf-8").strip()
+    except OSError:
+        return "an unknown process"
+    pid, _, rest = text.partition(" ")
+    return f"pid {pid} ({rest})" if rest else f"pid {pid}"
+
+
+@contextlib.contextmanager
+def _locked(lock: Path, label: str, busy: str) -> Iterator[None]:
+    if lock in _held:                       # this process holds it already: nested use
+        yield
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        handle = zc.lockfile.LockFile(str(lock), content_template=f"{{pid}} {label}, since {_now()}")
+    except zc.lockfile.LockError:
+        raise WorkspaceBusy(f"{busy} {holder(lock)} ({lock}); wait for it to end or stop it "
+                            "(kill that PID)") from None
+    _held[lock] = handle
+    try:
+        yield
+    finally:
+        del _held[lock]
+        handle.close()
+
+
+@contextlib.contextmanager
+def workspace_lock(command: str, dvc: bool = False) -> Iterator[None]:
+    """Hold the workspace for `command`; with dvc=True DVC's repository lock too."""
+    with _locked(LOCK, command, "this workspace is in use by"):
+        if dvc and DVC_LOCK.parent.parent.is_dir():
+            with _locked(DVC_LOCK, command, "DVC is running in this workspace:"):
+                yield
+        else:
+            yield
+
+
+@contextlib.contextmanager
+def dvc_lock_released() -> Iterator[None]:
+    """Let this process's own `dvc` commands run: they need the repository lock it holds."""
+    handle = _held.pop(DVC_LOCK, None)
+    if handle is None:
+        yield
+        return
+    handle.close()
+    try:
+        yield
+    finally:
+        _held[DVC_LOCK] = zc.lockfile.LockFile(
+            str(DVC_LOCK), content_template=f"{{pid}} seqlm run, since {_now()}")
+
+
+class RunRecord:
+    """`.seqlm/run.json`: what the running pipeline owns, for the next run to close if this one
+    is killed. Written atomically at every change."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, Any] = {"pid": os.getpid(), "started": _now(), "finished": False,
+                                     "mlflow_uri": None, "mlflow_runs": [],
+                                     "flow_run_id": None, "server_pid": None,
+                                     "concurrency_tag": None}
+        self._save()
+
+    def set(self, **values: Any) -> None:
+        self.data.update(values)
+        self._save()
+
+    def add_mlflow_run(self, run_id: str) -> None:
+        self.data["mlflow_runs"].append(run_id)
+        self._save()
+
+    def finish(self) -> None:
+        self.set(finished=True)
+
+    def _save(self) -> None:
+        write_json(RECORD, self.data)
+
+
+def unfinished_run() -> dict[str, Any] | None:
+    """The record of an earlier run that never ended (killed); call while holding the lock."""
+    try:
+        data = json.loads(RECORD.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return None if data.get("finished") or data.get("pid") == os.getpid() else data
+
+
+def close_unfinished(record: dict[str, Any], log: Any) -> None:
+    """Close what a killed run left open: its MLflow runs (FAILED, with the reason), its
+    orphaned temporary Prefect server, its training-slot limit and its Prefect flow run
+    (Crashed). Each part is best effort: a store that is gone is reported, not raised."""
+    reason = (f"the pipeline process (pid {record.get('pid')}, started {record.get('started')}) "
+              f"was killed before it ended; closed by the next run at {_now()}")
+    log.warning("an earlier run was killed before it ended: %s; closing what it left open",
+                holder_of(record))
+    for step in (_close_mlflow_runs, _stop_orphan_server, _close_prefect_run):
+        try:
+            step(record, reason, log)
+        except Exception as exc:  # noqa: BLE001 - cleanup of one store must not stop the run
+            log.warning("could not close the killed run's %s: %s", step.__name__[1:],
+                        " ".join(str(exc).split())[:200])
+
+
+def holder_of(record: dict[str, Any]) -> str:
+    return f"pid {record.get('pid')}, started {record.get('started')}"
+
+
+def _close_mlflow_runs(record: dict[str, Any], reason: str, log: Any) -> None:
+    if not record.get("mlflow_uri") or not record.get("mlflow_runs"):
+        return
+    from mlflow import MlflowClient
+    client = MlflowClient(record["mlflow_uri"])
+    for run_id in record["mlflow_runs"]:
+        run = client.get_run(run_id)
+        if run.info.status == "RUNNING":
+            client.set_tag(run_id, "failure_reason", reason)
+            client.set_terminated(run_id, "FAILED")
+            log.warning("MLflow run %s (%s) closed as FAILED", run.info.run_name, run_id)
+
+
+def _stop_orphan_server(record: dict[str, Any], reason: str, log: Any) -> None:
+    import psutil
+    pid = record.get("server_pid")
+    if not pid or not psutil.pid_exists(pid):
+        return
+    process = psutil.Process(pid)
+    if "prefect.server.api.server" not in " ".join(process.cmdline()):
+        return                                   # the PID was reused by something else
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except psutil.TimeoutExpired:
+        process.kill()
+    log.warning("stopped the killed run's orphaned temporary Prefect server (pid %d)", pid)
+
+
+def _close_prefect_run(record: dict[str, Any], reason: str, log: Any) -> None:
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Crashed
+    with get_client(sync_client=True) as client:
+        if record.get("concurrency_tag"):
+            with contextlib.suppress(ObjectNotFound):
+                client.delete_concurrency_limit_by_tag(record["concurrency_tag"])
+        if record.get("flow_run_id"):
+            with contextlib.suppress(ObjectNotFound):
+                run = client.read_flow_run(record["flow_run_id"])
+                if not run.state or not run.state.is_final():
+                    client.set_flow_run_state(run.id, Crashed(message=reason), force=True)
+                    log.warning("Prefect flow run %s marked Crashed", run.name)

@@ -1,0 +1,231 @@
+"""Faults on real processes: SIGKILL, Ctrl-C and SIGTERM during training, two runs at once."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from conftest import write_params
+from seqlm.params import load_params
+from seqlm.text import Vocab
+from seqlm.train import train
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = 120
+TRAINING = dict(models=["rnn_scratch"], hidden_scratch=64, epochs=EPOCHS, checkpoint_every=4,
+                device="cpu")
+
+
+@pytest.fixture
+def env(workdir: Path, tmp_path: Path) -> dict[str, str]:
+    write_params(workdir, ngrams={"max_n": 2}, train_ar={"epochs": 2}, train_lm=TRAINING,
+                 evaluate={"num_chars": 5})
+    environ = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"),
+               "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}",
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    environ.pop("PREFECT_API_URL", None)
+    return environ
+
+
+def start_run(workdir: Path, env: dict[str, str], log: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "seqlm.cli", "run", "--no-dvc"], cwd=workdir,
+                            env=env, stdout=open(workdir / log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def wait_for_training(workdir: Path, proc: subprocess.Popen, log: str, epoch: int = 4) -> int:
+    """Block until the run has checkpointed `epoch` epochs; return the checkpoint's epoch."""
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, (workdir / log).read_text()[-3000:]
+        for path in (workdir / "checkpoints" / "rnn_scratch").glob("*.pt"):
+            try:
+                done = torch.load(path, weights_only=True)["epoch"]
+            except Exception:  # noqa: BLE001 - being replaced right now
+                continue
+            if done >= epoch:
+                return done
+        time.sleep(0.2)
+    raise AssertionError("training did not start: " + (workdir / log).read_text()[-3000:])
+
+
+def run_record(workdir: Path) -> dict:
+    return json.loads((workdir / ".seqlm" / "run.json").read_text())
+
+
+def alive(pid: int | None) -> bool:
+    if not pid or not psutil.pid_exists(pid):
+        return False
+    return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+
+
+def straight_training(workdir: Path) -> dict[str, torch.Tensor]:
+    params = load_params(workdir / "params.yaml")
+    corpus = np.load(workdir / "data/processed/corpus_char.npy")
+    vocab = Vocab.load(workdir / "data/processed/vocab_char.parquet")
+    return train("rnn_scratch", corpus, vocab, params).best_state
+
+
+def test_a_killed_run_does_not_wedge_the_next_one(workdir, env):
+    first = start_run(workdir, env, "first.log")
+    wait_for_training(workdir, first, "first.log")
+    killed = run_record(workdir)
+    assert alive(killed["server_pid"])
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+
+    start = time.monotonic()
+    second = subprocess.run([sys.executable, "-m", "seqlm.cli", "run", "--no-dvc"], cwd=workdir,
+                            env=env, capture_output=True, text=True, timeout=400)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert time.monotonic() - start < 300
+    output = second.stdout + second.stderr
+    assert f"pid {killed['pid']}" in output and "killed before it ended" in output
+    # what the killed run left open is closed: its MLflow runs, its server, its Prefect run
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    for run_id in killed["mlflow_runs"]:
+        run = client.get_run(run_id)
+        assert run.info.status == "FAILED"
+        assert "was killed before it ended" in run.data.tags["failure_reason"]
+    assert not alive(killed["server_pid"])
+    # and the training resumed from the killed run's checkpoint to the straight run's weights
+    saved = torch.load(workdir / "models/rnn_scratch/model.pt", weights_only=True)["state_dict"]
+    straight = straight_training(workdir)
+    assert all(torch.equal(saved[k], straight[k]) for k in straight)
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_a_signal_stops_training_within_seconds_and_the_next_run_resumes(workdir, env, how):
+    proc = start_run(workdir, env, "run.log")
+    wait_for_training(workdir, proc, "run.log")
+    record = run_record(workdir)
+    start = time.monotonic()
+    if how == "ctrl-c":                    # the terminal signals the whole foreground group
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=60)
+    stopped_in = time.monotonic() - start
+    output = (workdir / "run.log").read_text()
+    assert code == (130 if how == "ctrl-c" else 143), output[-3000:]
+    assert stopped_in < 20, output[-3000:]
+    assert output.strip().splitlines()[-1].startswith("interrupted: the run stopped")
+    # nothing orphaned: the temporary server is gone, the MLflow runs are closed as KILLED
+    deadline = time.monotonic() + 10
+    while alive(record["server_pid"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive(record["server_pid"])
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    statuses = {client.get_run(r).info.status for r in record["mlflow_runs"]}
+    assert statuses == {"KILLED"}
+    assert run_record(workdir)["finished"]
+    # the next run resumes and ends where an uninterrupted training ends
+    again = subprocess.run([sys.executable, "-m", "seqlm.cli", "run", "--no-dvc"], cwd=workdir,
+                           env=env, capture_output=True, text=True, timeout=400)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming rnn_scratch from epoch" in again.stdout + again.stderr
+    saved = torch.load(workdir / "models/rnn_scratch/model.pt", weights_only=True)["state_dict"]
+    straight = straight_training(workdir)
+    assert all(torch.equal(saved[k], straight[k]) for k in straight)
+
+
+def test_a_second_run_in_the_same_workspace_is_refused_at_once(workdir, env):
+    first = start_run(workdir, env, "first.log")
+    try:
+        wait_for_training(workdir, first, "first.log")
+        for command in (["run", "--no-dvc"], ["stage", "preprocess"]):
+            start = time.monotonic()
+            second = subprocess.run([sys.executable, "-m", "seqlm.cli", *command], cwd=workdir,
+                                    env=env, capture_output=True, text=True, timeout=60)
+            assert time.monotonic() - start < 15
+            assert second.returncode == 2
+            [line] = second.stderr.strip().splitlines()
+            assert line.startswith("error: WorkspaceBusy: this workspace is in use by "
+                                   f"pid {first.pid} (seqlm run, since ")
+    finally:
+        os.killpg(first.pid, signal.SIGTERM)
+        first.wait(timeout=60)
+
+
+# --- a full disk -------------------------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A workspace on a 4 MiB tmpfs (tests running as root), or, elsewhere, on the normal disk
+    with writes through seqlm.io failing with ENOSPC once `fill()` is called."""
+    root = tmp_path / "disk"
+    root.mkdir()
+    mounted = os.geteuid() == 0 and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(root)],
+        capture_output=True).returncode == 0
+    (root / "data" / "mirror").mkdir(parents=True)
+    from conftest import REPO
+    import shutil
+    import yaml
+    shutil.copy(REPO / "data/mirror/timemachine.txt", root / "data/mirror")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["download"]["sources"] = ["data/mirror/timemachine.txt"]
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    monkeypatch.chdir(root)
+
+    def fill() -> None:
+        if mounted:                        # leave a few KiB: the first big write fails
+            free = shutil.disk_usage(root).free
+            (root / "filler").write_bytes(b"\0" * max(free - 8192, 0))
+        else:
+            import errno
+            import seqlm.io
+            real_open = open
+
+            def full_open(file, mode="r", *args, **kwargs):
+                handle = real_open(file, mode, *args, **kwargs)
+                if "w" in mode:
+                    def write(data):
+                        raise OSError(errno.ENOSPC, "No space left on device")
+                    handle.write = write
+                return handle
+            monkeypatch.setattr(seqlm.io, "open", full_open, raising=False)
+    yield root, fill
+    monkeypatch.undo()
+    if mounted:
+        os.chdir(tmp_path)
+        subprocess.run(["umount", str(root)], check=True)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_a_full_disk_keeps_the_previous_model_folder(small_disk):
+    from seqlm.io import StorageError
+    from tasks.download import download
+    from tasks.preprocess import preprocess
+    from tasks.train_lm import train_lm
+    root, fill = small_disk
+    write_params(root, train_lm={"epochs": 1, "hidden": 64, "models": ["rnn"], "device": "cpu"})
+    params = load_params()
+    download.fn(params)
+    preprocess.fn(params)
+    train_lm.fn(params, "rnn")
+    before = snapshot(root / "models"), snapshot(root / "checkpoints")
+    write_params(root, train_lm={"epochs": 2})
+    fill()
+    # the checkpoint of epoch 2 is the first big write, then the model folder
+    with pytest.raises(StorageError, match=r"^(checkpoints/rnn/\w+\.pt|models/rnn/model\.pt): "
+                                           "no space left on the device; the previous version "
+                                           "is kept$"):
+        train_lm.fn(load_params(), "rnn")
+    assert (snapshot(root / "models"), snapshot(root / "checkpoints")) == before
+    assert sorted(p.name for p in (root / "models").iterdir()) == ["rnn"]   # no leftovers
