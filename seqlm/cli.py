@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import subprocess
 import sys
 import time
 import urllib.request
@@ -134,27 +133,30 @@ def schedule(cron: Annotated[str, typer.Option(help="cron schedule (UTC)")] = "0
     """Start a Prefect server on 127.0.0.1 (unless one answers) and serve the pipeline on a cron
     schedule. Ctrl-C stops both; the schedule stays active for the next start."""
     _params(params)
+    from seqlm import interrupt, server
     api_url = f"http://127.0.0.1:{port}/api"
-    server = None
+    process = None
     if not _server_up(api_url):
-        server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start",
-                                   "--host", "127.0.0.1", "--port", str(port)])
+        process = server.spawn([sys.executable, "-m", "prefect", "server", "start",
+                                "--host", "127.0.0.1", "--port", str(port)])
         deadline = time.monotonic() + 120
         while not _server_up(api_url):
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.terminate()
+            if process.poll() is not None or time.monotonic() > deadline:
+                server.stop(process)
                 _fail(f"Prefect server did not start on 127.0.0.1:{port}")
             time.sleep(1)
     os.environ["PREFECT_API_URL"] = api_url
     typer.echo(f"Prefect UI: http://127.0.0.1:{port}  schedule: {cron}")
     from flows.pipeline import pipeline
     try:
-        pipeline.serve(name="scheduled", cron=cron, parameters={"params_file": str(params)},
-                       pause_on_shutdown=False)
+        with interrupt.stop_on_signals():
+            pipeline.serve(name="scheduled", cron=cron, parameters={"params_file": str(params)},
+                           pause_on_shutdown=False)
+    except KeyboardInterrupt:
+        typer.echo("stopped serving; the schedule stays active for the next start")
     finally:
-        if server is not None:
-            server.terminate()
-            server.wait(timeout=30)
+        if process is not None:
+            server.stop(process)
 
 
 @app.command()

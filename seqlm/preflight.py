@@ -38,24 +38,28 @@ def check_machine(params: Params) -> None:
                              "to store the corpus in, e.g. data/raw/timemachine.txt")
     available = _available_memory(p.device)
     for model in p.models:
-        need = training_memory(params, model)
+        weights, activations = training_memory(params, model)
+        need = weights + activations
         if need > MEMORY_SHARE * available:
-            key = "train_lm.hidden_scratch" if model == "rnn_scratch" else "train_lm.hidden"
+            key = (f"train_lm.batch_size x train_lm.num_steps = {p.batch_size} x {p.num_steps}"
+                   if activations > weights else
+                   f"{'train_lm.hidden_scratch' if model == 'rnn_scratch' else 'train_lm.hidden'}"
+                   f" = {p.hidden_size(model)}")
             raise PreflightError(
-                f"{key} = {p.hidden_size(model)}: training {model} needs about "
-                f"{need / 2**30:,.1f} GiB, and this machine has {available / 2**30:,.1f} GiB "
-                "available; lower it (or train_lm.batch_size, num_steps, num_layers)")
+                f"{key}: training {model} needs about {need / 2**30:,.1f} GiB, and this machine "
+                f"has {available / 2**30:,.1f} GiB available; lower it")
 
 
-def training_memory(params: Params, model: str, vocab_size: int = 100) -> float:
-    """Bytes a training of `model` holds, roughly: weights, gradients, two optimizer moments and
-    two copies (best epoch, checkpoint), plus the activations of one batch kept for BPTT."""
+def training_memory(params: Params, model: str, vocab_size: int = 100) -> tuple[float, float]:
+    """Bytes a training of `model` holds, roughly: for the weights (with gradients, two
+    optimizer moments and two copies: best epoch, checkpoint) and for the activations of one
+    batch kept for backpropagation through time."""
     p = params.train_lm
     hidden, layers, gates = p.hidden_size(model), p.layers(model), GATES[model]
     weights = gates * hidden * (vocab_size + hidden + 2) + (layers - 1) * gates * hidden * \
         (2 * hidden + 2) + hidden * vocab_size + vocab_size
     activations = p.batch_size * p.num_steps * (layers * (gates + 2) * hidden + 3 * vocab_size)
-    return 4.0 * (6 * weights + activations)
+    return 4.0 * 6 * weights, 4.0 * activations
 
 
 def _available_memory(device: str) -> float:

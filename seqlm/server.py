@@ -34,6 +34,24 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def spawn(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A server process of this one: in a session of its own (the terminal's Ctrl-C reaches this
+    process only, which then stops the server itself) and ended by the kernel if this process
+    dies."""
+    return subprocess.Popen(args, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -60,31 +78,20 @@ def start_temporary_server() -> str | None:
     # What Prefect's own temporary server runs: no UI, the services of a temporary server.
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
            "PREFECT__SERVER_FINAL": "1"}
-    process = subprocess.Popen(
+    process = spawn(
         [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
          "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
-        env=env, start_new_session=True, preexec_fn=_die_with_parent)
-    atexit.register(_stop, process)       # runs after the interpreter has joined the threads
+        env)
+    atexit.register(stop, process)       # runs after the interpreter has joined the threads
     global started_pid
     started_pid = process.pid
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while not _healthy(api_url):
         if process.poll() is not None or time.monotonic() > deadline:
-            _stop(process)
+            stop(process)
             raise ServerError(f"the temporary Prefect server did not start on 127.0.0.1:{port} "
                               f"(exit code {process.poll()}); set PREFECT_API_URL to use a "
                               "running `prefect server start`")
         time.sleep(0.1)
     os.environ["PREFECT_API_URL"] = api_url
     return api_url
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()

@@ -38,6 +38,19 @@ def test_repository_params_are_valid():
     (lambda p: p["train_lm"].update(sampling="shuffled"), "train_lm.sampling = 'shuffled'"),
     (lambda p: p["train_ar"].update(k_steps=[1, 4, 4]), "train_ar.k_steps = [1, 4, 4]: Value error, lists a horizon twice"),
     (lambda p: p["sine"].update(T=600), "sine.T = 600 is too short for train_ar: needs at least n_train + tau + max(k_steps) = 668"),
+    (lambda p: p["evaluate"].update(prefixes=["time", ""]), "evaluate.prefixes.1 = '': String should have at least 1 character"),
+    (lambda p: p["ngrams"].update(max_n=50), "ngrams.max_n = 50: Input should be less than or equal to 10"),
+    (lambda p: p["evaluate"].update(ngram_orders=[40]), "evaluate.ngram_orders.0 = 40"),
+    (lambda p: p["evaluate"].update(ngram_orders=[3, 3]), "evaluate.ngram_orders = [3, 3]: Value error, lists an order twice"),
+    (lambda p: p["tracking"].update(experiment=""), "tracking.experiment = '': String should have at least 1 character"),
+    (lambda p: p["tracking"].update(corpus_name="a/b"), "tracking.corpus_name = 'a/b': String should match pattern"),
+    (lambda p: p["train_lm"].update(dropout=1.0), "train_lm.dropout = 1.0: Input should be less than 1"),
+    (lambda p: p["train_lm"].update(lr_decay=0), "train_lm.lr_decay = 0"),
+    (lambda p: p["train_lm"].update(patience=-1), "train_lm.patience = -1"),
+    (lambda p: p["train_lm"].update(optimizer="rmsprop"), "train_lm.optimizer = 'rmsprop'"),
+    (lambda p: p["train_lm"].update(hidden=1e9), "train_lm.hidden = 1000000000.0: Input should be a valid integer"),
+    (lambda p: p["preprocess"].update(train_tokens=0), "preprocess.train_tokens = 0"),
+    (lambda p: p["train_lm"].update(models=[]), "train_lm.models = []"),
 ])
 def test_bad_params_name_key_and_value(tmp_path, mutate, expected):
     with pytest.raises(ParamsError) as info:

@@ -62,12 +62,15 @@ def test_schedule_serves_a_cron_deployment_on_a_local_server(tmp_path):
         flows = _post(f"{api}/flows/filter", {})
         assert [f["name"] for f in flows] == ["pipeline"]
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGINT)          # Ctrl-C in the terminal: the whole group
+        stopped = time.monotonic()
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
-    # the server the command started is gone with it
+    # Ctrl-C stops serving within seconds, cleanly, and the server the command started is gone
+    assert proc.returncode is not None and time.monotonic() - stopped < 30
+    assert "Traceback" not in (tmp_path / "schedule.log").read_text()
     with pytest.raises(OSError):
         urllib.request.urlopen(f"{api}/health", timeout=2)

@@ -1,0 +1,98 @@
+"""Errors found before any stage runs (the machine) or right after preprocess (the corpus),
+each one line naming the params key."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_params
+from seqlm.params import Params, load_params
+from seqlm.preflight import PreflightError, check_corpus, check_machine
+from seqlm.text import Vocab
+
+
+def params_with(root: Path, **sections) -> Params:
+    write_params(root, **sections)
+    return load_params()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_a_gpu(workdir):
+    with pytest.raises(PreflightError, match=r"^train_lm.device = 'cuda' but torch .* sees no "
+                                             "CUDA GPU"):
+        check_machine(params_with(workdir, train_lm={"device": "cuda"}))
+
+
+def test_download_out_naming_a_folder(workdir):
+    (workdir / "data").mkdir(exist_ok=True)
+    with pytest.raises(PreflightError, match=r"^download.out = 'data' is a folder"):
+        check_machine(params_with(workdir, download={"out": "data"}))
+
+
+@pytest.mark.parametrize("settings, key", [
+    ({"hidden": 1_000_000}, "train_lm.hidden = 1000000"),
+    ({"hidden_scratch": 2_000_000}, "train_lm.hidden_scratch = 2000000"),
+    ({"num_steps": 1_000_000}, "train_lm.batch_size x train_lm.num_steps = 32 x 1000000")])
+def test_a_model_too_big_for_the_memory(workdir, settings, key):
+    with pytest.raises(PreflightError, match=rf"^{key}: training \w+ needs about [\d,.]+ GiB, "
+                                             "and this machine has"):
+        check_machine(params_with(workdir, train_lm=settings))
+
+
+def test_the_defaults_pass(workdir):
+    check_machine(load_params())
+
+
+@pytest.fixture(scope="module")
+def corpus() -> tuple[np.ndarray, dict[str, Vocab]]:
+    from conftest import REPO
+    from seqlm.text import read_lines, tokenize
+    lines = read_lines(REPO / "data/mirror/timemachine.txt")
+    vocabs = {level: Vocab(tokenize(lines, level)) for level in ("word", "char")}
+    ids = np.asarray([vocabs["char"][c] for line in lines for c in line], dtype=np.int32)
+    return ids, vocabs
+
+
+@pytest.mark.parametrize("sections, message", [
+    ({"preprocess": {"train_tokens": 170_000}}, "^preprocess.train_tokens \\+ preprocess.val_tokens "
+                                                "= 170000 \\+ 5000 exceeds the corpus of 170580"),
+    ({"preprocess": {"train_tokens": None, "val_tokens": 170_580}},
+     "^preprocess.val_tokens = 170580 leaves no training text"),
+    ({"train_lm": {"num_steps": 100_000}}, "^train_lm.batch_size = 32 x train_lm.num_steps = "
+                                           "100000 do not fit the training split of 10000"),
+    ({"train_lm": {"batch_size": 5_000}}, "^train_lm.batch_size = 5000 x"),
+    ({"ngrams": {"max_n": 6}}, "^ngrams.max_n = 6: word level: 6-grams over a vocabulary of "
+                               "4580 tokens do not fit a 63-bit key"),
+])
+def test_what_does_not_fit_the_corpus(workdir, corpus, sections, message):
+    ids, vocabs = corpus
+    with pytest.raises(PreflightError, match=message) as info:
+        check_corpus(params_with(workdir, **sections), ids, vocabs)
+    assert "\n" not in str(info.value)
+
+
+def test_prefix_characters_the_corpus_never_uses(workdir):
+    vocab = Vocab(list("abc def"))
+    ids = np.asarray(vocab[list("abc def" * 3000)], dtype=np.int32)
+    with pytest.raises(PreflightError, match="^evaluate.prefixes: 'Time Traveller!' has "
+                                             "characters the corpus never uses: 'ilmrtv'"):
+        check_corpus(params_with(workdir, evaluate={"prefixes": ["Time Traveller!"]}), ids,
+                     {"char": vocab, "word": Vocab("abc def".split())})
+    # what normalisation turns into known characters is fine: 'Über' reads as ' ber'
+    check_corpus(params_with(workdir, evaluate={"prefixes": ["Bed, fade!"]}), ids,
+                 {"char": vocab, "word": Vocab("abc def".split())})
+
+
+@pytest.mark.slow
+def test_the_flow_stops_after_preprocess_before_any_training(workdir, prefect_server,
+                                                             monkeypatch):
+    from flows.pipeline import pipeline
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
+    write_params(workdir, train_lm={"num_steps": 20_000})
+    with pytest.raises(PreflightError, match="^train_lm.batch_size = 32 x train_lm.num_steps"):
+        pipeline(params_file="params.yaml", record_dvc=False)
+    assert (workdir / "data/processed/corpus_char.npy").exists()
+    assert not (workdir / "models").exists() and not (workdir / "data/ngrams").exists()
