@@ -127,3 +127,21 @@ def test_dvc_repro_and_exp_run(repo):
     shown = _dvc(root, env, "exp", "show", "--csv")
     assert "train_ar.epochs" in shown.splitlines()[0]
     assert any(",3," in line for line in shown.splitlines()[1:])   # the experiment's epochs=3
+
+
+def test_dvc_repro_during_a_run_is_refused_before_it_deletes_anything(repo, monkeypatch):
+    """`seqlm run` holds DVC's repository lock: a `dvc repro` meanwhile fails at once, before
+    it removes any stage output."""
+    from seqlm.workspace import workspace_lock
+    root, env = repo
+    _run([sys.executable, "-m", "seqlm.cli", "stage", "download"], root, env)
+    corpus = (root / "data/raw/timemachine.txt").read_bytes()
+    monkeypatch.chdir(root)
+    with workspace_lock("seqlm run", dvc=True):
+        result = subprocess.run([sys.executable, "-m", "dvc", "repro", "download"], cwd=root,
+                                env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode != 0 and "Unable to acquire lock" in result.stderr + result.stdout
+        stage = subprocess.run([sys.executable, "-m", "seqlm.cli", "stage", "download"], cwd=root,
+                               env=env, capture_output=True, text=True, timeout=120)
+        assert stage.returncode == 2 and f"in use by pid {os.getpid()} (seqlm run" in stage.stderr
+    assert (root / "data/raw/timemachine.txt").read_bytes() == corpus
