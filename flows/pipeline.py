@@ -7,7 +7,9 @@ runs again. At the end dvc.lock is updated to describe exactly the artifacts wri
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import datetime
 import hashlib
 import json
 import logging
@@ -102,8 +104,10 @@ class StageRecord:
 
 
 def submit_stage(stage: Stage, item: str | None, params: Params, stage_logger: StageLogger,
-                 record: StageRecord, tags: list[str]) -> tuple[PrefectFuture, str]:
-    """Submit one stage whose upstream stages have finished, so its inputs are final."""
+                 record: StageRecord, tags: list[str], wait_for: list[PrefectFuture],
+                 ) -> tuple[PrefectFuture, str]:
+    """Submit one stage whose upstream stages (`wait_for`) have finished, so its inputs are
+    final; passing them to Prefect draws the edges of the DAG in its UI."""
     key = stage_cache_key(stage, item, params)
     task = stage_task(stage.name, params).with_options(
         name=_label(stage.name, item),
@@ -116,7 +120,7 @@ def submit_stage(stage: Stage, item: str | None, params: Params, stage_logger: S
     )
     kwargs = stage_logger.task_kwargs(stage.name, item)
     args = (params, item) if item is not None else (params,)
-    return task.submit(*args, **kwargs), key
+    return task.submit(*args, wait_for=wait_for, **kwargs), key
 
 
 def fetches_every_run(stage: Stage, params: Params) -> bool:
@@ -163,7 +167,27 @@ def close_training_slots(tag: str) -> None:
         client.delete_concurrency_limit_by_tag(tag)
 
 
-@flow(name="pipeline", log_prints=True)
+def run_name() -> str:
+    """The readable name the Prefect flow run and the MLflow parent run share: when it started
+    and which params it ran (date-time-params hash)."""
+    from prefect.runtime import flow_run
+    params_file = flow_run.parameters.get("params_file", str(PARAMS_FILE))
+    started = datetime.datetime.now().strftime("%Y-%m-%d-%H%M%S")
+    return f"{started}-{load_params(params_file).digest()[:8]}"
+
+
+def in_levels(params: Params) -> list[StageKey]:
+    """Every (stage, item) in topological order, level by level: stages that do not depend on
+    each other come together, so they are submitted together."""
+    level: dict[StageKey, int] = {}
+    for stage in STAGES:
+        for item in stage.items(params):
+            level[(stage.name, item)] = 1 + max(
+                (level[key] for key in upstream(stage, item, params)), default=-1)
+    return sorted(level, key=level.__getitem__)
+
+
+@flow(name="pipeline", log_prints=True, flow_run_name=run_name)
 def pipeline(params_file: str = str(PARAMS_FILE), record_dvc: bool = True) -> dict[str, str]:
     """Run every stage whose inputs changed; returns {stage: final state name}."""
     with workspace_lock("seqlm run", dvc=record_dvc), stop_on_signals():
@@ -179,45 +203,67 @@ def _run_stages(params_file: str, record_dvc: bool) -> dict[str, str]:
     run = RunRecord()
     if killed is not None:
         close_unfinished(killed, logger)
-    flow_run_id = str(FlowRunContext.get().flow_run.id)
+    context = FlowRunContext.get().flow_run
+    flow_run_id = str(context.id)
     tag = open_training_slots(flow_run_id)
     run.set(flow_run_id=flow_run_id, server_pid=server.started_pid, concurrency_tag=tag,
             mlflow_uri=tracking_uri())
     tracker = Tracker(params, on_open=run.add_mlflow_run)
-    tracker.start()
+    tracker.start(context.name, tags={"prefect.flow_run_id": flow_run_id,
+                                      "prefect.flow_run_url": prefect_run_url(flow_run_id)})
+    link_mlflow_run(tracker, logger)
     stage_logger = StageLogger(tracker, params)
 
     record = StageRecord()
     futures: dict[StageKey, tuple[PrefectFuture, str]] = {}
     states: dict[str, str] = {}
+    logged: set[StageKey] = set()
+
+    def log_finished(block_on: list[StageKey] = ()) -> None:
+        """Log every stage that has finished (MLflow runs end with their stage); return once
+        the stages in block_on have."""
+        while True:
+            for key, (future, cache_key) in futures.items():
+                if key not in logged and future.state.is_final():
+                    logged.add(key)
+                    finished(key, future, cache_key)
+            if all(key in logged for key in block_on):
+                return
+            concurrent.futures.wait([futures[k][0].wrapped_future for k in block_on
+                                     if k not in logged],
+                                    return_when=concurrent.futures.FIRST_COMPLETED)
+
+    def finished(key: StageKey, future: PrefectFuture, cache_key: str) -> None:
+        name, item = key
+        paths = future.result()                        # a failed stage raises here
+        label = _label(name, item)
+        cached = future.state.name == "Cached"
+        states[label] = future.state.name
+        record.update(label, cache_key, outputs_digest(STAGE_BY_NAME[name], item, params))
+        if cached:
+            logger.info("stage %s unchanged: skipped (cached)", label)
+        stage_logger.after(name, item, paths, cached=cached)
+
     try:
         corpus_checked = False
-        for stage in STAGES:
-            if stage.name not in ("download", "preprocess") and not corpus_checked:
-                # Everything that needs the corpus's size fails now, before any later stage.
-                futures[("preprocess", None)][0].result()
-                check_preprocessed(params)
-                corpus_checked = True
-            trainings = [i for i in stage.items(params)] if stage.name == "train_lm" else []
-            if len(trainings) > TRAINING_SLOTS:
-                logger.info("%d trainings, %d at a time on this device: %s wait for a slot",
-                            len(trainings), TRAINING_SLOTS,
-                            ", ".join(_label(stage.name, i) for i in trainings[TRAINING_SLOTS:]))
-            for item in stage.items(params):
-                for key in upstream(stage, item, params):
-                    futures[key][0].result()  # inputs final before this stage's key is taken
-                futures[(stage.name, item)] = submit_stage(
-                    stage, item, params, stage_logger, record,
-                    tags=[tag] if stage.name == "train_lm" else [])
-        for (name, item), (future, key) in futures.items():  # in topological order
-            paths = future.result()
-            label = _label(name, item)
-            states[label] = future.state.name
+        trainings = [key for key in in_levels(params) if key[0] == "train_lm"]
+        if len(trainings) > TRAINING_SLOTS:
+            logger.info("%d trainings, %d at a time on this device: %s wait for a slot",
+                        len(trainings), TRAINING_SLOTS,
+                        ", ".join(_label(*key) for key in trainings[TRAINING_SLOTS:]))
+        for name, item in in_levels(params):
             stage = STAGE_BY_NAME[name]
-            record.update(label, key, outputs_digest(stage, item, params))
-            if future.state.name == "Cached":
-                logger.info("stage %s unchanged: skipped (cached)", label)
-            stage_logger.after(name, item, paths, cached=future.state.name == "Cached")
+            ups = upstream(stage, item, params)
+            log_finished(block_on=ups)      # inputs final before this stage's key is taken
+            if ("preprocess", None) in ups and not corpus_checked:
+                check_preprocessed(params)  # what needs the corpus's size fails now
+                corpus_checked = True
+            futures[(name, item)] = submit_stage(
+                stage, item, params, stage_logger, record,
+                tags=[tag] if name == "train_lm" else [],
+                wait_for=[futures[key][0] for key in ups])
+        log_finished(block_on=list(futures))
+        stage_logger.finish()
         if record_dvc and Path(params_file).resolve() != PARAMS_FILE.resolve():
             logger.warning("params from %s, not %s: dvc.lock not updated (it describes the "
                            "outputs of %s; use `dvc exp run -S key=value` for DVC experiments)",
@@ -239,4 +285,24 @@ def _run_stages(params_file: str, record_dvc: bool) -> dict[str, str]:
         raise TrackingError(
             f"MLflow store {tracking_uri()!r} failed ({tracker.error}); all pipeline artifacts "
             f"were written. {FIX_URI} and re-run: unchanged stages are skipped.")
-    return states
+    return {_label(*key): states[_label(*key)] for key in in_levels(params)}
+
+
+def prefect_run_url(flow_run_id: str) -> str:
+    """The flow run in the Prefect UI: the server's own, or for a temporary server the UI of
+    `prefect server start`, which reads the same database."""
+    from prefect.settings import PREFECT_UI_URL
+    ui = None if server.started_pid else PREFECT_UI_URL.value()
+    return f"{(ui or 'http://127.0.0.1:4200').rstrip('/')}/runs/flow-run/{flow_run_id}"
+
+
+def link_mlflow_run(tracker: Tracker, logger: logging.Logger | logging.LoggerAdapter) -> None:
+    url = tracker.run_url()
+    if url is None:
+        return
+    from prefect.artifacts import create_markdown_artifact
+    create_markdown_artifact(
+        key="mlflow-run", description="The MLflow run of this pipeline run",
+        markdown=f"MLflow run [{tracker.run_id}]({url}) in experiment "
+                 f"`{tracker.params.tracking.experiment}` of `{tracker.uri}`")
+    logger.info("MLflow run: %s", url)

@@ -19,6 +19,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Sequence models of D2L chapter 8 as a Prefect + DVC + MLflow pipeline.")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry noise
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "seqlm")      # stage progress in run logs
+# `seqlm stage` logs outside a flow run: the lines go to the terminal only, without a warning.
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+# MLflow's own progress bars (artifact downloads while registering) are noise here.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # Prefect gives extra loggers its handlers but not a level: without this, INFO lines are dropped.
 logging.getLogger("seqlm").setLevel(logging.INFO)
 # The temporary server needs 6-13 s to start on 2 idle cores; Prefect gives up after 20 s, which a

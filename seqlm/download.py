@@ -142,7 +142,7 @@ def _copy_local(path: Path, dest: Path, algorithm: str, label: str) -> str:
         raise SourceError(exc.strerror or str(exc)) from None
     with src, open(dest, "wb") as dst:
         chunks = iter(lambda: src.read(CHUNK), b"")
-        return _stream(chunks, dst, algorithm, os.fstat(src.fileno()).st_size, label)
+        return _stream(chunks, dst, algorithm, os.fstat(src.fileno()).st_size, label, bar=False)
 
 
 def _copy_http(url: str, dest: Path, p: DownloadParams) -> str:
@@ -183,9 +183,12 @@ def _describe(exc: Exception) -> str:
 
 
 def _stream(chunks: Iterable[bytes], dst: BinaryIO, algorithm: str, total: int | None,
-            label: str) -> str:
+            label: str, bar: bool = True) -> str:
+    """Copy and hash; a progress bar in bytes for downloads (not for a local copy, which is
+    instant), and only in a terminal."""
     digest = hashlib.new(algorithm)
-    with tqdm(total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1024) as bar:
+    with tqdm(total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1024,
+              disable=None if bar else True) as bar:
         for chunk in chunks:
             dst.write(chunk)
             digest.update(chunk)

@@ -50,15 +50,16 @@ SIGNATURE = ModelSignature(
     outputs=Schema([ColSpec("string")]))
 
 
-def log_char_lm(model_dir: Path, registered_name: str) -> mlflow.models.model.ModelInfo:
-    """Log model_dir (model.pt, vocab.parquet, meta.json) under the active run and register it."""
+def log_char_lm(model_dir: Path, registered_name: str, name: str) -> mlflow.models.model.ModelInfo:
+    """Log model_dir (model.pt, vocab.parquet, meta.json) under the active run as `name` and
+    register it. The model is logged from code (seqlm/pyfunc_model.py), not pickled."""
     with warnings.catch_warnings():
         # The integer column of the input example draws a hint about missing values; the
         # signature above already declares num_chars, top_k and seed as optional.
         warnings.simplefilter("ignore", UserWarning)
         return mlflow.pyfunc.log_model(
-            name="model",
-            python_model=CharLanguageModel(),
+            name=name,
+            python_model=str(PACKAGE_DIR / "pyfunc_model.py"),
             artifacts={"model_dir": str(model_dir)},
             code_paths=[str(PACKAGE_DIR)],  # ships seqlm: the model loads outside this repo too
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "pandas", "pyarrow",

@@ -1,18 +1,41 @@
-"""Vectorised, streaming n-gram counting over a token-id sequence (D2L 8.3.3).
+"""Vectorised n-gram counting over a token-id sequence (D2L 8.3.3), shard by shard.
 
 Each window of n ids is packed into one int64 key (a number in base `vocab_size`), so counting is
-a sort of integers: no tuple per n-gram. The sequence is read in chunks (a memory-mapped .npy
-works), each chunk is reduced to a table (key, count, first position) and merged into the running
-table, so memory grows with the number of distinct n-grams, not with the corpus.
+integer work with no tuple per n-gram: np.bincount when vocab_size**n is small, one np.sort of the
+shard's windows otherwise.
+
+Sharded counting -- what one Prefect (or Dask) task per shard runs; count_ngrams is the same
+loop in one process, with its chunks as the shards:
+
+    bounds = shard_bounds(len(ids), shard_tokens)            # [(start, stop), ...]
+    partials = [count_shard("data/processed/corpus_word.npy", start, stop, max_n, vocab_size)
+                for start, stop in bounds]                   # one task each, any order
+    tables = reduce_partials(partials)                       # {n: NgramTable}
+
+- shard_bounds(length, shard_tokens) -> [(start, stop), ...]: shards of `shard_tokens` window
+  start positions covering 0..length-1.
+- count_shard(ids, start, stop, max_n, vocab_size) -> {n: NgramTable}: the n-grams, n = 1..max_n,
+  that *start* at positions start..stop-1, with first positions in the whole sequence. It reads
+  ids[start:stop + max_n - 1]: the n - 1 ids past its end complete the windows that start in it,
+  so a window across a shard border is counted once, by the shard it starts in. `ids` is an array
+  or the path of a 1-D .npy (memory-mapped: a task reads only its shard, and only the path and
+  bounds travel to it). Memory: ~30 bytes per token of the shard per n.
+- reduce_partials(partials) -> {n: NgramTable}: merges partials as they arrive, in any order
+  (counts add up, the earliest first position wins). Memory: of the order of the distinct
+  n-grams, not of the corpus (see its docstring).
+
+Whatever the shard size and the order of the partials, the tables are the same -- keys, counts,
+first positions, hence ranks -- and write_parquet writes byte-identical files.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
 from seqlm.io import atomic_path
@@ -52,8 +75,11 @@ def unpack(keys: np.ndarray, n: int, base: int) -> np.ndarray:
 
 
 def group_starts(sorted_keys: np.ndarray) -> np.ndarray:
-    """Index of the first element of each run of equal values in sorted non-negative keys."""
-    return np.flatnonzero(np.diff(sorted_keys, prepend=-1))
+    """Index of the first element of each run of equal values in sorted keys."""
+    is_start = np.empty(len(sorted_keys), dtype=bool)
+    is_start[:1] = True
+    np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=is_start[1:])
+    return np.flatnonzero(is_start)
 
 
 @dataclass(frozen=True)
@@ -70,19 +96,6 @@ class NgramTable:
 
     def __len__(self) -> int:
         return len(self.keys)
-
-    def merge(self, keys: np.ndarray, counts: np.ndarray, first: np.ndarray) -> "NgramTable":
-        """This table plus sorted, distinct (keys, counts, first) entries; an n-gram in both gets
-        the sum of the counts and the earlier first position."""
-        keys = np.concatenate([self.keys, keys])
-        counts = np.concatenate([self.counts, counts])
-        first = np.concatenate([self.first, first])
-        # Both inputs are sorted by key: a stable sort (timsort) merges two runs in ~linear time.
-        order = np.argsort(keys, kind="stable")
-        keys, counts, first = keys[order], counts[order], first[order]
-        starts = group_starts(keys)
-        return NgramTable(self.n, keys[starts], np.add.reduceat(counts, starts),
-                          np.minimum.reduceat(first, starts))
 
     def ranked(self) -> "NgramTable":
         """Sorted by count descending, ties by first appearance: what the seed's Counter plus
@@ -108,83 +121,212 @@ def rank_order(counts: np.ndarray, first: np.ndarray) -> np.ndarray:
     return np.sort(packed | np.arange(len(counts), dtype=np.int64)) & ((1 << index_bits) - 1)
 
 
-def count_ngrams(ids: np.ndarray, max_n: int, vocab_size: int,
-                 chunk_tokens: int = 1_000_000) -> dict[int, NgramTable]:
-    """n-gram tables for n = 1..max_n over `ids` (1-D, may be a memory map), sorted by key
-    (`.ranked()` gives the frequency order).
+def shard_bounds(length: int, shard_tokens: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges of `shard_tokens` window start positions covering 0..length-1; one
+    empty shard for an empty sequence, so that its count still has a (empty) table for every n."""
+    if shard_tokens < 1:
+        raise NgramError(f"shard size must be >= 1 token, got {shard_tokens}")
+    return [(start, min(start + shard_tokens, length))
+            for start in range(0, max(length, 1), shard_tokens)]
 
-    Chunk c holds the windows starting at positions [c*chunk, (c+1)*chunk); it reads max_n - 1
-    extra ids past its end, so windows that cross a chunk border are counted exactly once.
-    """
-    if max_n < 1 or chunk_tokens < 1:
-        raise NgramError(f"max_n={max_n} and chunk_tokens={chunk_tokens} must be >= 1")
+
+def count_shard(ids: np.ndarray | Path | str, start: int, stop: int, max_n: int,
+                vocab_size: int) -> dict[int, NgramTable]:
+    """{n: NgramTable} (sorted by key) of the n-grams, n = 1..max_n, that start at positions
+    start..stop-1 of `ids` (an array, or the path of a 1-D .npy that is memory-mapped); it reads
+    ids[start:stop + max_n - 1]. See the module docstring."""
+    if isinstance(ids, (str, Path)):
+        ids = np.load(ids, mmap_mode="r", allow_pickle=False)
+    if max_n < 1 or not 0 <= start <= stop:
+        raise NgramError(f"max_n={max_n} must be >= 1 and 0 <= start={start} <= stop={stop}")
     for n in range(1, max_n + 1):
         check_key_fits(vocab_size, n)
-    chunk_tokens = min(chunk_tokens, _max_chunk(vocab_size))
     total = len(ids)
-    tables = {n: NgramTable.empty(n) for n in range(1, max_n + 1)}
-    for start in range(0, total, chunk_tokens):
-        chunk = np.asarray(ids[start:start + chunk_tokens + max_n - 1])
-        _check_ids(chunk, vocab_size, start)
-        windows = [min(chunk_tokens, total - n + 1 - start) for n in range(1, max_n + 1)]
-        for n, (keys, counts, first) in enumerate(_count_chunk(chunk, windows, vocab_size), 1):
-            tables[n] = tables[n].merge(keys, counts, first + start)
+    stop = min(stop, total)
+    step = _max_chunk(vocab_size)
+    if stop - start > step:                  # shard-local codes would overflow: count in parts
+        return reduce_partials(count_shard(ids, a, min(a + step, stop), max_n, vocab_size)
+                               for a in range(start, stop, step))
+    chunk = np.asarray(ids[start:min(stop + max_n - 1, total)])
+    _check_ids(chunk, vocab_size, start)
+    chunk = chunk.astype(np.int64)                            # a copy in memory, signed
+
+    # Each window gets a small shard-local code that sorts as its packed key does: the code of
+    # its (n-1)-gram prefix times vocab_size plus its last id. The prefix code is the packed key
+    # itself while vocab_size**n is small (dense counting, windows in position order), else the
+    # prefix's rank among the shard's distinct (n-1)-grams, which keeps codes below
+    # (shard size) * vocab_size for any n. Sorted levels keep the windows in their sorted order:
+    # no scatter back, and the next level's codes come out nearly sorted when most prefixes occur
+    # once (long n-grams of words), where a stable sort (timsort) is near linear.
+    tables: dict[int, NgramTable] = {}
+    codes = np.zeros(max(stop - start, 0), dtype=np.int64)    # the empty prefix of unigrams
+    pos: np.ndarray | None = None         # shard positions of `codes`; None: in position order
+    prefix_keys: np.ndarray | None = None                     # code -> packed key; None: same
+    for n in range(1, max_n + 1):
+        count = min(stop, total - n + 1) - start              # windows of n ids in the shard
+        if count <= 0:
+            tables[n] = NgramTable.empty(n)
+            continue
+        if pos is None:
+            local = codes[:count] * vocab_size
+            local += chunk[n - 1:n - 1 + count]
+        else:
+            if len(pos) > count:         # the sequence's last window is one id short for n
+                keep = pos < count
+                pos, codes = pos[keep], codes[keep]
+            local = codes                # the ranks are ours: update them in place
+            local *= vocab_size
+            local += chunk[n - 1:][pos]
+        if prefix_keys is None and vocab_size**n <= count:
+            keys, counts, first = _count_dense(local, vocab_size**n)
+            codes = local
+        else:
+            nearly_sorted = pos is not None and 2 * len(prefix_keys) > count
+            keys, counts, first, pos, codes = _count_sorted(local, pos, prefix_keys, vocab_size,
+                                                            nearly_sorted)
+            prefix_keys = keys
+        tables[n] = NgramTable(n, keys, counts, first + start)
     return tables
 
 
+def reduce_partials(partials: Iterable[Mapping[int, NgramTable]]) -> dict[int, NgramTable]:
+    """The tables of all shards' partial counts (count_shard results), merged as they come.
+
+    Per n, partials wait in a batch until it holds four times as many entries as the running
+    table, then batch and table merge in one go (a stable argsort, which merges sorted runs).
+    Each n-gram goes through ~1.5 merges on average (merging every partial into the running table
+    would cost shards x distinct n-grams), and memory stays within five times the distinct
+    n-grams plus a partial -- about the distinct n-grams themselves for long n-grams of text,
+    which mostly occur once.
+    """
+    merged: dict[int, NgramTable] = {}
+    batches: dict[int, list[NgramTable]] = {}
+    for partial in partials:
+        for n, table in partial.items():
+            batch = batches.setdefault(n, [])
+            batch.append(table)
+            if n not in merged or sum(map(len, batch)) >= 4 * len(merged[n]):
+                batch.insert(0, merged.pop(n, NgramTable.empty(n)))
+                merged[n] = merge_tables(batch)          # empties the batch
+    for n, batch in batches.items():
+        if batch:
+            batch.insert(0, merged.pop(n))
+            merged[n] = merge_tables(batch)
+    return dict(sorted(merged.items()))
+
+
+def merge_tables(tables: list[NgramTable]) -> NgramTable:
+    """Tables of the same n (each sorted by key) in one: an n-gram's counts add up and its first
+    position is the earliest. A stable argsort is timsort, which merges the sorted runs.
+
+    Empties `tables`, so that the inputs are freed once copied, before the sort: the memory
+    peak is ~55 bytes per input entry."""
+    nonempty = [t for t in tables if len(t)] or tables[:1]
+    tables.clear()
+    if len(nonempty) == 1:
+        return nonempty[0]
+    n = nonempty[0].n
+    keys, counts, first = (np.concatenate([getattr(t, name) for t in nonempty])
+                           for name in ("keys", "counts", "first"))
+    nonempty.clear()
+    order = np.argsort(keys, kind="stable")
+    keys = keys[order]
+    starts = group_starts(keys)
+    counts = np.add.reduceat(counts[order], starts)
+    first = np.minimum.reduceat(first[order], starts)
+    return NgramTable(n, keys[starts], counts, first)
+
+
+def count_ngrams(ids: np.ndarray, max_n: int, vocab_size: int,
+                 chunk_tokens: int = 1_000_000) -> dict[int, NgramTable]:
+    """n-gram tables for n = 1..max_n over `ids` (1-D, may be a memory map), sorted by key
+    (`.ranked()` gives the frequency order): the shards of `chunk_tokens` counted one after the
+    other and reduced, so memory is one shard's plus the distinct n-grams."""
+    if max_n < 1 or chunk_tokens < 1:
+        raise NgramError(f"max_n={max_n} and chunk_tokens={chunk_tokens} must be >= 1")
+    return reduce_partials(count_shard(ids, start, stop, max_n, vocab_size)
+                           for start, stop in shard_bounds(len(ids), chunk_tokens))
+
+
 def _max_chunk(base: int) -> int:
-    """Largest chunk whose chunk-local keys, shifted to hold a position, still fit an int64."""
+    """Largest shard whose shard-local codes, shifted to hold a position, still fit an int64."""
     return 1 << ((62 - base.bit_length()) // 2)
 
 
-def _count_chunk(chunk: np.ndarray, windows: list[int], base: int
-                 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(keys, counts, first positions) of the distinct n-grams of one chunk, sorted by key, for
-    n = 1, 2, ... with windows[n-1] windows of each n.
+def _count_dense(keys: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(keys, counts, first positions) of the distinct values of `keys` < size, by array
+    indexing: a few ns per window where a sort costs ~20."""
+    counts = np.bincount(keys, minlength=size)
+    first = np.full(size, len(keys), dtype=np.int64)
+    np.minimum.at(first, keys, np.arange(len(keys), dtype=np.int64))
+    present = np.flatnonzero(counts)
+    return present, counts[present], first[present]
 
-    Sorting dominates the cost, and np.sort of plain int64 runs several times faster than argsort.
-    So each window gets a small chunk-local key -- the rank of its (n-1)-gram prefix among the
-    chunk's distinct (n-1)-grams, times base, plus its last id -- that leaves room for the window's
-    position in the low bits: one np.sort then gives the groups and each group's first position.
-    Ranks keep lexicographic order, so groups come out in the order of the packed keys.
+
+def _count_sorted(local: np.ndarray, pos: np.ndarray | None, prefix_keys: np.ndarray | None,
+                  base: int, nearly_sorted: bool
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(keys, counts, first positions) of the distinct n-grams, in key order, from the windows'
+    shard-local codes `local` at positions `pos` (None: 0, 1, ...); and the windows' positions
+    and ranks among the distinct n-grams, in that order: the next level's input.
+
+    np.sort of plain int64 runs several times faster than argsort, so the window's position goes
+    into the low bits of its code: one sort gives the groups and each group's first position.
     """
-    chunk = chunk.astype(np.int64, copy=False)
-    pos_bits = max(windows[0], 1).bit_length()
-    prefix_rank = np.zeros(max(windows[0], 0), dtype=np.int64)   # the empty prefix of unigrams
-    prefix_keys = np.zeros(1, dtype=np.int64)
-    for n, count in enumerate(windows, 1):
-        if count <= 0:
-            return
-        local = prefix_rank[:count] * base + chunk[n - 1:n - 1 + count]
-        ordered = np.sort((local << pos_bits) | np.arange(count, dtype=np.int64))
-        local, pos = ordered >> pos_bits, ordered & ((1 << pos_bits) - 1)
-        is_start = np.diff(local, prepend=-1) != 0
-        starts = np.flatnonzero(is_start)
-        first = pos[starts]
-        prefix_rank = np.empty(count, dtype=np.int64)
-        prefix_rank[pos] = np.cumsum(is_start) - 1
-        local = local[starts]
-        prefix_keys = prefix_keys[local // base] * base + local % base   # packed keys, rank order
-        yield prefix_keys, np.diff(np.r_[starts, count]), first
+    count = len(local)
+    pos_bits = (count - 1).bit_length()
+    local <<= pos_bits
+    local |= np.arange(count, dtype=np.int64) if pos is None else pos
+    local.sort(kind="stable" if nearly_sorted else None)
+    pos = local & ((1 << pos_bits) - 1)
+    local >>= pos_bits
+    is_start = np.empty(count, dtype=bool)
+    is_start[0] = True
+    np.not_equal(local[1:], local[:-1], out=is_start[1:])
+    starts = np.flatnonzero(is_start)
+    keys = local[starts]                 # prefix code * base + last id
+    if prefix_keys is not None:          # the prefix code is a rank: swap in the prefix's key
+        prefix = keys // base
+        keys += (prefix_keys[prefix] - prefix) * base
+    ranks = np.cumsum(is_start, dtype=np.int64)
+    ranks -= 1
+    return keys, np.diff(starts, append=count), pos[starts], pos, ranks
 
 
 def _check_ids(chunk: np.ndarray, vocab_size: int, offset: int) -> None:
     if chunk.dtype.kind not in "iu":
         raise NgramError(f"token ids must be integers, got dtype {chunk.dtype}")
-    bad = np.flatnonzero((chunk < 0) | (chunk >= vocab_size))
-    if len(bad):
+    if len(chunk) and (chunk.min() < 0 or chunk.max() >= vocab_size):
+        bad = np.flatnonzero((chunk < 0) | (chunk >= vocab_size))
         raise NgramError(f"token id {int(chunk[bad[0]])} at position {offset + int(bad[0])} is "
                          f"outside the vocabulary of {vocab_size} tokens")
 
 
-def to_arrow(table: NgramTable, tokens: Sequence[str]) -> pa.Table:
-    """Columns token_1..token_n (string), count and rank (int64, 1-based) of a ranked table."""
+PARQUET_ROWS = 1 << 20     # pyarrow's default row group: the rows converted and written at a time
+
+
+def to_arrow(table: NgramTable, tokens: Sequence[str], first_rank: int = 1) -> pa.Table:
+    """Columns token_1..token_n (string), count and rank (int64, from `first_rank`) of a ranked
+    table."""
     ids = unpack(table.keys, table.n, len(tokens))
     dictionary = pa.array(list(tokens), type=pa.string())
     columns = {f"token_{j + 1}": dictionary.take(pa.array(ids[:, j])) for j in range(table.n)}
     columns["count"] = pa.array(table.counts, type=pa.int64())
-    columns["rank"] = pa.array(np.arange(1, len(table) + 1, dtype=np.int64))
+    columns["rank"] = pa.array(np.arange(first_rank, first_rank + len(table), dtype=np.int64))
     return pa.table(columns)
+
+
+def write_parquet(table: NgramTable, tokens: Sequence[str], path: Path | str,
+                  rows: int = PARQUET_ROWS) -> None:
+    """A ranked table as zstd Parquet, `rows` rows (one row group) converted and written at a
+    time: memory is a row group's, the bytes those of pq.write_table of the whole table."""
+    schema = pa.schema([*((f"token_{j + 1}", pa.string()) for j in range(table.n)),
+                        ("count", pa.int64()), ("rank", pa.int64())])
+    with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+        for start in range(0, max(len(table), 1), rows):     # an empty table: one empty group
+            part = NgramTable(table.n, table.keys[start:start + rows],
+                              table.counts[start:start + rows], table.first[start:start + rows])
+            writer.write_table(to_arrow(part, tokens, start + 1), row_group_size=rows)
 
 
 # Zipf fit: the singletons (count == 1) are excluded. In a finite sample they form one long

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,95 +21,135 @@ from seqlm.train import perplexity, split_of
 
 
 class StageLogger:
+    """One MLflow child run per training that actually runs: opened when its first epoch is
+    reported (so its start is the training's), ended as soon as its stage has been logged. A
+    stage that was cached adds no run; the parent lists it and names the run that produced it."""
+
     def __init__(self, tracker: Tracker, params: Params) -> None:
         self.tracker = tracker
         self.params = params
         self.child_runs: dict[str, str | None] = {}
-        self.open_runs: set[str] = set()
+        self.monitors: dict[str, object] = {}
+        self.cached: dict[str, str] = {}          # stage label -> the run that produced it
         # (tokens/s, seconds) per epoch of each training: run-specific, so MLflow's, not DVC's
         self.timings: dict[str, list[tuple[float, float]]] = {}
+        self._lock = threading.Lock()
 
     def task_kwargs(self, stage: str, item: str | None) -> dict[str, Callable]:
         """Training stages get a per-epoch callback that logs into their own nested run."""
         if stage == "train_ar":
-            section = {"seed": self.params.seed, **self.params.train_ar.model_dump(mode="json")}
-            run_id = self._child("ar_mlp", section)
+            name, section = "ar_mlp", {"seed": self.params.seed,
+                                       **self.params.train_ar.model_dump(mode="json")}
         elif stage == "train_lm":
             lm = self.params.train_lm
-            section = {"model": item, "seed": self.params.seed,
-                       "hidden_size": lm.hidden_size(item),
-                       **flatten(self.params.preprocess.model_dump(mode="json"), "preprocess."),
-                       **{k: v for k, v in lm.model_dump(mode="json").items()
-                          if k not in ("models", "hidden", "hidden_scratch")}}
-            run_id = self._child(item, section)
+            name, section = item, {
+                "model": item, "seed": self.params.seed, "hidden_size": lm.hidden_size(item),
+                **flatten(self.params.preprocess.model_dump(mode="json"), "preprocess."),
+                **{k: v for k, v in lm.model_dump(mode="json").items()
+                   if k not in ("models", "hidden", "hidden_scratch")}}
         else:
             return {}
-        log_epoch = self.tracker.epoch_logger(run_id)
-        timings = self.timings.setdefault(item or stage, [])
+        timings = self.timings.setdefault(name, [])
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-            log_epoch(epoch, metrics)
+            self.tracker.log_metrics(self._child(name, section), metrics, step=epoch)
             if "tokens_per_s" in metrics:
                 timings.append((metrics["tokens_per_s"], metrics["seconds"]))
         return {"on_epoch": on_epoch}
 
     def _child(self, name: str, params: dict) -> str | None:
-        self.child_runs[name] = self.tracker.child_run(name, params)
-        self.open_runs.add(name)
-        return self.child_runs[name]
+        """The child run `name`, opened (with system metrics) on first use."""
+        with self._lock:
+            if name not in self.child_runs:
+                run_id = self.tracker.child_run(name, params)
+                self.child_runs[name] = run_id
+                if run_id is not None:
+                    self.monitors[name] = self.tracker.system_metrics(run_id)
+            return self.child_runs[name]
 
     def _end_child(self, name: str, status: str = "FINISHED") -> None:
+        monitor = self.monitors.pop(name, None)
+        if monitor is not None:
+            monitor.finish()
         self.tracker.end_child(self.child_runs.get(name), status)
-        self.open_runs.discard(name)
 
     def end_runs(self, status: str) -> None:
         """Close the nested runs whose stage did not finish (the flow failed)."""
-        for name in list(self.open_runs):
+        for name in list(self.monitors):
             self._end_child(name, status)
 
     def after(self, stage: str, item: str | None, paths: list[Path], cached: bool) -> None:
+        label = f"{stage}[{item}]" if item else stage
+        if cached:
+            self.cached[label] = self._producer(stage, item) or ""
         getattr(self, f"_after_{stage}", lambda *_: None)(item, paths, cached)
 
+    def finish(self) -> None:
+        """Tell the parent run which stages were cached, and by which runs they were made."""
+        if self.cached:
+            tags = {"cached_stages": ", ".join(self.cached)}
+            # tag keys take no brackets: train_lm[rnn] -> cached_by.train_lm.rnn
+            tags.update({f"cached_by.{label.replace('[', '.').rstrip(']')}": run
+                         for label, run in self.cached.items() if run})
+            self.tracker.set_tags(None, tags)
+
+    def _producer(self, stage: str, item: str | None) -> str | None:
+        if stage != "train_lm":
+            return None
+        weights = file_digest(Path(S.LM_DIR.replace("${item}", item)) / "model.pt")
+        version = self.tracker.version_with_weights(self._registered(item), weights)
+        return version.run_id if version is not None else None
+
+    def _registered(self, model: str) -> str:
+        return f"{self.params.corpus_name}-{model.replace('_', '-')}"
+
     # ---- per stage ----------------------------------------------------------------------------
-    def _after_preprocess(self, _item, _paths, _cached) -> None:
+    def _after_preprocess(self, _item, _paths, cached: bool) -> None:
         lines = Path(S.LINES).read_text(encoding="utf-8").splitlines()
         raw = self.params.download.out
         sha256 = file_digest(raw)
         self.tracker.log_dataset(pd.DataFrame({"line": lines}), source=raw,
                                  name=self.params.corpus_name, context="corpus",
                                  digest=sha256[:16], tags={"sha256": sha256})
-        self.tracker.log_artifacts([S.VOCAB["char"], S.VOCAB["word"]], "vocab")
+        if not cached:
+            self.tracker.log_artifacts([S.VOCAB["char"], S.VOCAB["word"]], "vocab")
 
-    def _after_ngrams(self, _item, _paths, _cached) -> None:
-        self.tracker.log_artifacts([S.NGRAMS], "ngrams")
+    def _after_ngrams(self, _item, _paths, cached: bool) -> None:
+        if not cached:
+            self.tracker.log_artifacts([S.NGRAMS], "ngrams")
         self.tracker.log_metrics_file(f"{S.REPORTS}/ngrams.json")
-
-    def _after_sine(self, _item, _paths, _cached) -> None:
-        self.tracker.log_dataset(pd.read_parquet(S.SINE), source=S.SINE, name="sine",
-                                 context="training", run_id=self.child_runs.get("ar_mlp"))
 
     def _after_train_ar(self, _item, _paths, cached: bool) -> None:
         run_id = self.child_runs.get("ar_mlp")
-        if cached:
-            self._replay_history(run_id, Path(S.AR_DIR) / "history.csv")
+        if cached or run_id is None:
+            return
         self.tracker.log_metrics_file(f"{S.REPORTS}/train_ar.json", run_id)
+        self.tracker.log_dataset(pd.read_parquet(S.SINE), source=S.SINE, name="sine",
+                                 context="training", run_id=run_id)
         self.tracker.log_artifacts([S.AR_DIR], "ar", run_id)
         self._end_child("ar_mlp")
 
     def _after_train_lm(self, item: str, _paths, cached: bool) -> None:
-        run_id = self.child_runs.get(item)
         model_dir = Path(S.LM_DIR.replace("${item}", item))
-        if cached:
-            self._replay_history(run_id, model_dir / "history.csv")
         meta = json.loads((model_dir / "meta.json").read_text())
-        metrics = {k: v for k, v in meta.items() if k.startswith(("final_", "best_"))}
+        if cached:
+            if self.cached.get(f"train_lm[{item}]"):
+                return                      # trained and registered by an earlier run
+            # never registered (the store was down when it trained): register it now
+            run_id = self._child(item, {"model": item})
+        else:
+            run_id = self.child_runs.get(item)
+        metrics = {k: round(v, 4) for k, v in meta.items()
+                   if k.startswith(("final_", "best_")) and k != "best_epoch"}
+        metrics["best_epoch"] = meta["best_epoch"]
         if self.timings.get(item):
             speeds, seconds = zip(*self.timings[item])
-            metrics["mean_tokens_per_s"] = float(np.mean(speeds))
-            metrics["train_wall_s"] = float(np.sum(seconds))
+            metrics["mean_tokens_per_s"] = round(float(np.mean(speeds)))
+            metrics["train_wall_s"] = round(float(np.sum(seconds)), 1)
         self.tracker.log_metrics(run_id, metrics)
-        self.tracker.set_tags(run_id, {"device": str(meta.get("device")), "cached": str(cached),
-                                       "stopped_early": str(meta["stopped_early"])})
+        self.tracker.set_tags(run_id, {"device": str(meta.get("device")),
+                                       "stopped_early": str(meta["stopped_early"]),
+                                       "worker": socket.gethostname()})
         ids = np.load(S.CORPUS["char"], mmap_mode="r")
         split = split_of(ids, self.params)
         for context, part in zip(("training", "validation"), protocol.train_val(ids, split)):
@@ -115,13 +157,27 @@ class StageLogger:
                                      source=S.CORPUS["char"],
                                      name=f"{self.params.corpus_name}-chars-{context}",
                                      context=context, run_id=run_id)
+        samples = self._continuations(model_dir)
+        self.tracker.log_dict(run_id, samples, "samples.json")
         self.tracker.log_artifacts([model_dir / "history.csv", model_dir / "meta.json"],
                                    run_id=run_id)
         self.tracker.log_figure(run_id, perplexity_figure(model_dir / "history.csv", item),
                                 "perplexity.png")
-        self.tracker.log_language_model(run_id, model_dir, item, meta["best_val_perplexity"],
-                                        meta["validation_digest"], self._rescore)
+        self.tracker.log_language_model(
+            run_id, model_dir, item, meta["best_val_perplexity"], meta["validation_digest"],
+            self._rescore, description=_version_description(meta, samples))
         self._end_child(item)
+
+    def _continuations(self, model_dir: Path) -> dict[str, dict[str, str]]:
+        """Greedy and seeded sampled continuations of evaluate.prefixes by the kept model."""
+        from seqlm.generate import load_trained, predict
+        ev = self.params.evaluate
+        model, vocab, _ = load_trained(model_dir, device="cpu")
+        return {prefix: {"greedy": predict(prefix, ev.num_chars, model, vocab, "cpu"),
+                         "sampled": predict(prefix, ev.num_chars, model, vocab, "cpu",
+                                            temperature=ev.temperature, top_k=ev.top_k,
+                                            seed=self.params.seed)}
+                for prefix in ev.prefixes}
 
     def _after_evaluate(self, _item, _paths, _cached) -> None:
         self.tracker.log_metrics_file(S.METRICS)
@@ -144,12 +200,16 @@ class StageLogger:
         return perplexity(model, np.asarray(vocab[chars], dtype=np.int64),
                           split.val_start - split.context_start, "cpu")
 
-    def _replay_history(self, run_id: str | None, history: Path) -> None:
-        """A cached stage did not train: log its per-epoch metrics from the history file."""
-        for row in pd.read_csv(history).to_dict("records"):
-            epoch = int(row.pop("epoch"))
-            self.tracker.log_metrics(run_id, row, step=epoch)
 
+
+def _version_description(meta: dict, samples: dict[str, dict[str, str]]) -> str:
+    lines = [f"Best epoch {meta['best_epoch']} of {meta['epochs']}: validation perplexity "
+             f"{meta['best_val_perplexity']:.3f} (final epoch: train {meta['final_train_perplexity']:.3f}, "
+             f"validation {meta['final_val_perplexity']:.3f}).", "", "Continuations:"]
+    for prefix, texts in samples.items():
+        lines.append(f"- greedy: `{texts['greedy']}`")
+        lines.append(f"- sampled: `{texts['sampled']}`")
+    return "\n".join(lines)
 
 
 def perplexity_figure(history: Path, title: str):

@@ -111,16 +111,19 @@ class Tracker:
 
     # ---- parent run -------------------------------------------------------------------------
     @_guarded
-    def start(self, run_name: str | None = None) -> str:
+    def start(self, run_name: str | None = None, tags: dict[str, str] | None = None) -> str:
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
         name = self.params.tracking.experiment
         experiment = self.client.get_experiment_by_name(name)
         self.experiment_id = (experiment.experiment_id if experiment
                               else self.client.create_experiment(name))
+        # Without this tag MLflow opens the experiment on its GenAI overview, not on the runs.
+        self.client.set_experiment_tag(self.experiment_id, "mlflow.experimentKind",
+                                       "custom_model_development")
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags={
             "git_commit": git_commit(), "params_hash": self.params.digest(),
-            "mlflow.source.type": "JOB"})
+            "mlflow.source.type": "JOB", **(tags or {})})
         self.run_id = run.info.run_id
         self._opened(self.run_id)
         self._log_params(self.run_id, flatten(self.params.model_dump(mode="json")))
@@ -130,11 +133,20 @@ class Tracker:
     def finish(self, status: str = "FINISHED", lock_file: Path = Path("dvc.lock")) -> None:
         if self.run_id is None:
             return
-        if lock_file.exists():
+        if lock_file.exists():            # the DVC hashes of every dep and out, in one file
             self.client.log_artifact(self.run_id, str(lock_file))
-            for key, md5 in dvc_hashes(lock_file).items():
-                self.client.set_tag(self.run_id, f"dvc.{key}", md5)
+            self.client.set_tag(self.run_id, "dvc_lock_md5", file_digest(lock_file, "md5"))
         self.client.set_terminated(self.run_id, status)
+
+    def run_url(self, run_id: str | None = None) -> str | None:
+        """Where the run is in the MLflow UI (`mlflow ui` on its default port for a local
+        store)."""
+        run_id = run_id or self.run_id
+        if run_id is None:
+            return None
+        base = self.uri if self.uri.startswith(("http://", "https://")) else \
+            "http://127.0.0.1:5000"
+        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
 
     # ---- nested runs -------------------------------------------------------------------------
     @_guarded
@@ -162,9 +174,33 @@ class Tracker:
 
     @_guarded
     def set_tags(self, run_id: str | None, tags: dict[str, str]) -> None:
+        """Tags on run_id (None: the parent run)."""
+        run_id = run_id or self.run_id
+        if run_id is None:
+            return
         for key, value in tags.items():
-            if run_id is not None:
-                self.client.set_tag(run_id, key, value)
+            self.client.set_tag(run_id, key, value)
+
+    def system_metrics(self, run_id: str):
+        """CPU, memory (and GPU) usage sampled into the run's System metrics tab until
+        `.finish()`."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=1, samples_before_logging=1)
+        monitor.start()
+        return monitor
+
+    @_guarded
+    def log_dict(self, run_id: str | None, data: object, artifact_file: str) -> None:
+        if run_id is not None:
+            self.client.log_dict(run_id, data, artifact_file)
+
+    @_guarded
+    def version_with_weights(self, registered: str, weights_sha256: str):
+        """The registered version holding exactly these weights, if any."""
+        for version in self.client.search_model_versions(f"name='{registered}'"):
+            if version.tags.get("weights_sha256") == weights_sha256:
+                return version
+        return None
 
     @_guarded
     def end_child(self, run_id: str | None, status: str = "FINISHED") -> None:
@@ -194,10 +230,14 @@ class Tracker:
         if run_id is None:
             return
         for path in map(Path, paths):
-            if path.is_dir():
-                self.client.log_artifacts(run_id, str(path), artifact_path)
-            elif path.exists():
-                self.client.log_artifact(run_id, str(path), artifact_path)
+            files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else \
+                [path] if path.exists() else []
+            for file in files:
+                inner = file.relative_to(path).parent if path.is_dir() else Path()
+                if any(part.startswith(".") for part in (*inner.parts, file.name)):
+                    continue              # .gitignore files and leftovers are not artifacts
+                where = Path(artifact_path or "", path.name if path.is_dir() else "", inner)
+                self.client.log_artifact(run_id, str(file), where.as_posix().strip(".") or None)
 
     @_guarded
     def log_figure(self, run_id: str | None, figure, artifact_file: str) -> None:
@@ -224,7 +264,7 @@ class Tracker:
     @_guarded
     def log_language_model(self, run_id: str | None, model_dir: Path, model_name: str,
                            val_perplexity: float, val_digest: str, rescore: Rescore,
-                           ) -> str | None:
+                           description: str = "") -> str | None:
         """Log the model (weights + vocabulary) as a pyfunc that generates text, register it and
         move the `champion` alias to it only if it beats the current champion on the same
         validation text (`val_digest`): a champion measured on other text (another corpus,
@@ -235,14 +275,21 @@ class Tracker:
         from seqlm.mlflow_model import log_char_lm
         registered = f"{self.params.corpus_name}-{model_name.replace('_', '-')}"
         weights = file_digest(model_dir / "model.pt")
-        for known in self.client.search_model_versions(f"name='{registered}'"):
-            if known.tags.get("weights_sha256") == weights:       # e.g. a cached stage re-run
-                return str(known.version)
+        known = self.version_with_weights(registered, weights)
+        if known is not None:                  # e.g. the same weights trained again
+            return str(known.version)
         # log_model needs an active run; MLflow's active run is thread-local, and this is the
         # flow's thread, which has none of its own.
         with mlflow.start_run(run_id=run_id):
-            info = log_char_lm(model_dir, registered)
+            info = log_char_lm(model_dir, registered, model_name)
         version = str(info.registered_model_version)
+        self.client.update_registered_model(registered, description=(
+            f"Character-level {model_name} language model of the {self.params.corpus_name} "
+            "corpus (Dive into Deep Learning, chapter 8), trained by the seqlm pipeline. Each "
+            "version holds the weights of its best-validation epoch; the alias `champion` is "
+            "the version with the lowest validation perplexity on the same validation text."))
+        if description:
+            self.client.update_model_version(registered, version, description=description)
         self.client.set_model_version_tag(registered, version, "weights_sha256", weights)
         # repr round-trips exactly: an equal model never takes the alias from the champion.
         self.client.set_model_version_tag(registered, version, "val_perplexity",
@@ -281,18 +328,3 @@ class Tracker:
                  for k, v in params.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i:i + 100], synchronous=True)
-
-
-def dvc_hashes(lock_file: Path) -> dict[str, str]:
-    """`stage.path` -> md5 for every dep and out recorded in dvc.lock."""
-    import yaml
-    lock = yaml.safe_load(lock_file.read_text()) or {}
-    hashes: dict[str, str] = {}
-    for stage, body in (lock.get("stages") or {}).items():
-        for kind in ("deps", "outs"):
-            for entry in body.get(kind, []):
-                if "md5" in entry:
-                    # MLflow tag keys allow letters, digits, _ - . / and spaces.
-                    key = f"{stage}.{kind}.{entry['path']}".replace("@", "-")
-                    hashes[key] = entry["md5"]
-    return hashes

@@ -246,8 +246,12 @@ def train(name: str, corpus: np.ndarray, vocab: Vocab, params: Params, *,
                      "%.0f tokens/s; checkpoint %s", name, epoch, row["train_perplexity"],
                      row["val_perplexity"], best["val_perplexity"], int(best["epoch"]),
                      row["tokens_per_s"], ckpt_path)
+    best, last = best_row(history), history[-1]
+    log.info("%s: %d epochs (%d this run) in %.1f s; best val ppl %.3f at epoch %d; final epoch: "
+             "train ppl %.3f, val ppl %.3f", name, len(history), len(history) - resumed_from,
+             sum(row["seconds"] for row in history[resumed_from:]), best["val_perplexity"],
+             int(best["epoch"]), last["train_perplexity"], last["val_perplexity"])
     if stopped:
-        best = best_row(history)
         log.info("%s: stopped early at epoch %d, %d epochs after the best (val ppl %.3f at epoch "
                  "%d; train_lm.patience = %d)", name, epoch, epoch - int(best["epoch"]),
                  best["val_perplexity"], int(best["epoch"]), p.patience)

@@ -1,23 +1,20 @@
 """ngrams: word and character n-gram counts as Parquet, a Zipf plot and the fitted exponents."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 from prefect import task
 
-from seqlm.io import atomic_path, write_json
-from seqlm.ngrams import (NgramError, NgramTable, check_key_fits, count_ngrams, plot_zipf,
-                          to_arrow, zipf_exponent)
+from seqlm.io import publish, write_json
+from seqlm.ngrams import (NgramError, check_key_fits, count_ngrams, plot_zipf, write_parquet,
+                          zipf_exponent)
 from seqlm.params import Params
 from seqlm.stages import CORPUS, NGRAMS, STAGE_BY_NAME, VOCAB
 from seqlm.text import TOKENIZERS, Vocab
 
 ZIPF_PLOT = f"{NGRAMS}/zipf.png"
 ZIPF_MAX_N = 3                     # the seed plots unigrams, bigrams and trigrams
-_TABLE_FILE = re.compile(r"(word|char)_\d+\.parquet")
 
 
 def table_path(level: str, n: int) -> Path:
@@ -35,37 +32,35 @@ def ngrams(params: Params) -> list[Path]:
         except NgramError as exc:
             raise NgramError(f"ngrams.max_n = {p.max_n}: {level} level: {exc}") from None
 
-    # Count everything first so that a bad corpus file leaves the previous outputs untouched.
-    tables: dict[str, dict[int, NgramTable]] = {}
-    for level, vocab in vocabs.items():
-        ids = _load_ids(CORPUS[level])
-        try:
-            counted = count_ngrams(ids, p.max_n, len(vocab), p.chunk_tokens)
-        except NgramError as exc:
-            raise NgramError(f"{CORPUS[level]}: {exc} ({VOCAB[level]})") from None
-        tables[level] = {n: table.ranked() for n, table in counted.items()}
-
     written: list[Path] = []
     metrics: dict[str, float | int] = {}
-    for level, by_n in tables.items():
-        for n, table in by_n.items():
-            with atomic_path(table_path(level, n)) as tmp:
-                pq.write_table(to_arrow(table, vocabs[level].idx_to_token), tmp, compression="zstd")
-            written.append(table_path(level, n))
-            metrics[f"{level}_{n}_distinct"] = len(table)
-            alpha = zipf_exponent(table.counts)
-            if alpha is not None:            # absent when fewer than two n-grams occur twice
-                metrics[f"{level}_{n}_zipf_exponent"] = alpha
-    # A smaller max_n than last run: older tables are no longer outputs of this stage.
-    for stale in Path(NGRAMS).iterdir():
-        if _TABLE_FILE.fullmatch(stale.name) and stale not in written:
-            stale.unlink()
-
-    plotted = {level: {n: t.counts for n, t in by_n.items() if n <= ZIPF_MAX_N}
-               for level, by_n in tables.items()}
-    written.append(plot_zipf(plotted, ZIPF_PLOT))
-    written.append(write_json(metrics_path, metrics))
-    return written
+    plotted: dict[str, dict[int, np.ndarray]] = {}
+    # Each table is written as soon as it is counted (memory holds one level's tables at a
+    # time) into a folder that replaces data/ngrams only when every output is written: a bad
+    # corpus file or a full disk leaves the previous outputs, and tables of a larger max_n of
+    # an earlier run go with the old folder.
+    with publish() as outputs:
+        folder = outputs.folder(NGRAMS)
+        for level, vocab in vocabs.items():
+            ids = _load_ids(CORPUS[level])
+            try:
+                counted = count_ngrams(ids, p.max_n, len(vocab), p.chunk_tokens)
+            except NgramError as exc:
+                raise NgramError(f"{CORPUS[level]}: {exc} ({VOCAB[level]})") from None
+            plotted[level] = {}
+            for n in sorted(counted):
+                table = counted.pop(n).ranked()
+                write_parquet(table, vocab.idx_to_token, folder / table_path(level, n).name)
+                written.append(table_path(level, n))
+                metrics[f"{level}_{n}_distinct"] = len(table)
+                alpha = zipf_exponent(table.counts)
+                if alpha is not None:        # absent when fewer than two n-grams occur twice
+                    metrics[f"{level}_{n}_zipf_exponent"] = alpha
+                if n <= ZIPF_MAX_N:
+                    plotted[level][n] = table.counts
+        plot_zipf(plotted, folder / Path(ZIPF_PLOT).name)
+        write_json(outputs.file(metrics_path), metrics)
+    return [*written, Path(ZIPF_PLOT), metrics_path]
 
 
 def _existing(path: str) -> str:

@@ -1,39 +1,41 @@
-"""preprocess: clean and tokenize the corpus, build both vocabularies, store the id sequences."""
+"""preprocess: clean and tokenize the corpus, build both vocabularies, store the id sequences.
+
+Streamed in two passes over the raw file, so memory is bounded by a chunk plus the vocabularies,
+not by the corpus: the first counts the tokens (and refuses a bad file), the second writes the
+cleaned lines and the ids with the vocabularies the counts give.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 from prefect import task
 
-from seqlm.io import atomic_open, atomic_path
+from seqlm.io import publish
 from seqlm.params import Params
 from seqlm.protocol import SplitError, split_of
-from seqlm.stages import CORPUS, LINES, STAGE_BY_NAME, VOCAB
-from seqlm.text import TOKENIZERS, Vocab, read_lines, tokenize
+from seqlm.stages import CORPUS, LINES, PROCESSED, STAGE_BY_NAME, VOCAB
+from seqlm.text import TOKENIZERS, Vocab, count_tokens, write_corpus
 
 
 @task(name="preprocess")
 def preprocess(params: Params) -> list[Path]:
     p = params.preprocess
     raw = STAGE_BY_NAME["preprocess"].paths(params)["deps"][0]
-    lines = read_lines(raw)
+    freqs = count_tokens(raw)
     try:
-        split_of(sum(map(len, lines)), p.train_tokens, p.val_tokens)
+        split_of(sum(freqs["char"].values()), p.train_tokens, p.val_tokens)
     except SplitError as exc:
         raise SplitError(f"{raw}: {exc}") from None
 
-    with atomic_open(LINES, "w", encoding="utf-8", newline="\n") as handle:
-        handle.write("\n".join(lines) + "\n")
-    written = [Path(LINES)]
-    for level in TOKENIZERS:
-        tokens = tokenize(lines, level)
-        vocab = Vocab(tokens, min_freq=p.min_freq, reserved_tokens=p.reserved_tokens)
-        # All lines concatenated with no separator (seed load_corpus_time_machine): n-grams and
-        # the language models run across line boundaries.
-        ids = np.asarray([vocab[tok] for line in tokens for tok in line], dtype=np.int32)
-        written.append(vocab.save(VOCAB[level]))
-        with atomic_path(CORPUS[level]) as tmp, open(tmp, "wb") as handle:
-            np.save(handle, ids)
-        written.append(Path(CORPUS[level]))
-    return written
+    vocabs = {level: Vocab(freqs[level], min_freq=p.min_freq, reserved_tokens=p.reserved_tokens)
+              for level in TOKENIZERS}
+    with publish() as outputs:           # all of data/processed, or none of it
+        folder = outputs.folder(PROCESSED)
+
+        def staged(path: str) -> Path:
+            return folder / Path(path).relative_to(PROCESSED)
+        write_corpus(raw, vocabs, staged(LINES), {level: staged(CORPUS[level]) for level in vocabs})
+        for level, vocab in vocabs.items():
+            vocab.save(staged(VOCAB[level]))
+    return [Path(LINES), *(Path(path) for level in vocabs for path in (VOCAB[level],
+                                                                       CORPUS[level]))]

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from prefect import task
+from tqdm import tqdm
 
 from seqlm.generate import HISTORY_FILE, META_FILE, MODEL_FILE, VOCAB_FILE
 from seqlm.io import publish, save_torch, write_csv, write_json
@@ -16,12 +18,12 @@ from seqlm.models import check_model_name
 from seqlm.params import Params
 from seqlm.stages import CORPUS, STAGE_BY_NAME, VOCAB, Stage
 from seqlm.text import Vocab
-from seqlm.train import CHECKPOINTS, HISTORY_COLUMNS, TrainResult, train
+from seqlm.train import CHECKPOINTS, HISTORY_COLUMNS, EpochCallback, TrainResult, train
 
 
 @task(name="train_lm", tags=["training"])
 def train_lm(params: Params, model: str,
-             on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> list[Path]:
+             on_epoch: EpochCallback | None = None) -> list[Path]:
     """Train `model` (resuming its checkpoint in checkpoints/<model>/ when one holds the same
     run) and write model.pt (the best epoch's weights), vocab.parquet, history.csv and meta.json
     into models/<model>/."""
@@ -31,10 +33,32 @@ def train_lm(params: Params, model: str,
             raise FileNotFoundError(f"{path}: not found (run the preprocess stage first)")
     corpus = np.load(CORPUS["char"])
     vocab = Vocab.load(VOCAB["char"])
-    result = train(model, corpus, vocab, params, checkpoint_dir=CHECKPOINTS / model,
-                   on_epoch=on_epoch)
+    with progress_bar(model, params.train_lm.epochs, on_epoch) as report:
+        result = train(model, corpus, vocab, params, checkpoint_dir=CHECKPOINTS / model,
+                       on_epoch=report)
     out = Path(STAGE.paths(params, item=model)["outs"][0])
     return write_model_dir(out, result, vocab, params)
+
+
+@contextlib.contextmanager
+def progress_bar(model: str, epochs: int, on_epoch: EpochCallback | None,
+                 ) -> Iterator[EpochCallback]:
+    """A live progress bar in the terminal (epoch, train/val perplexity, tokens/s, ETA) around
+    `on_epoch`; none when the output is not a terminal (logs, CI)."""
+    bar = tqdm(total=epochs, desc=f"train_lm[{model}]", unit="epoch", disable=None,
+               dynamic_ncols=True, leave=True)
+
+    def report(epoch: int, metrics: dict[str, float]) -> None:
+        bar.update(epoch - bar.n)
+        bar.set_postfix(train_ppl=f"{metrics['train_perplexity']:.3f}",
+                        val_ppl=f"{metrics['val_perplexity']:.3f}",
+                        tok_s=f"{metrics['tokens_per_s']:,.0f}", refresh=False)
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+    try:
+        yield report
+    finally:
+        bar.close()
 
 
 def write_model_dir(out: Path, result: TrainResult, vocab: Vocab, params: Params) -> list[Path]:

@@ -229,3 +229,21 @@ def test_a_full_disk_keeps_the_previous_model_folder(small_disk):
         train_lm.fn(load_params(), "rnn")
     assert (snapshot(root / "models"), snapshot(root / "checkpoints")) == before
     assert sorted(p.name for p in (root / "models").iterdir()) == ["rnn"]   # no leftovers
+
+
+def test_a_full_disk_keeps_every_previous_preprocess_output(small_disk):
+    from seqlm.io import StorageError
+    from tasks.download import download
+    from tasks.preprocess import preprocess
+    root, fill = small_disk
+    params = load_params()
+    download.fn(params)
+    preprocess.fn(params)
+    before = snapshot(root / "data/processed")
+    write_params(root, preprocess={"reserved_tokens": ["<bos>"]})   # other ids in every file
+    fill()
+    with pytest.raises(StorageError, match=r"^data/processed/\S+: no space left on the device; "
+                                           "the previous version is kept$"):
+        preprocess.fn(load_params())
+    assert snapshot(root / "data/processed") == before
+    assert sorted(p.name for p in (root / "data").iterdir()) == ["mirror", "processed", "raw"]

@@ -2,6 +2,7 @@
 import hashlib
 import json
 import shutil
+import re
 import time
 
 import mlflow
@@ -12,8 +13,9 @@ import torch
 from mlflow import MlflowClient
 
 from prefect import get_client
-from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterKey, TaskRunFilter,
-                                           TaskRunFilterName)
+from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId,
+                                           ArtifactFilterKey, FlowRunFilter, FlowRunFilterId,
+                                           FlowRunFilterName, TaskRunFilter, TaskRunFilterName)
 
 from typer.testing import CliRunner
 
@@ -116,9 +118,54 @@ def test_pipeline_runs_logs_and_skips_unchanged_stages(small_pipeline, workdir):
     rows = json.loads(tables[0].data) if isinstance(tables[0].data, str) else tables[0].data
     assert [r["model"] for r in rows] == ["rnn_scratch", "gru", "kneser_ney_3gram", "unigram"]
 
-    # nothing changed: every stage is skipped; the run is still tracked
+    # one name for both tools, and links between them
+    with get_client(sync_client=True) as prefect:   # the session's server: filter by run
+        [flow_run] = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(
+            name=FlowRunFilterName(any_=[parent.info.run_name])))
+        [link] = prefect.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["mlflow-run"]),
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id])))
+        task_runs = {r.name.rsplit("-", 1)[0]: r for r in prefect.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))}
+    assert parent.info.run_name == flow_run.name
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d-\d{6}-[0-9a-f]{8}", flow_run.name)
+    assert parent.data.tags["prefect.flow_run_id"] == str(flow_run.id)
+    assert parent.data.tags["prefect.flow_run_url"].endswith(f"/runs/flow-run/{flow_run.id}")
+    assert parent.info.run_id in link.data and link.type == "markdown"
+    # the DAG of the SPEC, as Prefect records it from the futures each task waited for
+    def inputs(label: str) -> set[str]:
+        ids = {i.id for deps in task_runs[label].task_inputs.values() for i in deps}
+        return {name for name, r in task_runs.items() if r.id in ids}
+    assert inputs("download") == inputs("sine") == set()
+    assert inputs("preprocess") == {"download"}
+    assert inputs("ngrams") == {"preprocess"} and inputs("train_ar") == {"sine"}
+    assert inputs("train_lm[gru]") == inputs("train_lm[rnn_scratch]") == {"preprocess"}
+    assert inputs("evaluate") == {"preprocess", "train_ar", "train_lm[gru]",
+                                  "train_lm[rnn_scratch]"}
+    # MLflow opens on training runs; each child run ends with its stage, with system metrics,
+    # its continuations, and a model named after it; no hidden files, no DVC tag flood
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    for name, child in children.items():
+        stage = task_runs["train_ar" if name == "ar_mlp" else f"train_lm[{name}]"]
+        assert child.info.start_time / 1000 >= stage.start_time.timestamp() - 1
+        assert child.info.end_time / 1000 <= stage.end_time.timestamp() + 30
+    assert any(key.startswith("system/") for key in gru.data.metrics)
+    assert "samples.json" in {a.path for a in client.list_artifacts(gru.info.run_id)}
+    assert [m.name for m in client.search_logged_models([experiment.experiment_id])] >= ["gru"]
+    assert version.description and "greedy" in version.description
+    assert client.get_registered_model("timemachine-gru").description
+    assert not [k for k in parent.data.tags if k.startswith("dvc.")]
+    assert not [a.path for a in client.list_artifacts(parent.info.run_id, "ngrams")
+                if a.path.rsplit("/", 1)[-1].startswith(".")]
+    runs_before = len(client.search_runs([experiment.experiment_id]))
+
+    # nothing changed: every stage is skipped; the run is still tracked, and adds no model runs
     again = pipeline(params_file="params.yaml", record_dvc=False)
     assert set(again.values()) == {"Cached"}
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])
+    assert len(runs) == runs_before + 1 and "mlflow.parentRunId" not in runs[0].data.tags
+    assert runs[0].data.tags["cached_stages"].startswith("download, sine, preprocess")
+    assert runs[0].data.tags["cached_by.train_lm.gru"] == gru.info.run_id
     # ... and an unchanged model is not registered again, so the champion stays put
     assert [int(v.version) for v in client.search_model_versions("name='timemachine-gru'")] == [1]
     assert int(client.get_model_version_by_alias("timemachine-gru", "champion").version) == 1

@@ -7,7 +7,7 @@ from mlflow import MlflowClient
 
 from seqlm.models import TorchRNN
 from seqlm.params import load_params
-from seqlm.tracking import Tracker, dvc_hashes
+from seqlm.tracking import Tracker
 from tasks.download import download
 from tasks.preprocess import preprocess
 from tasks.train_lm import train_lm
@@ -85,22 +85,3 @@ def test_failing_store_is_remembered_not_raised(workdir):
     assert tracker.error is not None
     tracker.log_metrics(None, {"x": 1.0})   # no-ops once disabled
     assert tracker.run_id is None
-
-
-def test_dvc_hashes_reads_every_dep_and_out(tmp_path):
-    lock = tmp_path / "dvc.lock"
-    lock.write_text("""schema: '2.0'
-stages:
-  train_lm@rnn:
-    cmd: seqlm stage train_lm rnn
-    deps:
-    - path: data/processed
-      hash: md5
-      md5: aaa.dir
-    outs:
-    - path: models/rnn
-      hash: md5
-      md5: bbb.dir
-""")
-    assert dvc_hashes(lock) == {"train_lm-rnn.deps.data/processed": "aaa.dir",
-                                "train_lm-rnn.outs.models/rnn": "bbb.dir"}
