@@ -74,8 +74,7 @@ def upstream(stage: Stage, item: str | None, params: Params) -> list[StageKey]:
 
 
 def _written(stage: Stage, item: str | None, params: Params) -> list[str]:
-    paths = stage.paths(params, item)
-    return paths["outs"] + paths["metrics"] + paths["plots"]
+    return stage.written(params, item)
 
 
 def outputs_digest(stage: Stage, item: str | None, params: Params) -> str:

@@ -180,7 +180,8 @@ class StageLogger:
                 for prefix in ev.prefixes}
 
     def _after_evaluate(self, _item, _paths, _cached) -> None:
-        self.tracker.log_metrics_file(S.METRICS)
+        for path in sorted(Path(S.METRICS).glob("*.json")):   # e.g. rnn.val_ppl
+            self.tracker.log_metrics(None, flatten(json.loads(path.read_text()), f"{path.stem}."))
         self.tracker.log_artifacts([S.REPORTS], "reports")
         summary = Path(S.REPORTS) / "summary.md"
         print(summary.read_text(encoding="utf-8"))
@@ -188,7 +189,7 @@ class StageLogger:
         table = pd.read_csv(Path(S.REPORTS) / "summary.csv")
         create_table_artifact(table=table.to_dict("records"), key="perplexity-summary",
                               description="Train/validation perplexity of each language model "
-                                          "beside the character n-gram baseline")
+                                          "beside the character n-gram baselines")
 
     def _rescore(self, model: torch.nn.Module, vocab: Vocab) -> float:
         """`model`'s validation perplexity on this run's validation text, read through its own

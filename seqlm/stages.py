@@ -8,10 +8,11 @@ Paths are relative to the repository root, the working directory of every stage 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import get_args
 
 import yaml
 
-from seqlm.params import Params, TrainLmParams
+from seqlm.params import ModelName, Params, TrainLmParams
 
 RAW = "${download.out}"
 RAW_SHA256 = "${download.out}.sha256"     # `sha256sum -c` format: what the download holds
@@ -25,7 +26,7 @@ AR_DIR = "models/ar"
 LM_DIR = "models/${item}"
 MODELS = "models"
 REPORTS = "reports"
-METRICS = f"{REPORTS}/metrics.json"
+METRICS = f"{REPORTS}/metrics"          # one JSON per model and baseline: `dvc metrics show`
 PLOTS = f"{REPORTS}/plots"
 # Every train_lm key but `models`: adding a model to the list must not retrain the others.
 LM_TRAINING_KEYS = tuple(f"train_lm.{key}" for key in TrainLmParams.model_fields if key != "models")
@@ -37,8 +38,9 @@ class Stage:
     deps: tuple[str, ...]            # files and folders read (code included)
     params: tuple[str, ...]          # params.yaml keys read
     outs: tuple[str, ...]            # files and folders written
-    metrics: tuple[str, ...] = ()    # DVC metrics (JSON), written too
-    plots: tuple[str, ...] = ()      # DVC plot data (CSV), written too
+    metrics: tuple[str, ...] = ()    # DVC metrics (JSON), written too, kept in git
+    plots: tuple[str, ...] = ()      # data of the top-level DVC plots, written too, kept in git
+    reports: tuple[str, ...] = ()    # other small results kept in git (uncached outs)
     foreach: str | None = None       # params key listing the items (one task per item)
 
     def paths(self, params: Params, item: str | None = None) -> dict[str, list[str]]:
@@ -47,7 +49,12 @@ class Stage:
             path = path.replace("${download.out}", params.download.out)
             return path.replace("${item}", item) if item is not None else path
         return {kind: [resolve(p) for p in getattr(self, kind)]
-                for kind in ("deps", "outs", "metrics", "plots")}
+                for kind in ("deps", "outs", "metrics", "plots", "reports")}
+
+    def written(self, params: Params, item: str | None = None) -> list[str]:
+        """Every path the stage writes."""
+        paths = self.paths(params, item)
+        return paths["outs"] + paths["metrics"] + paths["plots"] + paths["reports"]
 
     def items(self, params: Params) -> list[str | None]:
         return list(params.section(self.foreach)) if self.foreach else [None]
@@ -59,11 +66,11 @@ STAGES: tuple[Stage, ...] = (
     Stage("preprocess", deps=(RAW, "tasks/preprocess.py", "seqlm/text.py", "seqlm/protocol.py"),
           params=("preprocess",), outs=(PROCESSED,)),
     Stage("ngrams", deps=(PROCESSED, "tasks/ngrams.py", "seqlm/ngrams.py", "seqlm/text.py"),
-          params=("ngrams",), outs=(NGRAMS,), metrics=(f"{REPORTS}/ngrams.json",)),
+          params=("ngrams",), outs=(NGRAMS,), reports=(f"{REPORTS}/ngrams.json",)),
     Stage("sine", deps=("tasks/sine.py", "seqlm/autoregress.py"), params=("seed", "sine"),
           outs=(SINE,)),
     Stage("train_ar", deps=(SINE, "tasks/train_ar.py", "seqlm/autoregress.py"), params=("seed", "train_ar"),
-          outs=(AR_DIR,), metrics=(f"{REPORTS}/train_ar.json",)),
+          outs=(AR_DIR,), reports=(f"{REPORTS}/train_ar.json",)),
     Stage("train_lm", deps=(PROCESSED, "tasks/train_lm.py", "seqlm/models.py",
                             "seqlm/train.py", "seqlm/loaders.py", "seqlm/protocol.py",
                             "seqlm/generate.py", "seqlm/text.py"),
@@ -76,7 +83,7 @@ STAGES: tuple[Stage, ...] = (
           params=("seed", "preprocess.train_tokens", "preprocess.val_tokens", "evaluate",
                   "train_lm.models"),
           outs=(f"{REPORTS}/summary.md", f"{REPORTS}/summary.csv", f"{REPORTS}/samples.json"),
-          metrics=(METRICS,), plots=(f"{PLOTS}/perplexity", f"{PLOTS}/kstep.csv")),
+          metrics=(METRICS,), plots=(PLOTS,)),
 )
 STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
 
@@ -89,20 +96,32 @@ def to_dvc_yaml() -> dict:
         body["deps"] = list(stage.deps)
         body["params"] = list(stage.params)
         body["outs"] = list(stage.outs)
+        # Plot data and reports are uncached outs: committed to git, drawn only by the
+        # top-level plots (a stage-level plot would also be drawn, against the row index).
+        body["outs"] += [{path: {"cache": False}} for path in stage.plots + stage.reports]
         if stage.metrics:
             body["metrics"] = [{path: {"cache": False}} for path in stage.metrics]
-        if stage.plots:
-            body["plots"] = [{path: {"cache": False}} for path in stage.plots]
         stages[stage.name] = {"foreach": "${%s}" % stage.foreach, "do": body} if stage.foreach else body
     return {"stages": stages, "plots": _top_level_plots()}
 
 
 def _top_level_plots() -> list[dict]:
+    """One comparison per metric: every model on one chart (a column per model; the columns of
+    models not trained stay empty), the n-gram baselines as flat lines."""
+    models = list(get_args(ModelName))
     return [
-        {f"{PLOTS}/perplexity": {"x": "epoch", "y": ["train_perplexity", "val_perplexity"],
-                                 "template": "linear", "title": "Perplexity per epoch"}},
+        {f"{PLOTS}/val_perplexity.csv": {
+            "x": "epoch", "y": [*models, "kneser_ney", "unigram"], "template": "linear",
+            "title": "Validation perplexity per epoch (lower is better; n-gram baselines flat)",
+            "y_label": "validation perplexity"}},
+        {f"{PLOTS}/train_perplexity.csv": {
+            "x": "epoch", "y": models, "template": "linear",
+            "title": "Training perplexity per epoch (the chapter's curves)",
+            "y_label": "training perplexity"}},
         {f"{PLOTS}/kstep.csv": {"x": "k", "y": "mse", "template": "linear",
-                                "title": "k-step prediction error (MSE)"}},
+                                "title": "Sine MLP: k-step prediction error (held-out MSE)",
+                                "x_label": "k (steps ahead)", "y_label": "MSE"}},
+        {f"{PLOTS}/comparison.png": {}},
     ]
 
 

@@ -8,12 +8,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from matplotlib.figure import Figure
 from prefect import task
 
 from seqlm import stages as S
 from seqlm.generate import load_trained, predict
 from seqlm.io import publish, write_csv, write_json
 from seqlm import protocol
+from seqlm.models import MODEL_NAMES
 from seqlm.ngram_lm import KneserNeyLM, unigram_log_probs, unigram_perplexity
 from seqlm.params import Params
 from seqlm.text import Vocab
@@ -67,23 +69,26 @@ def evaluate(params: Params) -> list[Path]:
     ar = json.loads((Path(S.REPORTS) / "train_ar.json").read_text())
     kstep = pd.read_csv(Path(S.AR_DIR) / "kstep.csv")
 
-    curves_dir = Path(S.PLOTS) / "perplexity"
     with publish() as outputs:                  # every report or none
-        write_json(outputs.file(S.METRICS), _metrics(table))
-        folder = outputs.folder(curves_dir)     # models no longer in the list leave with it
-        for name, curve in curves.items():
-            write_csv(folder / f"{name}.csv", curve[["epoch", "train_perplexity",
-                                                     "val_perplexity"]])
-        write_csv(outputs.file(f"{S.PLOTS}/kstep.csv"), kstep[["k", "mse"]])
+        metrics = outputs.folder(S.METRICS)     # models no longer in the list leave with it
+        for name, values in _metrics(table).items():
+            write_json(metrics / f"{name}.json", values)
+        plots = outputs.folder(S.PLOTS)
+        for metric in ("val_perplexity", "train_perplexity"):
+            write_csv(plots / f"{metric}.csv", _per_epoch(curves, metric, table))
+        write_csv(plots / "kstep.csv", kstep[["k", "mse"]])
+        comparison_figure(curves, table).savefig(plots / "comparison.png", format="png")
         write_csv(outputs.file(f"{S.REPORTS}/summary.csv"), table)
         write_json(outputs.file(f"{S.REPORTS}/samples.json"), samples)
         with open(outputs.file(f"{S.REPORTS}/summary.md"), "w", encoding="utf-8") as handle:
             handle.write(_summary_markdown(table, split, kstep, ar, samples))
-    return [Path(S.METRICS), *(curves_dir / f"{name}.csv" for name in curves),
-            Path(S.PLOTS) / "kstep.csv", *(Path(S.REPORTS) / name for name in REPORT_FILES)]
+    return [*(Path(S.METRICS) / f"{name}.json" for name in table["model"]),
+            *(Path(S.PLOTS) / name for name in PLOT_FILES),
+            *(Path(S.REPORTS) / name for name in REPORT_FILES)]
 
 
 REPORT_FILES = ("summary.csv", "samples.json", "summary.md")
+PLOT_FILES = ("val_perplexity.csv", "train_perplexity.csv", "kstep.csv", "comparison.png")
 SUMMARY_COLUMNS = ["model", "epochs", "best_epoch", "train_perplexity", "final_val_perplexity",
                    "val_perplexity", "scored_tokens"]
 
@@ -93,19 +98,51 @@ def _baseline(name: str, train_perplexity: float, log_probs: np.ndarray) -> dict
             "val_perplexity": math.exp(-log_probs.mean()), "scored_tokens": len(log_probs)}
 
 
-def _metrics(table: pd.DataFrame) -> dict:
-    """reports/metrics.json, for `dvc metrics show`: per language model the final epoch's train
-    and validation perplexity, the best epoch and the kept model's validation perplexity; per
-    baseline its validation perplexity."""
-    metrics: dict[str, dict] = {"lm": {}, "baseline": {}}
+def _metrics(table: pd.DataFrame) -> dict[str, dict]:
+    """reports/metrics/<model>.json, one row each in `dvc metrics show`: the final epoch's train
+    and validation perplexity, the best epoch and the kept model's validation perplexity; for a
+    baseline its train and validation perplexity."""
+    metrics = {}
     for row in table.to_dict("records"):
-        if pd.isna(row["epochs"]):
-            metrics["baseline"][row["model"]] = {"val_ppl": row["val_perplexity"]}
-        else:
-            metrics["lm"][row["model"]] = {
-                "train_ppl": row["train_perplexity"], "val_ppl_final": row["final_val_perplexity"],
-                "best_epoch": int(row["best_epoch"]), "val_ppl": row["val_perplexity"]}
+        values = {"train_ppl": round(row["train_perplexity"], 4),
+                  "val_ppl": round(row["val_perplexity"], 4)}
+        if not pd.isna(row["epochs"]):
+            values.update(val_ppl_final=round(row["final_val_perplexity"], 4),
+                          best_epoch=int(row["best_epoch"]))
+        metrics[row["model"]] = values
     return metrics
+
+
+def _per_epoch(curves: dict[str, pd.DataFrame], metric: str, table: pd.DataFrame) -> pd.DataFrame:
+    """`metric` per epoch, a column per model (every model name: the ones not trained stay
+    empty, so that the DVC plot declared once draws whatever ran); for validation perplexity
+    the best Kneser-Ney baseline and the unigram as constant columns."""
+    epochs = max((len(c) for c in curves.values()), default=0)
+    frame = pd.DataFrame({"epoch": np.arange(1, epochs + 1)})
+    for name in MODEL_NAMES:
+        values = curves[name].set_index("epoch")[metric] if name in curves else None
+        frame[name] = frame["epoch"].map(values) if values is not None else np.nan
+    if metric == "val_perplexity":
+        baselines = table[table["epochs"].isna()].set_index("model")["val_perplexity"]
+        frame["kneser_ney"] = baselines.filter(like="kneser_ney").min()
+        frame["unigram"] = baselines["unigram"]
+    return frame
+
+
+def comparison_figure(curves: dict[str, pd.DataFrame], table: pd.DataFrame) -> Figure:
+    """Validation perplexity per epoch of every model, the n-gram baselines as flat lines."""
+    figure = Figure(figsize=(7, 4), layout="constrained")
+    axes = figure.subplots()
+    for name, curve in curves.items():
+        axes.plot(curve["epoch"], curve["val_perplexity"], label=name)
+    for row in table[table["epochs"].isna()].to_dict("records"):
+        axes.axhline(row["val_perplexity"], linestyle="--", linewidth=1,
+                     label=f"{row['model']} ({row['val_perplexity']:.2f})")
+    axes.set(xlabel="epoch", ylabel="validation perplexity", yscale="log",
+             title="Every model on the same validation text")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize="small")
+    return figure
 
 
 def _summary_markdown(table: pd.DataFrame, split: protocol.Split, kstep: pd.DataFrame, ar: dict,

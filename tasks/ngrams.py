@@ -24,7 +24,7 @@ def table_path(level: str, n: int) -> Path:
 @task(name="ngrams")
 def ngrams(params: Params) -> list[Path]:
     p = params.ngrams
-    metrics_path = Path(STAGE_BY_NAME["ngrams"].paths(params)["metrics"][0])
+    metrics_path = Path(STAGE_BY_NAME["ngrams"].paths(params)["reports"][0])
     vocabs = {level: Vocab.load(_existing(VOCAB[level])) for level in TOKENIZERS}
     for level, vocab in vocabs.items():      # refuse before counting or writing anything
         try:

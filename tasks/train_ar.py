@@ -87,7 +87,7 @@ def train_ar(params: Params, on_epoch: ar.OnEpoch | None = None) -> list[Path]:
     x_np, onestep_np, multistep_np = x.numpy(), onestep.numpy(), multistep.numpy()
     report = {"train_loss": history[-1], "multistep_mse": multistep_mse}
     report.update({f"kstep_mse_{k}": mse for k, mse in kstep_mse.items()})
-    metrics_path = Path(STAGE.paths(params)["metrics"][0])
+    metrics_path = Path(STAGE.paths(params)["reports"][0])
     with publish() as outputs:
         out = outputs.folder(AR_DIR)
         save_torch(out / "model.pt", {"state_dict": net.state_dict(),

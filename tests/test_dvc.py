@@ -32,8 +32,7 @@ def pipeline_outputs() -> list[str]:
     written = ["dvc.lock"]
     for stage in STAGES:
         for item in stage.items(params):
-            paths = stage.paths(params, item)
-            written += paths["outs"] + paths["metrics"] + paths["plots"]
+            written += stage.written(params, item)
     return written
 
 
@@ -91,9 +90,19 @@ def test_flow_run_leaves_a_clean_dvc_status_and_repro_agrees(repo):
     assert "in sync" in _dvc(root, env, "status", "--cloud")
     metrics = json.loads(_dvc(root, env, "metrics", "show", "--json"))
     data = metrics[""]["data"]
-    rnn = data["reports/metrics.json"]["data"]["lm"]["rnn"]
+    rnn = data["reports/metrics/rnn.json"]["data"]
     assert rnn["val_ppl"] > 1 and rnn["best_epoch"] in (1, 2)
-    assert data["reports/ngrams.json"]["data"]["word_1_distinct"] == 4579
+    assert set(data) == {f"reports/metrics/{m}.json" for m in ("rnn", "kneser_ney_3gram",
+                                                                "unigram")}
+    # one row per model and baseline: readable in a 120-column terminal
+    table = _dvc(root, env, "metrics", "show")
+    assert max(len(line) for line in table.splitlines()) <= 120, table
+    # one comparison per metric, k on the x axis of the k-step chart
+    plots = json.loads(_dvc(root, env, "plots", "show", "--json"))["data"]
+    assert {"reports/plots/val_perplexity.csv", "reports/plots/train_perplexity.csv",
+            "reports/plots/kstep.csv", "reports/plots/comparison.png"} <= set(plots)
+    kstep = plots["reports/plots/kstep.csv"][0]["content"]
+    assert kstep["encoding"]["x"]["field"] == "k"
     # every stage run again by DVC writes the same bytes: dvc.lock does not change
     out = _dvc(root, env, "repro", "-f")
     assert "Running stage 'train_lm@rnn'" in out and "Running stage 'evaluate'" in out

@@ -54,10 +54,15 @@ def test_pipeline_runs_logs_and_skips_unchanged_stages(small_pipeline, workdir):
                            "train_lm[rnn_scratch]", "train_lm[gru]", "evaluate"}
     assert set(states.values()) == {"Completed"}
     for path in ["data/raw/timemachine.txt", "data/ngrams/word_2.parquet", "models/gru/model.pt",
-                 "models/ar/kstep.csv", "reports/metrics.json", "reports/summary.md"]:
+                 "models/ar/kstep.csv", "reports/metrics/gru.json", "reports/summary.md",
+                 "reports/plots/val_perplexity.csv", "reports/plots/comparison.png"]:
         assert (workdir / path).exists(), path
-    metrics = json.loads((workdir / "reports/metrics.json").read_text())
-    assert set(metrics["lm"]) == {"rnn_scratch", "gru"}
+    assert sorted(p.name for p in (workdir / "reports/metrics").iterdir()) == [
+        "gru.json", "kneser_ney_3gram.json", "rnn_scratch.json", "unigram.json"]
+    curves = pd.read_csv(workdir / "reports/plots/val_perplexity.csv")
+    assert list(curves.columns) == ["epoch", "rnn_scratch", "rnn", "gru", "lstm", "kneser_ney",
+                                    "unigram"]
+    assert curves["rnn"].isna().all() and curves["gru"].notna().all() and len(curves) == 3
 
     client = MlflowClient(small_pipeline)
     experiment = client.get_experiment_by_name("seqlm")
@@ -69,7 +74,7 @@ def test_pipeline_runs_logs_and_skips_unchanged_stages(small_pipeline, workdir):
     assert parent.data.params["train_lm.epochs"] == "3"
     assert len(parent.data.tags["git_commit"]) > 0 and len(parent.data.tags["params_hash"]) == 16
     assert "word_1_zipf_exponent" in parent.data.metrics
-    assert any(name.startswith("lm.gru.val") for name in parent.data.metrics)
+    assert "gru.val_ppl" in parent.data.metrics and "unigram.val_ppl" in parent.data.metrics
     assert [d.dataset.name for d in parent.inputs.dataset_inputs] == ["timemachine"]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"ngrams", "reports", "vocab"} <= artifacts
