@@ -32,7 +32,9 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
-ParamsOption = Annotated[Path, typer.Option("--params", help="params file")]
+ParamsOption = Annotated[Path, typer.Option(
+    "--params", help="params file (another file than params.yaml runs an experiment that does "
+                     "not update dvc.lock)")]
 
 
 def _fail(message: str) -> None:
@@ -68,7 +70,9 @@ def _params(path: Path):
 
 @app.command()
 def run(params: ParamsOption = PARAMS_FILE,
-        dvc: Annotated[bool, typer.Option(help="update dvc.lock and push to the DVC remote")] = True) -> None:
+        dvc: Annotated[bool, typer.Option(
+            help="at the end, update dvc.lock and push the artifacts to the DVC remote")] = True,
+        ) -> None:
     """Run the whole pipeline as a Prefect flow; unchanged stages are skipped."""
     loaded = _params(params)  # a bad params.yaml fails here, before any server starts
     from seqlm.preflight import check_machine
@@ -87,7 +91,10 @@ def run(params: ParamsOption = PARAMS_FILE,
 
 
 @app.command()
-def stage(name: str, item: Annotated[Optional[str], typer.Argument()] = None,
+def stage(name: Annotated[str, typer.Argument(
+              help="download, preprocess, ngrams, sine, train_ar, train_lm or evaluate")],
+          item: Annotated[Optional[str], typer.Argument(
+              help="for train_lm: the model (rnn_scratch, rnn, gru or lstm)")] = None,
           params: ParamsOption = PARAMS_FILE) -> None:
     """Run one stage (the command each dvc.yaml stage runs)."""
     from seqlm.stages import STAGE_BY_NAME
