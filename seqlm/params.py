@@ -90,6 +90,9 @@ class TrainArParams(Section):
 class TrainLmParams(Section):
     models: list[ModelName] = Field(default=["rnn_scratch", "rnn"], min_length=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # torch.compile the training step (CUDA graphs on a GPU); auto: on CUDA, for the scratch
+    # RNN, whose Python loop over time steps is bound by kernel launches there.
+    compile: Literal["auto", "on", "off"] = "auto"
     sampling: Literal["sequential", "random"] = "sequential"
     batch_size: PositiveInt = 32
     num_steps: PositiveInt = 35
@@ -113,6 +116,11 @@ class TrainLmParams(Section):
         if len(set(value)) != len(value):
             raise ValueError("lists a model twice")
         return value
+
+    def compiled(self, model: str, device_type: str) -> bool:
+        if self.compile == "auto":
+            return device_type == "cuda" and model == "rnn_scratch"
+        return self.compile == "on"
 
     def hidden_size(self, model: str) -> int:
         return self.hidden_scratch if model == "rnn_scratch" else self.hidden

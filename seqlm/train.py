@@ -187,6 +187,8 @@ def train(name: str, corpus: np.ndarray, vocab: Vocab, params: Params, *,
                         config["dropout"], torch.Generator().manual_seed(params.seed)).to(device)
     dropout_rng = _dropout_generator(model, device, params.seed)
     optimizer = build_optimizer(model, params)
+    # The compiled module shares the parameters; validation runs the eager model (other shapes).
+    step_model = _compiled(model, device) if config["compiled"] else model
     history: list[dict[str, float]] = []
     best_state: dict[str, torch.Tensor] = {}
 
@@ -217,8 +219,8 @@ def train(name: str, corpus: np.ndarray, vocab: Vocab, params: Params, *,
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(history, p.lr, p.lr_decay)
         try:
-            loss, tokens = _train_epoch(model, optimizer, train_t, rng, p.sampling, p.batch_size,
-                                        p.num_steps, p.clip_theta)
+            loss, tokens = _train_epoch(step_model, optimizer, train_t, rng, p.sampling,
+                                        p.batch_size, p.num_steps, p.clip_theta)
         except interrupt.Interrupted:
             # The weights are part-way through this epoch: the last checkpoint is what resumes.
             kept = f"; checkpoint at epoch {saved} kept" if saved and ckpt_path else ""
@@ -266,6 +268,14 @@ def _check_finite(name: str, row: dict[str, float], lr: float) -> None:
             f"{name}: training diverged at epoch {int(row['epoch'])} (train perplexity "
             f"{row['train_perplexity']}, validation perplexity {row['val_perplexity']}); "
             f"lower train_lm.lr (now {lr})")
+
+
+def _compiled(model: nn.Module, device: torch.device) -> nn.Module:
+    """torch.compile of the model for the training step: on CUDA with CUDA graphs, so that a
+    step of the scratch cell's Python loop is replayed as one graph instead of launching every
+    kernel from Python."""
+    return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else "default",
+                         dynamic=False)
 
 
 def _dropout_generator(model: nn.Module, device: torch.device, seed: int,
@@ -327,6 +337,7 @@ def run_config(name: str, params: Params, vocab: Vocab, device: torch.device,
         "dropout": p.dropout_of(name), "seed": params.seed,
         "train_tokens": split.train_end, "val_tokens": split.scored,
         "sampling": p.sampling, "batch_size": p.batch_size, "num_steps": p.num_steps,
+        "compiled": p.compiled(name, device.type),
         "optimizer": p.optimizer, "lr": p.lr, "lr_decay": p.lr_decay, "clip_theta": p.clip_theta,
         "device": device.type,
         "data": hashlib.sha256(data.tobytes()).hexdigest()[:16],

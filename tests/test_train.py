@@ -229,7 +229,8 @@ def test_config_hash_covers_every_training_param(data) -> None:
     trajectory; otherwise a changed run could silently resume a stale checkpoint."""
     corpus, vocab = data
     not_hashed = {"models", "epochs", "checkpoint_every", "patience"}  # where a run stops
-    resolved = {"device", "hidden", "hidden_scratch", "num_layers", "dropout"}  # the values used
+    resolved = {"device", "hidden", "hidden_scratch", "num_layers", "dropout",
+                "compile"}                                            # the values used
     params = make_params()
     config = run_config("rnn", params, vocab, torch.device("cpu"), corpus,
                         split_of(corpus, params))
@@ -494,3 +495,17 @@ def test_the_learning_rate_decays_after_epochs_without_improvement() -> None:
     assert [learning_rate(history[:i], 1.0, 0.5) for i in range(7)] == \
         [1.0, 1.0, 1.0, 0.5, 0.5, 0.25, 0.125]
     assert learning_rate(history, 0.1, 1.0) == 0.1
+
+
+@pytest.mark.slow
+def test_a_compiled_training_step_gives_the_eager_perplexities(data) -> None:
+    """The GPU fast path (torch.compile of the step) runs on the CPU too, to float tolerance."""
+    corpus, vocab = data
+    eager = train("rnn_scratch", corpus, vocab, make_params(hidden_scratch=32, epochs=2,
+                                                           compile="off"))
+    compiled = train("rnn_scratch", corpus, vocab, make_params(hidden_scratch=32, epochs=2,
+                                                              compile="on"))
+    assert compiled.config["compiled"] and not eager.config["compiled"]
+    for a, b in zip(eager.history, compiled.history):
+        assert b["val_perplexity"] == pytest.approx(a["val_perplexity"], rel=1e-4)
+        assert b["train_perplexity"] == pytest.approx(a["train_perplexity"], rel=1e-4)

@@ -1,0 +1,102 @@
+"""The main job's wall time per stage and in total, then a re-run with nothing changed.
+
+In a fresh clone of this checkout's HEAD (its own Prefect home, MLflow store and DVC remote),
+on an existing virtual environment:
+1. `seqlm run` with the defaults (`--set key=value` overrides them, e.g. train_lm.device=cuda):
+   wall time from the command to the prompt, and each stage's task run as Prefect recorded it;
+2. `seqlm run` again, nothing changed: its wall time, split into what it is made of (the
+   imports, the temporary server's start, the stages' task runs, the rest: MLflow, DVC and
+   the flow's own bookkeeping).
+
+    python bench/main_job.py                       # ~3-5 minutes on a 2-core CPU
+    python bench/main_job.py --set train_lm.device=cuda
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> float:
+    start = time.perf_counter()
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+def stage_times(clone: Path) -> list[tuple[str, dict[str, float]]]:
+    """Per flow run (oldest first): each task run's duration, from the run's Prefect home."""
+    os.environ["PREFECT_HOME"] = str(clone / ".prefect")
+    os.environ.pop("PREFECT_API_URL", None)
+    from seqlm.server import start_temporary_server
+    start_temporary_server()
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(sort=FlowRunSort.START_TIME_ASC)
+        out = []
+        for flow_run in runs:
+            tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[flow_run.id])))
+            out.append((flow_run.name, {t.name.rsplit("-", 1)[0]: t.total_run_time.total_seconds()
+                                        for t in tasks}))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a params.yaml key (YAML value), e.g. train_lm.epochs=50")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="seqlm-bench-") as tmp:
+        clone = Path(tmp) / "clone"
+        subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+        params = yaml.safe_load((clone / "params.yaml").read_text())
+        for item in args.set:
+            key, _, value = item.partition("=")
+            *sections, last = key.split(".")
+            node = params
+            for section in sections:
+                node = node[section]
+            node[last] = yaml.safe_load(value)
+        (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        env = {**os.environ, "PREFECT_HOME": str(clone / ".prefect"),
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        env.pop("PREFECT_API_URL", None)
+        env.pop("MLFLOW_TRACKING_URI", None)
+        seqlm = [sys.executable, "-m", "seqlm.cli", "run"]
+        first = run(seqlm, clone, env)
+        again = run(seqlm, clone, env)
+        imports = run([sys.executable, "-c", "import seqlm.cli, flows.pipeline"], clone, env)
+        start = time.perf_counter()
+        (first_run, first_stages), (_, again_stages) = stage_times(clone)
+        server = time.perf_counter() - start          # an upper bound: start + one query
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
+               platform.machine())
+    print(f"machine: {os.cpu_count()} cores ({cpu}); overrides: {args.set or 'none'}")
+    print(f"\nmain job (flow run {first_run}): {first:.1f} s wall, command to prompt")
+    for name, seconds in first_stages.items():
+        print(f"  {name:24s} {seconds:7.1f} s")
+    print(f"\nre-run with nothing changed: {again:.1f} s wall")
+    stages = sum(again_stages.values())
+    print(f"  imports (seqlm.cli, flows.pipeline)   {imports:6.1f} s")
+    print(f"  temporary Prefect server start (<=)   {server:6.1f} s")
+    print(f"  the {len(again_stages)} stages' task runs (cached)  {stages:6.1f} s")
+    print(f"  the rest: MLflow, DVC, bookkeeping    {again - imports - server - stages:6.1f} s")
+
+
+if __name__ == "__main__":
+    main()

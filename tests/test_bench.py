@@ -1,0 +1,31 @@
+"""The benchmark scripts that need a machine this suite does not have still run here."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+
+
+def test_gpu_script_is_valid_bash():
+    subprocess.run(["bash", "-n", str(REPO / "bench" / "gpu.sh")], check=True)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
+def test_gpu_script_falls_back_to_the_cpu(tmp_path: Path):
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    result = subprocess.run(["bash", str(REPO / "bench" / "gpu.sh")], env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "no CUDA GPU: running the CPU fallback" in result.stdout
+    training = (tmp_path / "gpu-training-cpu.txt").read_text()
+    speed = (tmp_path / "gpu-train-speed-cpu.txt").read_text()
+    assert "rnn_scratch" in training and "rnn " in training
+    assert all(model in speed for model in ("rnn_scratch", "rnn", "gru", "lstm"))
+    assert speed.count("x\n") == 4                      # a ratio per model
