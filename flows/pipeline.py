@@ -7,13 +7,13 @@ runs again. At the end dvc.lock is updated to describe exactly the artifacts wri
 """
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import datetime
 import hashlib
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -117,9 +117,51 @@ def submit_stage(stage: Stage, item: str | None, params: Params, stage_logger: S
                                              outputs_digest(stage, item, params))),
         tags=tags,
     )
-    kwargs = stage_logger.task_kwargs(stage.name, item)
+    dask = params.execution.task_runner == "dask"
+    # On Dask the task runs in a worker process: no live callback (it is not picklable), and a
+    # training asks for one `GPU` resource, so that each runs on a worker of its own.
+    kwargs = stage_logger.task_kwargs(stage.name, item, live=not dask)
     args = (params, item) if item is not None else (params,)
-    return task.submit(*args, wait_for=wait_for, **kwargs), key
+    resources = {"GPU": 1} if dask and stage.name == "train_lm" else {}
+    with dask_annotations(resources):
+        return task.submit(*args, wait_for=wait_for, **kwargs), key
+
+
+@contextlib.contextmanager
+def dask_annotations(resources: dict[str, int]):
+    if not resources:
+        yield
+        return
+    import dask
+    with dask.annotate(resources=resources):
+        yield
+
+
+def task_runner_for(params: Params):
+    """The Prefect task runner `execution` asks for: threads of this process, or Dask."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+    ex = params.execution
+    if ex.task_runner == "local":
+        return ThreadPoolTaskRunner()
+    from prefect_dask import DaskTaskRunner
+    if ex.dask_address:
+        return DaskTaskRunner(address=ex.dask_address)
+    import torch
+    gpus = torch.cuda.device_count()
+    # One worker per GPU, or per core on a CPU machine, each with one `GPU` slot for trainings.
+    return DaskTaskRunner(cluster_kwargs={
+        "n_workers": gpus or os.cpu_count() or 1, "threads_per_worker": 1,
+        "processes": True, "resources": {"GPU": 1}, "dashboard_address": None})
+
+
+def worker_of(future: PrefectFuture) -> str:
+    """Where a task ran: the Dask worker that holds its result, or this host."""
+    wrapped = getattr(future, "wrapped_future", None)
+    if type(wrapped).__module__.startswith("distributed"):
+        holders = wrapped.client.who_has(wrapped).get(wrapped.key)
+        if holders:
+            return holders[0]
+    return socket.gethostname()
 
 
 def fetches_every_run(stage: Stage, params: Params) -> bool:
@@ -183,7 +225,8 @@ def in_levels(params: Params) -> list[StageKey]:
         for item in stage.items(params):
             level[(stage.name, item)] = 1 + max(
                 (level[key] for key in upstream(stage, item, params)), default=-1)
-    return sorted(level, key=level.__getitem__)
+    # Within a level the trainings first: the longest tasks get the free workers.
+    return sorted(level, key=lambda key: (level[key], key[0] != "train_lm"))
 
 
 @flow(name="pipeline", log_prints=True, flow_run_name=run_name)
@@ -204,7 +247,8 @@ def _run_stages(params_file: str, record_dvc: bool) -> dict[str, str]:
         close_unfinished(killed, logger)
     context = FlowRunContext.get().flow_run
     flow_run_id = str(context.id)
-    tag = open_training_slots(flow_run_id)
+    dask = params.execution.task_runner == "dask"
+    tag = open_training_slots(flow_run_id) if not dask else ""   # on Dask: GPU resources
     run.set(flow_run_id=flow_run_id, server_pid=server.started_pid, concurrency_tag=tag,
             mlflow_uri=tracking_uri())
     tracker = Tracker(params, on_open=run.add_mlflow_run)
@@ -223,14 +267,15 @@ def _run_stages(params_file: str, record_dvc: bool) -> dict[str, str]:
         the stages in block_on have."""
         while True:
             for key, (future, cache_key) in futures.items():
-                if key not in logged and future.state.is_final():
+                if key not in logged and future.wrapped_future.done():
                     logged.add(key)
                     finished(key, future, cache_key)
             if all(key in logged for key in block_on):
                 return
-            concurrent.futures.wait([futures[k][0].wrapped_future for k in block_on
-                                     if k not in logged],
-                                    return_when=concurrent.futures.FIRST_COMPLETED)
+            for key in block_on:
+                if key not in logged:
+                    futures[key][0].wait(timeout=0.5)   # Prefect's futures: threads or Dask
+                    break
 
     def finished(key: StageKey, future: PrefectFuture, cache_key: str) -> None:
         name, item = key
@@ -241,12 +286,12 @@ def _run_stages(params_file: str, record_dvc: bool) -> dict[str, str]:
         record.update(label, cache_key, outputs_digest(STAGE_BY_NAME[name], item, params))
         if cached:
             logger.info("stage %s unchanged: skipped (cached)", label)
-        stage_logger.after(name, item, paths, cached=cached)
+        stage_logger.after(name, item, paths, cached=cached, worker=worker_of(future))
 
     try:
         corpus_checked = False
         trainings = [key for key in in_levels(params) if key[0] == "train_lm"]
-        if len(trainings) > TRAINING_SLOTS:
+        if len(trainings) > TRAINING_SLOTS and not dask:
             logger.info("%d trainings, %d at a time on this device: %s wait for a slot",
                         len(trainings), TRAINING_SLOTS,
                         ", ".join(_label(*key) for key in trainings[TRAINING_SLOTS:]))
@@ -259,7 +304,7 @@ def _run_stages(params_file: str, record_dvc: bool) -> dict[str, str]:
                 corpus_checked = True
             futures[(name, item)] = submit_stage(
                 stage, item, params, stage_logger, record,
-                tags=[tag] if name == "train_lm" else [],
+                tags=[tag] if name == "train_lm" and tag else [],
                 wait_for=[futures[key][0] for key in ups])
         log_finished(block_on=list(futures))
         stage_logger.finish()
@@ -274,11 +319,13 @@ def _run_stages(params_file: str, record_dvc: bool) -> dict[str, str]:
         status = "KILLED" if isinstance(exc, (KeyboardInterrupt, Interrupted)) else "FAILED"
         stage_logger.end_runs(status)
         tracker.finish(status)
-        close_training_slots(tag)
+        if tag:
+            close_training_slots(tag)
         run.finish()
         raise
     tracker.finish("FINISHED")
-    close_training_slots(tag)
+    if tag:
+        close_training_slots(tag)
     run.finish()
     if tracker.error:
         raise TrackingError(

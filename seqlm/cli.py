@@ -84,8 +84,9 @@ def run(params: ParamsOption = PARAMS_FILE,
         check_store()                       # an unusable MLflow store fails in seconds
         from seqlm.server import start_temporary_server
         start_temporary_server()            # before Prefect is imported: it reads the URL once
-        from flows.pipeline import pipeline
-        states = pipeline(params_file=str(params), record_dvc=dvc)
+        from flows.pipeline import pipeline, task_runner_for
+        states = pipeline.with_options(task_runner=task_runner_for(loaded))(
+            params_file=str(params), record_dvc=dvc)
     for stage, state in states.items():
         typer.echo(f"{stage:24s} {state}")
 

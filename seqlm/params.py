@@ -152,6 +152,14 @@ class EvaluateParams(Section):
         return value
 
 
+class ExecutionParams(Section):
+    # local: the stages run in threads of the `seqlm run` process. dask: on a Dask cluster
+    # through prefect-dask, each training on a worker with a free `GPU` resource.
+    task_runner: Literal["local", "dask"] = "local"
+    # None: a LocalCluster sized to this machine; "tcp://host:8786": join that scheduler.
+    dask_address: str | None = None
+
+
 class TrackingParams(Section):
     experiment: Annotated[str, Field(min_length=1)] = "seqlm"
     # Names the registered models (<corpus_name>-<model>) and the MLflow datasets; None: the
@@ -169,6 +177,7 @@ class Params(Section):
     train_lm: TrainLmParams = TrainLmParams()
     evaluate: EvaluateParams = EvaluateParams()
     tracking: TrackingParams = TrackingParams()
+    execution: ExecutionParams = ExecutionParams()
 
     @model_validator(mode="after")
     def _series_long_enough(self) -> "Params":

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -33,10 +32,15 @@ class StageLogger:
         self.cached: dict[str, str] = {}          # stage label -> the run that produced it
         # (tokens/s, seconds) per epoch of each training: run-specific, so MLflow's, not DVC's
         self.timings: dict[str, list[tuple[float, float]]] = {}
+        self.sections: dict[str, dict] = {}       # the params each training's run logs
+        self.worker = ""                          # where the stage being logged ran
         self._lock = threading.Lock()
 
-    def task_kwargs(self, stage: str, item: str | None) -> dict[str, Callable]:
-        """Training stages get a per-epoch callback that logs into their own nested run."""
+    def task_kwargs(self, stage: str, item: str | None, live: bool = True,
+                    ) -> dict[str, Callable]:
+        """Training stages get a per-epoch callback that logs into their own nested run. Not
+        `live` (the task runs in another process, on a Dask worker): no callback; the run is
+        opened when the stage ends and its per-epoch history logged then."""
         if stage == "train_ar":
             name, section = "ar_mlp", {"seed": self.params.seed,
                                        **self.params.train_ar.model_dump(mode="json")}
@@ -48,6 +52,9 @@ class StageLogger:
                 **{k: v for k, v in lm.model_dump(mode="json").items()
                    if k not in ("models", "hidden", "hidden_scratch")}}
         else:
+            return {}
+        self.sections[name] = section
+        if not live:
             return {}
         timings = self.timings.setdefault(name, [])
 
@@ -78,11 +85,23 @@ class StageLogger:
         for name in list(self.monitors):
             self._end_child(name, status)
 
-    def after(self, stage: str, item: str | None, paths: list[Path], cached: bool) -> None:
+    def after(self, stage: str, item: str | None, paths: list[Path], cached: bool,
+              worker: str) -> None:
+        """Log what stage (item) left behind; `worker` says where it ran."""
         label = f"{stage}[{item}]" if item else stage
         if cached:
             self.cached[label] = self._producer(stage, item) or ""
+        self.worker = worker
         getattr(self, f"_after_{stage}", lambda *_: None)(item, paths, cached)
+
+    def _trained(self, name: str, history: Path) -> str | None:
+        """The child run of a training that ran; opened now, with its per-epoch history, when
+        no callback reported the epochs live."""
+        if name not in self.child_runs:
+            run_id = self._child(name, self.sections.get(name, {}))
+            for row in pd.read_csv(history).to_dict("records"):
+                self.tracker.log_metrics(run_id, row, step=int(row.pop("epoch")))
+        return self.child_runs[name]
 
     def finish(self) -> None:
         """Tell the parent run which stages were cached, and by which runs they were made."""
@@ -120,9 +139,9 @@ class StageLogger:
         self.tracker.log_metrics_file(f"{S.REPORTS}/ngrams.json")
 
     def _after_train_ar(self, _item, _paths, cached: bool) -> None:
-        run_id = self.child_runs.get("ar_mlp")
-        if cached or run_id is None:
+        if cached:
             return
+        run_id = self._trained("ar_mlp", Path(S.AR_DIR) / "history.csv")
         self.tracker.log_metrics_file(f"{S.REPORTS}/train_ar.json", run_id)
         self.tracker.log_dataset(pd.read_parquet(S.SINE), source=S.SINE, name="sine",
                                  context="training", run_id=run_id)
@@ -138,7 +157,7 @@ class StageLogger:
             # never registered (the store was down when it trained): register it now
             run_id = self._child(item, {"model": item})
         else:
-            run_id = self.child_runs.get(item)
+            run_id = self._trained(item, model_dir / "history.csv")
         metrics = {k: round(v, 4) for k, v in meta.items()
                    if k.startswith(("final_", "best_")) and k != "best_epoch"}
         metrics["best_epoch"] = meta["best_epoch"]
@@ -149,7 +168,7 @@ class StageLogger:
         self.tracker.log_metrics(run_id, metrics)
         self.tracker.set_tags(run_id, {"device": str(meta.get("device")),
                                        "stopped_early": str(meta["stopped_early"]),
-                                       "worker": socket.gethostname()})
+                                       "worker": self.worker})
         ids = np.load(S.CORPUS["char"], mmap_mode="r")
         split = split_of(ids, self.params)
         for context, part in zip(("training", "validation"), protocol.train_val(ids, split)):
