@@ -3,18 +3,16 @@ the trainings run on different workers at the same time, and the outputs are the
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
-from conftest import REPO, write_params
+from conftest import write_params
 from seqlm.params import load_params
 
 pytestmark = pytest.mark.slow
