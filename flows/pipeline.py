@@ -189,6 +189,7 @@ def dvc_record(logger: logging.Logger | logging.LoggerAdapter) -> None:
     logger.info("dvc.lock updated and artifacts pushed to the DVC remote")
 
 
+TRAININGS = ("train_ar", "train_lm")
 TRAINING_SLOTS = 1   # trainings side by side: one device (the CPU, or the first GPU) each
 
 
@@ -225,8 +226,13 @@ def in_levels(params: Params) -> list[StageKey]:
         for item in stage.items(params):
             level[(stage.name, item)] = 1 + max(
                 (level[key] for key in upstream(stage, item, params)), default=-1)
+    # No training is submitted before preprocess: the corpus checks (check_preprocessed) come
+    # first, so a split or a batch that cannot fit fails before any model is trained. The DAG
+    # (wait_for) is unchanged: only the submission order.
+    gate = level[("preprocess", None)] + 1
+    order = {key: max(lvl, gate) if key[0] in TRAININGS else lvl for key, lvl in level.items()}
     # Within a level the trainings first: the longest tasks get the free workers.
-    return sorted(level, key=lambda key: (level[key], key[0] != "train_lm"))
+    return sorted(order, key=lambda key: (order[key], key[0] != "train_lm"))
 
 
 @flow(name="pipeline", log_prints=True, flow_run_name=run_name)
@@ -298,9 +304,12 @@ def _run_stages(params_file: str, record_dvc: bool) -> dict[str, str]:
         for name, item in in_levels(params):
             stage = STAGE_BY_NAME[name]
             ups = upstream(stage, item, params)
-            log_finished(block_on=ups)      # inputs final before this stage's key is taken
-            if ("preprocess", None) in ups and not corpus_checked:
-                check_preprocessed(params)  # what needs the corpus's size fails now
+            # inputs final before this stage's key is taken; the corpus checked before the
+            # first stage that reads it or trains: what needs the corpus's size fails now
+            gated = ("preprocess", None) in ups or name in TRAININGS
+            log_finished(block_on=ups + ([("preprocess", None)] if gated else []))
+            if gated and not corpus_checked:
+                check_preprocessed(params)
                 corpus_checked = True
             futures[(name, item)] = submit_stage(
                 stage, item, params, stage_logger, record,

@@ -70,6 +70,14 @@ def alive(pid: int | None) -> bool:
     return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
 
 
+def closed_runs(env: dict[str, str], record: dict) -> dict[str, str]:
+    """{run name: status} of the MLflow runs a run opened; the parent is named "parent"."""
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = [client.get_run(run_id) for run_id in record["mlflow_runs"]]
+    return {("parent" if "mlflow.parentRunId" not in r.data.tags else r.info.run_name): r
+            for r in runs}
+
+
 def straight_training(workdir: Path) -> dict[str, torch.Tensor]:
     params = load_params(workdir / "params.yaml")
     corpus = np.load(workdir / "data/processed/corpus_char.npy")
@@ -93,11 +101,11 @@ def test_a_killed_run_does_not_wedge_the_next_one(workdir, env):
     output = second.stdout + second.stderr
     assert f"pid {killed['pid']}" in output and "killed before it ended" in output
     # what the killed run left open is closed: its MLflow runs, its server, its Prefect run
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    for run_id in killed["mlflow_runs"]:
-        run = client.get_run(run_id)
-        assert run.info.status == "FAILED"
-        assert "was killed before it ended" in run.data.tags["failure_reason"]
+    runs = closed_runs(env, killed)
+    for name in ("parent", "rnn_scratch"):          # open when the run was killed
+        assert runs[name].info.status == "FAILED", name
+        assert "was killed before it ended" in runs[name].data.tags["failure_reason"]
+    assert {r.info.status for r in runs.values()} <= {"FAILED", "FINISHED"}   # none left open
     assert not alive(killed["server_pid"])
     # and the training resumed from the killed run's checkpoint to the straight run's weights
     saved = torch.load(workdir / "models/rnn_scratch/model.pt", weights_only=True)["state_dict"]
@@ -126,9 +134,9 @@ def test_a_signal_stops_training_within_seconds_and_the_next_run_resumes(workdir
     while alive(record["server_pid"]) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not alive(record["server_pid"])
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    statuses = {client.get_run(r).info.status for r in record["mlflow_runs"]}
-    assert statuses == {"KILLED"}
+    runs = closed_runs(env, record)
+    assert runs["parent"].info.status == runs["rnn_scratch"].info.status == "KILLED"
+    assert {r.info.status for r in runs.values()} <= {"KILLED", "FINISHED"}   # none left open
     assert run_record(workdir)["finished"]
     # the next run resumes and ends where an uninterrupted training ends
     again = subprocess.run([sys.executable, "-m", "seqlm.cli", "run", "--no-dvc"], cwd=workdir,

@@ -15,7 +15,8 @@ from mlflow import MlflowClient
 from prefect import get_client
 from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId,
                                            ArtifactFilterKey, FlowRunFilter, FlowRunFilterId,
-                                           FlowRunFilterName, TaskRunFilter, TaskRunFilterName)
+                                           FlowRunFilterName, TaskRunFilter, TaskRunFilterFlowRunId,
+                                           TaskRunFilterName)
 
 from typer.testing import CliRunner
 
@@ -111,11 +112,14 @@ def test_pipeline_runs_logs_and_skips_unchanged_stages(small_pipeline, workdir):
     assert local.output.splitlines()[-1] == registry.output.splitlines()[-1] == text
 
     # the two training tasks (tag "gpu", one slot on a CPU machine) never overlapped
+    flow_run_id = parent.data.tags["prefect.flow_run_id"]       # this run's, not earlier tests'
     with get_client(sync_client=True) as prefect:
         runs = prefect.read_task_runs(task_run_filter=TaskRunFilter(
-            name=TaskRunFilterName(like_="train_lm[")))
+            name=TaskRunFilterName(like_="train_lm["),
+            flow_run_id=TaskRunFilterFlowRunId(any_=[flow_run_id])))
         tables = prefect.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=["perplexity-summary"])))
+            key=ArtifactFilterKey(any_=["perplexity-summary"]),
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
     spans = sorted((r.start_time, r.end_time) for r in runs)
     assert len(spans) == 2 and spans[0][1] <= spans[1][0]
     # the evaluation summary is a Prefect table artifact: each model beside the baselines
