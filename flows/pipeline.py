@@ -105,8 +105,10 @@ class StageRecord:
 def submit_stage(stage: Stage, item: str | None, params: Params, stage_logger: StageLogger,
                  record: StageRecord, tags: list[str], wait_for: list[PrefectFuture],
                  ) -> tuple[PrefectFuture, str]:
-    """Submit one stage whose upstream stages (`wait_for`) have finished, so its inputs are
-    final; passing them to Prefect draws the edges of the DAG in its UI."""
+    """Submit one stage whose upstream stages have finished, so its inputs are final.
+    `wait_for` holds their final states: Prefect draws the edges of the DAG from them, and Dask
+    is free to run the stage on any worker (an upstream future would pin it to the worker that
+    holds that result, and Dask never moves a task that asks for a resource such as `GPU`)."""
     key = stage_cache_key(stage, item, params)
     task = stage_task(stage.name, params).with_options(
         name=_label(stage.name, item),
@@ -314,7 +316,7 @@ def _run_stages(params_file: str, record_dvc: bool) -> dict[str, str]:
             futures[(name, item)] = submit_stage(
                 stage, item, params, stage_logger, record,
                 tags=[tag] if name == "train_lm" and tag else [],
-                wait_for=[futures[key][0] for key in ups])
+                wait_for=[futures[key][0].state for key in ups])
         log_finished(block_on=list(futures))
         stage_logger.finish()
         if record_dvc and Path(params_file).resolve() != PARAMS_FILE.resolve():

@@ -91,17 +91,20 @@ def test_the_pipeline_on_a_dask_cluster(workdir, cluster, prefect_server, monkey
     client = MlflowClient(uri)
     runs = {r.info.run_name: r for r in client.search_runs(
         [client.get_experiment_by_name("seqlm").experiment_id])}
-    # the trainings ran on the cluster's workers, each holding the worker's one `GPU`: two on
-    # the same worker never overlap (where Dask places them is its scheduler's choice)
+    # the trainings ran on the cluster's two workers, each holding its worker's one `GPU`, at
+    # the same time
     placed = {m: runs[m].data.tags["worker"] for m in ("rnn_scratch", "gru")}
     assert all(w.startswith("tcp://127.0.0.1:") for w in placed.values())
+    assert len(set(placed.values())) == 2, placed
     from prefect import get_client
-    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+    from prefect.client.schemas.filters import (TaskRunFilter, TaskRunFilterFlowRunId,
+                                               TaskRunFilterName)
+    parent = next(r for r in runs.values() if "mlflow.parentRunId" not in r.data.tags)
     with get_client(sync_client=True) as prefect:
         spans = sorted((r.start_time, r.end_time) for r in prefect.read_task_runs(
-            task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="train_lm[")))
-            if r.state.is_completed())[-2:]
-    if len(set(placed.values())) == 1:
-        assert spans[0][1] <= spans[1][0], "one worker, one GPU: two trainings at once"
+            task_run_filter=TaskRunFilter(
+                name=TaskRunFilterName(like_="train_lm["),
+                flow_run_id=TaskRunFilterFlowRunId(any_=[parent.data.tags["prefect.flow_run_id"]]))))
+    assert len(spans) == 2 and spans[1][0] < spans[0][1], "the trainings did not overlap"
     # and every output is the local runner's, byte for byte
     assert digests(workdir) == digests(local)

@@ -76,8 +76,13 @@ def _dvc(root: Path, env: dict, *args: str) -> str:
     return _run([sys.executable, "-m", "dvc", *args], root, env)
 
 
-def test_flow_run_leaves_a_clean_dvc_status_and_repro_agrees(repo):
-    root, env = repo
+def test_flow_run_and_dvc_repro_agree_byte_for_byte(tmp_path):
+    """`seqlm run` leaves a clean `dvc status`; `dvc repro -f` and a `dvc repro` in a second
+    fresh repository write the same bytes (same params, seed, code and machine: the md5 of
+    every output file and folder in dvc.lock is the same); `dvc exp run -S` runs what a param
+    changes and nothing else."""
+    (tmp_path / "a-state").mkdir()
+    root, env = make_repo(tmp_path / "a", tmp_path / "a-state")
     _run([sys.executable, "-m", "seqlm.cli", "run"], root, env)
     assert "up to date" in _dvc(root, env, "status")
     lock_text = (root / "dvc.lock").read_text()
@@ -108,32 +113,24 @@ def test_flow_run_leaves_a_clean_dvc_status_and_repro_agrees(repo):
     assert "Running stage 'train_lm@rnn'" in out and "Running stage 'evaluate'" in out
     assert (root / "dvc.lock").read_text() == lock_text
 
-
-def test_two_runs_from_scratch_write_byte_identical_outputs(tmp_path):
-    """Same params, seed, code and machine: every output of two fresh repositories hashes the
-    same (dvc.lock records an md5 per file and per folder)."""
-    locks = []
-    for name in ("a", "b"):
-        (tmp_path / f"{name}-state").mkdir()
-        root, env = make_repo(tmp_path / name, tmp_path / f"{name}-state")
-        _run([sys.executable, "-m", "seqlm.cli", "run"], root, env)
-        locks.append(yaml.safe_load((root / "dvc.lock").read_text())["stages"])
-    outs = [{(stage, o["path"]): o["md5"] for stage, body in lock.items()
-             for o in body.get("outs", [])} for lock in locks]
-    assert len(outs[0]) >= 10 and outs[0] == outs[1]
-    assert locks[0] == locks[1]
-
-
-def test_dvc_repro_and_exp_run(repo):
-    root, env = repo
-    out = _dvc(root, env, "repro")
+    # a second repository from scratch, through DVC alone: the same dvc.lock
+    (tmp_path / "b-state").mkdir()
+    other, env = make_repo(tmp_path / "b", tmp_path / "b-state")
+    out = _dvc(other, env, "repro")
     assert "Running stage 'train_lm@rnn'" in out and "Running stage 'evaluate'" in out
-    assert "up to date" in _dvc(root, env, "status")
-    _run(["git", "add", "-A"], root, env)
-    _run(["git", "commit", "-qm", "repro"], root, env)
-    out = _dvc(root, env, "exp", "run", "-S", "train_ar.epochs=3")
+    other_lock = yaml.safe_load((other / "dvc.lock").read_text())["stages"]
+    outs = [{(stage, o["path"]): o["md5"] for stage, body in stages.items()
+             for o in body.get("outs", [])} for stages in (lock, other_lock)]
+    assert len(outs[0]) >= 10 and outs[0] == outs[1]
+    assert other_lock == lock
+
+    # an experiment runs the stage its param changes, and only that one
+    assert "up to date" in _dvc(other, env, "status")
+    _run(["git", "add", "-A"], other, env)
+    _run(["git", "commit", "-qm", "repro"], other, env)
+    out = _dvc(other, env, "exp", "run", "-S", "train_ar.epochs=3")
     assert "Running stage 'train_ar'" in out and "Running stage 'train_lm@rnn'" not in out
-    shown = _dvc(root, env, "exp", "show", "--csv")
+    shown = _dvc(other, env, "exp", "show", "--csv")
     assert "train_ar.epochs" in shown.splitlines()[0]
     assert any(",3," in line for line in shown.splitlines()[1:])   # the experiment's epochs=3
 
