@@ -22,6 +22,7 @@ from prefect import flow, get_client, get_run_logger
 from prefect.context import FlowRunContext
 from prefect.exceptions import ObjectNotFound
 from prefect.futures import PrefectFuture
+from prefect.states import State
 
 from seqlm import server
 from seqlm.interrupt import Interrupted, stop_on_signals
@@ -103,7 +104,7 @@ class StageRecord:
 
 
 def submit_stage(stage: Stage, item: str | None, params: Params, stage_logger: StageLogger,
-                 record: StageRecord, tags: list[str], wait_for: list[PrefectFuture],
+                 record: StageRecord, tags: list[str], wait_for: list[State],
                  ) -> tuple[PrefectFuture, str]:
     """Submit one stage whose upstream stages have finished, so its inputs are final.
     `wait_for` holds their final states: Prefect draws the edges of the DAG from them, and Dask
