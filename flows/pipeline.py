@@ -13,10 +13,12 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from prefect import flow, get_client, get_run_logger
 from prefect.context import FlowRunContext
@@ -35,6 +37,7 @@ from seqlm.tracking import FIX_URI, Tracker, TrackingError, check_store, trackin
 from seqlm.workspace import (RunRecord, close_unfinished, dvc_lock_released, unfinished_run,
                              workspace_lock)
 from tasks import stage_task
+from tasks.ngrams import SHARDS, ngrams_shard, shard_plan
 
 StageKey = tuple[str, str | None]
 STAGE_RECORD = Path(".stage-record.json")   # per workspace, like checkpoints/ (git-ignored)
@@ -103,31 +106,53 @@ class StageRecord:
         write_json(self.path, self.entries)
 
 
+def is_stale(stage: Stage, item: str | None, params: Params, record: StageRecord,
+             key: str) -> bool:
+    """Whether the stage must run: a source fetched every run, or inputs or outputs that are not
+    those its last run in this workspace read and wrote."""
+    return (fetches_every_run(stage, params) or
+            not record.is_current(_label(stage.name, item), key,
+                                  outputs_digest(stage, item, params)))
+
+
 def submit_stage(stage: Stage, item: str | None, params: Params, stage_logger: StageLogger,
-                 record: StageRecord, tags: list[str], wait_for: list[State],
-                 ) -> tuple[PrefectFuture, str]:
+                 key: str, stale: bool, tags: list[str], wait_for: list[State],
+                 inputs: dict[str, Any] | None = None) -> PrefectFuture:
     """Submit one stage whose upstream stages have finished, so its inputs are final.
     `wait_for` holds their final states: Prefect draws the edges of the DAG from them, and Dask
     is free to run the stage on any worker (an upstream future would pin it to the worker that
-    holds that result, and Dask never moves a task that asks for a resource such as `GPU`)."""
-    key = stage_cache_key(stage, item, params)
+    holds that result, and Dask never moves a task that asks for a resource such as `GPU`).
+    `inputs`: more arguments of the task (futures of tasks it reads the results of)."""
     task = stage_task(stage.name, params).with_options(
         name=_label(stage.name, item),
         cache_key_fn=lambda _ctx, _args: key,
         persist_result=True,
-        refresh_cache=(fetches_every_run(stage, params) or
-                       not record.is_current(_label(stage.name, item), key,
-                                             outputs_digest(stage, item, params))),
+        refresh_cache=stale,
         tags=tags,
     )
     dask = params.execution.task_runner == "dask"
     # On Dask the task runs in a worker process: no live callback (it is not picklable), and a
     # training asks for one `GPU` resource, so that each runs on a worker of its own.
-    kwargs = stage_logger.task_kwargs(stage.name, item, live=not dask)
+    kwargs = {**stage_logger.task_kwargs(stage.name, item, live=not dask), **(inputs or {})}
     args = (params, item) if item is not None else (params,)
     resources = {"GPU": 1} if dask and stage.name == "train_lm" else {}
     with dask_annotations(resources):
-        return task.submit(*args, wait_for=wait_for, **kwargs), key
+        return task.submit(*args, wait_for=wait_for, **kwargs)
+
+
+def fan_out_ngrams(params: Params, wait_for: list[State],
+                   logger: logging.Logger | logging.LoggerAdapter) -> dict[str, Any]:
+    """With ngrams.shard_tokens set: one `ngrams_shard` task per shard of each corpus (spread
+    over the Dask workers), whose futures become the `ngrams` task's `partials` argument, so
+    that it reduces their counts and the UI draws an edge from every shard."""
+    shutil.rmtree(SHARDS, ignore_errors=True)         # partials a killed run left behind
+    plan = shard_plan(params)
+    partials = {level: [ngrams_shard.with_options(name=f"ngrams_shard[{level}:{start}]").submit(
+                            params, level, start, stop, wait_for=wait_for)
+                        for start, stop in bounds] for level, bounds in plan.items()}
+    logger.info("ngrams: %s shard tasks of %d tokens", " + ".join(
+        f"{len(bounds)} {level}" for level, bounds in plan.items()), params.ngrams.shard_tokens)
+    return {"partials": partials}
 
 
 @contextlib.contextmanager
@@ -314,10 +339,15 @@ def _run_stages(params_file: str, record_dvc: bool) -> dict[str, str]:
             if gated and not corpus_checked:
                 check_preprocessed(params)
                 corpus_checked = True
-            futures[(name, item)] = submit_stage(
-                stage, item, params, stage_logger, record,
-                tags=[tag] if name == "train_lm" and tag else [],
-                wait_for=[futures[key][0].state for key in ups])
+            key = stage_cache_key(stage, item, params)
+            stale = is_stale(stage, item, params, record, key)
+            wait_for = [futures[up][0].state for up in ups]
+            inputs = (fan_out_ngrams(params, wait_for, logger)
+                      if name == "ngrams" and stale and params.ngrams.shard_tokens else None)
+            futures[(name, item)] = (submit_stage(
+                stage, item, params, stage_logger, key, stale,
+                tags=[tag] if name == "train_lm" and tag else [], wait_for=wait_for,
+                inputs=inputs), key)
         log_finished(block_on=list(futures))
         stage_logger.finish()
         if record_dvc and Path(params_file).resolve() != PARAMS_FILE.resolve():

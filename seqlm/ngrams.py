@@ -4,8 +4,9 @@ Each window of n ids is packed into one int64 key (a number in base `vocab_size`
 integer work with no tuple per n-gram: np.bincount when vocab_size**n is small, one np.sort of the
 shard's windows otherwise.
 
-Sharded counting -- what one Prefect (or Dask) task per shard runs; count_ngrams is the same
-loop in one process, with its chunks as the shards:
+Sharded counting -- what one Prefect (or Dask) task per shard runs when `ngrams.shard_tokens` is
+set (tasks/ngrams.py); count_ngrams is the same loop in one process, with its chunks as the
+shards:
 
     bounds = shard_bounds(len(ids), shard_tokens)            # [(start, stop), ...]
     partials = [count_shard("data/processed/corpus_word.npy", start, stop, max_n, vocab_size)
@@ -23,6 +24,8 @@ loop in one process, with its chunks as the shards:
 - reduce_partials(partials) -> {n: NgramTable}: merges partials as they arrive, in any order
   (counts add up, the earliest first position wins). Memory: of the order of the distinct
   n-grams, not of the corpus (see its docstring).
+- save_partial(tables, path) / load_partial(path): a partial as a file, which is how a shard task
+  on a Dask worker hands it to the reduce (the working tree is shared; the flow passes paths).
 
 Whatever the shard size and the order of the partials, the tables are the same -- keys, counts,
 first positions, hence ranks -- and write_parquet writes byte-identical files.
@@ -235,6 +238,28 @@ def merge_tables(tables: list[NgramTable]) -> NgramTable:
     counts = np.add.reduceat(counts[order], starts)
     first = np.minimum.reduceat(first[order], starts)
     return NgramTable(n, keys[starts], counts, first)
+
+
+def save_partial(tables: Mapping[int, NgramTable], path: Path | str) -> Path:
+    """A shard's partial counts as one .npy archive (keys, counts, first per n), written whole
+    or not at all: what a shard task hands to the reduce through the shared working tree."""
+    arrays = {f"{field}_{n}": getattr(table, field)
+              for n, table in tables.items() for field in ("keys", "counts", "first")}
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
+    return Path(path)
+
+
+def load_partial(path: Path | str) -> dict[int, NgramTable]:
+    """The tables save_partial wrote; NgramError naming the file when it is not such a file."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            orders = sorted({int(name.rsplit("_", 1)[1]) for name in archive.files})
+            return {n: NgramTable(n, *(archive[f"{field}_{n}"]
+                                       for field in ("keys", "counts", "first")))
+                    for n in orders}
+    except (OSError, ValueError, KeyError) as exc:
+        raise NgramError(f"{path}: unreadable partial n-gram counts ({exc})") from None
 
 
 def count_ngrams(ids: np.ndarray, max_n: int, vocab_size: int,

@@ -63,6 +63,7 @@ class PreprocessParams(Section):
 class NgramParams(Section):
     max_n: Annotated[int, Field(ge=1, le=10)] = 3
     chunk_tokens: Annotated[int, Field(ge=1_000)] = 1_000_000
+    shard_tokens: Annotated[int, Field(ge=1_000)] | None = None
 
 
 class SineParams(Section):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from seqlm.ngrams import NgramError, count_ngrams, rank_order, unpack, zipf_expo
 from seqlm.params import load_params
 from seqlm.stages import CORPUS, VOCAB
 from seqlm.text import TOKENIZERS, Vocab, read_lines, tokenize
-from tasks.ngrams import ngrams, table_path
+from tasks.ngrams import SHARDS, ngrams, ngrams_shard, shard_plan, table_path
 
 from conftest import REPO, write_params
 
@@ -105,6 +106,33 @@ def test_streaming_is_byte_identical_and_stale_tables_go(processed: Path) -> Non
     assert sorted(p.name for p in Path("data/ngrams").glob("*.parquet")) == \
         ["char_1.parquet", "char_2.parquet", "word_1.parquet", "word_2.parquet"]
     assert "word_3_distinct" not in json.loads(Path("reports/ngrams.json").read_text())
+
+
+def test_shard_tasks_then_reduce_write_the_same_bytes(processed: Path) -> None:
+    """The flow's fan-out (ngrams.shard_tokens): one ngrams_shard task per shard, each writing a
+    partial file, then the ngrams task reducing them, as in tests/test_dask.py on a cluster."""
+    write_params(processed, ngrams={"max_n": 4})
+    ngrams.fn(load_params())
+    whole = {p.name: p.read_bytes() for p in Path("data/ngrams").iterdir()}
+    write_params(processed, ngrams={"max_n": 4, "shard_tokens": 7_000})
+    params = load_params()
+    plan = shard_plan(params)
+    assert [len(plan["word"]), len(plan["char"])] == [5, 25]
+    partials = {level: [ngrams_shard.fn(params, level, a, b) for a, b in reversed(bounds)]
+                for level, bounds in plan.items()}             # any order
+    assert all(Path(path).parent == SHARDS for paths in partials.values() for path in paths)
+    shutil.rmtree("data/ngrams")
+    ngrams.fn(params, partials=partials)
+    assert {p.name: p.read_bytes() for p in Path("data/ngrams").iterdir()} == whole
+    assert not SHARDS.exists()                                 # reduced: the partials go
+
+
+def test_unreadable_partial_is_named(processed: Path) -> None:
+    SHARDS.mkdir(parents=True)
+    (SHARDS / "word-0-10.npz").write_bytes(b"not an archive")
+    with pytest.raises(NgramError, match=r"word-0-10.npz: unreadable partial n-gram counts"):
+        ngrams.fn(load_params(), partials={"word": [str(SHARDS / "word-0-10.npz")], "char": []})
+    assert not Path("data/ngrams").exists()
 
 
 def test_key_overflow_is_refused_before_writing(processed: Path) -> None:
