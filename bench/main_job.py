@@ -4,9 +4,11 @@ In a fresh clone of this checkout's HEAD (its own Prefect home, MLflow store and
 on an existing virtual environment:
 1. `seqlm run` with the defaults (`--set key=value` overrides them, e.g. train_lm.device=cuda):
    wall time from the command to the prompt, and each stage's task run as Prefect recorded it;
-2. `seqlm run` again, nothing changed: its wall time, split into what it is made of (the
-   imports, the temporary server's start, the stages' task runs, the rest: MLflow, DVC and
-   the flow's own bookkeeping).
+2. `seqlm run` again, nothing changed: its wall time, split into what it is made of: start-up
+   until the flow run begins (imports, the temporary server, which boots while this process
+   imports and checks the machine and the MLflow store), the stages' task runs (per cached
+   stage too), the rest of the flow run (MLflow, `dvc commit` + `dvc push`, bookkeeping) and
+   the exit; and, for reference, the imports alone.
 
     python bench/main_job.py                       # ~3-5 minutes on a 2-core CPU
     python bench/main_job.py --set train_lm.device=cuda
@@ -27,16 +29,18 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> float:
-    start = time.perf_counter()
+def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float]:
+    """(wall seconds, the Unix time it started)."""
+    started, start = time.time(), time.perf_counter()
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return time.perf_counter() - start
+    return time.perf_counter() - start, started
 
 
-def stage_times(clone: Path) -> list[tuple[str, dict[str, float]]]:
-    """Per flow run (oldest first): each task run's duration, from the run's Prefect home."""
+def stage_times(clone: Path) -> list[tuple[str, float, float, dict[str, float]]]:
+    """Per flow run (oldest first): its name, start (Unix time), duration, and each task run's
+    duration, from the run's Prefect home."""
     os.environ["PREFECT_HOME"] = str(clone / ".prefect")
     os.environ.pop("PREFECT_API_URL", None)
     from seqlm.server import start_temporary_server
@@ -50,8 +54,10 @@ def stage_times(clone: Path) -> list[tuple[str, dict[str, float]]]:
         for flow_run in runs:
             tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(
                 id=FlowRunFilterId(any_=[flow_run.id])))
-            out.append((flow_run.name, {t.name.rsplit("-", 1)[0]: t.total_run_time.total_seconds()
-                                        for t in tasks}))
+            out.append((flow_run.name, flow_run.start_time.timestamp(),
+                        flow_run.total_run_time.total_seconds(),
+                        {t.name.rsplit("-", 1)[0]: t.total_run_time.total_seconds()
+                         for t in tasks}))
     return out
 
 
@@ -77,12 +83,11 @@ def main() -> None:
         env.pop("PREFECT_API_URL", None)
         env.pop("MLFLOW_TRACKING_URI", None)
         seqlm = [sys.executable, "-m", "seqlm.cli", "run"]
-        first = run(seqlm, clone, env)
-        again = run(seqlm, clone, env)
-        imports = run([sys.executable, "-c", "import seqlm.cli, flows.pipeline"], clone, env)
-        start = time.perf_counter()
-        (first_run, first_stages), (_, again_stages) = stage_times(clone)
-        server = time.perf_counter() - start          # an upper bound: start + one query
+        first, _ = run(seqlm, clone, env)
+        again, again_started = run(seqlm, clone, env)
+        imports, _ = run([sys.executable, "-c", "import seqlm.cli, flows.pipeline"], clone, env)
+        (first_run, _, _, first_stages), (_, flow_start, flow_s, again_stages) = \
+            stage_times(clone)
     cpu = next((line.split(":", 1)[1].strip() for line in
                 Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
                platform.machine())
@@ -90,12 +95,15 @@ def main() -> None:
     print(f"\nmain job (flow run {first_run}): {first:.1f} s wall, command to prompt")
     for name, seconds in first_stages.items():
         print(f"  {name:24s} {seconds:7.1f} s")
-    print(f"\nre-run with nothing changed: {again:.1f} s wall")
+    print(f"\nre-run with nothing changed: {again:.1f} s wall, command to prompt")
+    startup = flow_start - again_started
     stages = sum(again_stages.values())
-    print(f"  imports (seqlm.cli, flows.pipeline)   {imports:6.1f} s")
-    print(f"  temporary Prefect server start (<=)   {server:6.1f} s")
-    print(f"  the {len(again_stages)} stages' task runs (cached)  {stages:6.1f} s")
-    print(f"  the rest: MLflow, DVC, bookkeeping    {again - imports - server - stages:6.1f} s")
+    print(f"  start-up until the flow run begins          {startup:6.1f} s")
+    print(f"    (of which the imports alone take           {imports:6.1f} s)")
+    print(f"  the {len(again_stages)} stages' task runs (cached)        {stages:6.1f} s  "
+          f"({stages / max(len(again_stages), 1):.2f} s per stage)")
+    print(f"  the rest of the flow run: MLflow, DVC, ...  {flow_s - stages:6.1f} s")
+    print(f"  after the flow run until the prompt         {again - startup - flow_s:6.1f} s")
 
 
 if __name__ == "__main__":

@@ -98,13 +98,31 @@ def _has_cuda() -> bool:
         return False
 
 
+def previous_full_corpus(results: Path) -> str:
+    """The full-corpus section of an earlier results file, kept by a --main-only run, with the
+    date and commit it was measured on."""
+    text = results.read_text(encoding="utf-8") if results.exists() else ""
+    section = re.search(r"\n### The whole corpus.*", text, re.S)
+    if section is None:
+        return ""
+    kept = section[0]
+    header = re.search(r"Measured (\S+) by `python bench/reference.py` on a fresh clone "
+                       r"\(commit (\w+)\)", text)
+    if "Measured" not in kept and header:     # a file of the older layout: one header for both
+        kept = re.sub(r"(\n\n)(\d+ s wall)", rf"\1Measured {header[1]} by `python "
+                      rf"bench/reference.py` on a fresh clone (commit {header[2]}). \2", kept,
+                      count=1)
+    return kept
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", default=f"cpu-{os.cpu_count()}core",
                         help="machine tag in the results file name")
     parser.add_argument("--readme", action="store_true", help="update README.md's tables")
     parser.add_argument("--main-only", action="store_true",
-                        help="the main job only, not the full-corpus experiment (~25 min)")
+                        help="the main job only, not the full-corpus experiment; keeps the full-corpus "
+                             "section of the results file")
     args = parser.parse_args()
     setup, run = quick_start_command()
     with tempfile.TemporaryDirectory(prefix="seqlm-reference-") as tmp:
@@ -123,14 +141,16 @@ def main() -> None:
         except subprocess.CalledProcessError:
             print(log.read_text()[-4000:])
             raise
-    date = datetime.date.today().isoformat()
-    body = (f"Measured {date} by `python bench/reference.py` on a fresh clone (commit {commit}); "
-            f"machine: {machine()}.\n\n"
-            f"### The main job (`{run}`, defaults of params.yaml)\n\n"
+    out = REPO / "bench" / "results" / f"reference-{args.name}.md"
+    measured = (f"Measured {datetime.date.today().isoformat()} by `python bench/reference.py` on "
+                f"a fresh clone (commit {commit}).")
+    body = (f"Machine: {machine()}.\n\n"
+            f"### The main job (`{run}`, defaults of params.yaml)\n\n{measured} "
             f"Set-up {setup_s:.0f} s, then the main job {main_s:.0f} s wall.\n\n{default}\n")
     if not args.main_only:
-        body += f"\n### The whole corpus (`{full_cmd}`)\n\n{full_s:.0f} s wall.\n\n{full}\n"
-    out = REPO / "bench" / "results" / f"reference-{args.name}.md"
+        body += f"\n### The whole corpus (`{full_cmd}`)\n\n{measured} {full_s:.0f} s wall.\n\n{full}\n"
+    else:
+        body += previous_full_corpus(out)
     out.write_text(f"# Reference results\n\n{body}", encoding="utf-8")
     print(body)
     print(f"wrote {out.relative_to(REPO)}")

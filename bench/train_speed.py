@@ -111,7 +111,11 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--models", nargs="+", default=["rnn_scratch", "rnn"])
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); the "
+                        "pipeline gives each of its side-by-side trainings one core's worth")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     tokens = tokenize(read_lines(CORPUS), "char")
     vocab = Vocab(tokens)

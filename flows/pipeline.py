@@ -2,7 +2,7 @@
 
 Each stage is cached on what it reads (its params, the contents of its deps, its code), the
 same inputs DVC hashes, so a re-run skips unchanged stages; a stage whose outputs were deleted
-runs again. At the end dvc.lock is updated to describe exactly the artifacts written
+or changed runs again (its persisted result records what it wrote: recorded()). At the end dvc.lock is updated to describe exactly the artifacts written
 (`dvc commit`) and they are pushed to the DVC remote.
 """
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -18,21 +17,23 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from prefect import flow, get_client, get_run_logger
+from prefect import Task, flow, get_client, get_run_logger
 from prefect.context import FlowRunContext
 from prefect.exceptions import ObjectNotFound
 from prefect.futures import PrefectFuture
+from prefect.results import ResultStore, get_result_store
 from prefect.states import State
 
 from seqlm import server
 from seqlm.interrupt import Interrupted, stop_on_signals
-from seqlm.io import file_digest, write_json
+from seqlm.io import file_digest
 from seqlm.params import PARAMS_FILE, Params, load_params
 from seqlm.preflight import check_machine, check_preprocessed
 from seqlm.stage_logging import StageLogger
 from seqlm.stages import STAGE_BY_NAME, STAGES, Stage
+from seqlm.train import training_slots
 from seqlm.tracking import FIX_URI, Tracker, TrackingError, check_store, tracking_uri
 from seqlm.workspace import (RunRecord, close_unfinished, dvc_lock_released, unfinished_run,
                              workspace_lock)
@@ -40,7 +41,6 @@ from tasks import stage_task
 from tasks.ngrams import SHARDS, ngrams_shard, shard_plan
 
 StageKey = tuple[str, str | None]
-STAGE_RECORD = Path(".stage-record.json")   # per workspace, like checkpoints/ (git-ignored)
 
 
 def content_digest(path: Path) -> str:
@@ -89,30 +89,49 @@ def outputs_digest(stage: Stage, item: str | None, params: Params) -> str:
     return digest.hexdigest()
 
 
-class StageRecord:
-    """What each stage's last run in this workspace read (its cache key) and wrote (a digest of
-    its outputs). A cached result is reused only when both still hold: outputs that were
-    deleted, edited, or left by a run with other inputs make the stage run again."""
-
-    def __init__(self, path: Path = STAGE_RECORD) -> None:
-        self.path = path
-        self.entries: dict[str, list[str]] = (json.loads(path.read_text()) if path.exists() else {})
-
-    def is_current(self, label: str, key: str, outputs: str) -> bool:
-        return self.entries.get(label) == [key, outputs]
-
-    def update(self, label: str, key: str, outputs: str) -> None:
-        self.entries[label] = [key, outputs]
-        write_json(self.path, self.entries)
+class StageResult(NamedTuple):
+    """What a stage task returns (and Prefect persists): the paths it wrote and their digest.
+    A tuple, not a dict: Prefect links a downstream task to every object of an upstream result
+    it finds among its inputs, and a dict's keys are strings shared by every stage's result."""
+    paths: list[Path]
+    outputs: str
 
 
-def is_stale(stage: Stage, item: str | None, params: Params, record: StageRecord,
-             key: str) -> bool:
-    """Whether the stage must run: a source fetched every run, or inputs or outputs that are not
-    those its last run in this workspace read and wrote."""
-    return (fetches_every_run(stage, params) or
-            not record.is_current(_label(stage.name, item), key,
-                                  outputs_digest(stage, item, params)))
+def recorded(stage: Stage, task: Task) -> Task:
+    """The stage's task, returning with its paths the digest of the outputs it has just written.
+    What Prefect persists under the stage's cache key is then the one record of the stage: the
+    key says what it read (params, code, input files), the digest what it wrote. It is written
+    where the task runs (a Dask worker too), and read by is_stale()."""
+    def run(params: Params, *args: Any, **kwargs: Any) -> StageResult:
+        paths = task.fn(params, *args, **kwargs)
+        item = args[0] if stage.foreach else None
+        return StageResult(paths, outputs_digest(stage, item, params))
+    run.__name__ = task.fn.__name__
+    return Task(run, name=task.name, retries=task.retries,
+                retry_delay_seconds=task.retry_delay_seconds,
+                retry_condition_fn=task.retry_condition_fn, tags=task.tags)
+
+
+def recorded_outputs(key: str) -> str | None:
+    """The digest of the outputs the last run of the stage with this cache key wrote, from
+    Prefect's persisted result; None when there is none (or one of an older format)."""
+    # Where the tasks persist their results; records and metadata together, as a task's store
+    # reads them (the flow's own store looks for metadata in a separate, null, storage).
+    store = ResultStore(result_storage=get_result_store().result_storage)
+    if not store.exists(key):
+        return None
+    value = store.read(key).result
+    return value.outputs if isinstance(value, StageResult) else None
+
+
+def is_stale(stage: Stage, item: str | None, params: Params, key: str) -> bool:
+    """Whether the stage must run: a source fetched every run, no run yet with these inputs
+    (key), or outputs on disk that are not the ones that run wrote (deleted, edited, or written
+    since by a run with other inputs)."""
+    if fetches_every_run(stage, params):
+        return True
+    written = recorded_outputs(key)
+    return written is None or written != outputs_digest(stage, item, params)
 
 
 def submit_stage(stage: Stage, item: str | None, params: Params, stage_logger: StageLogger,
@@ -123,7 +142,7 @@ def submit_stage(stage: Stage, item: str | None, params: Params, stage_logger: S
     is free to run the stage on any worker (an upstream future would pin it to the worker that
     holds that result, and Dask never moves a task that asks for a resource such as `GPU`).
     `inputs`: more arguments of the task (futures of tasks it reads the results of)."""
-    task = stage_task(stage.name, params).with_options(
+    task = recorded(stage, stage_task(stage.name, params)).with_options(
         name=_label(stage.name, item),
         cache_key_fn=lambda _ctx, _args: key,
         persist_result=True,
@@ -202,33 +221,40 @@ def _label(name: str, item: str | None) -> str:
     return f"{name}[{item}]" if item else name
 
 
+DVC_COMMIT_AND_PUSH = """
+import sys
+from dvc.cli import main
+for args in (["commit", "--force"], ["push"]):
+    if main(args) != 0:
+        sys.exit(f"`dvc {' '.join(args)}` failed")
+"""
+
+
 def dvc_record(logger: logging.Logger | logging.LoggerAdapter) -> None:
     """Make dvc.lock describe the artifacts just written, and push them to the default remote."""
     if not Path(".dvc").is_dir():
         logger.warning("not a DVC repository (no .dvc/): dvc.lock not updated")
         return
-    # The CLI, not the Python API: DVC's Python API is read-only. This interpreter's own DVC, so
-    # it works without an activated virtual environment.
-    for args in (["commit", "--force"], ["push"]):
-        result = subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True)
-        if result.returncode != 0:
-            output = " ".join((result.stderr or result.stdout).split())
-            raise RuntimeError(f"`dvc {' '.join(args)}` failed: {output}")
+    # DVC's CLI, not its Python API (read-only), in one child process of this interpreter (it
+    # works without an activated virtual environment; DVC is imported once for both commands).
+    result = subprocess.run([sys.executable, "-c", DVC_COMMIT_AND_PUSH], capture_output=True,
+                            text=True, check=False)
+    if result.returncode != 0:
+        output = " ".join((result.stderr or result.stdout).split())
+        raise RuntimeError(f"dvc failed: {output}")
     logger.info("dvc.lock updated and artifacts pushed to the DVC remote")
 
 
 TRAININGS = ("train_ar", "train_lm")
-TRAINING_SLOTS = 1   # trainings side by side: one device (the CPU, or the first GPU) each
-
-
-def open_training_slots(flow_run_id: str) -> str:
+def open_training_slots(flow_run_id: str, slots: int) -> str:
     """A concurrency limit owned by this run for its training tasks (tag `training-<run id>`):
-    two trainings on one device would only fight over it. Owned by the run, it is deleted when
-    the run ends, and a killed run's limit is deleted by the next run: it can never hold a slot
-    that another run waits for."""
+    `slots` trainings at a time (seqlm.train.training_slots: one per core on the CPU, each with
+    a core's threads; one on a GPU). Owned by the run, it is deleted when the run ends, and a
+    killed run's limit is deleted by the next run: it can never hold a slot that another run
+    waits for."""
     tag = f"training-{flow_run_id}"
     with get_client(sync_client=True) as client:
-        client.create_concurrency_limit(tag=tag, concurrency_limit=TRAINING_SLOTS)
+        client.create_concurrency_limit(tag=tag, concurrency_limit=slots)
     return tag
 
 
@@ -282,7 +308,8 @@ def _run_stages(params_file: str, record_dvc: bool) -> dict[str, str]:
     context = FlowRunContext.get().flow_run
     flow_run_id = str(context.id)
     dask = params.execution.task_runner == "dask"
-    tag = open_training_slots(flow_run_id) if not dask else ""   # on Dask: GPU resources
+    slots = training_slots(params)
+    tag = open_training_slots(flow_run_id, slots) if not dask else ""  # on Dask: GPU resources
     run.set(flow_run_id=flow_run_id, server_pid=server.started_pid, concurrency_tag=tag,
             mlflow_uri=tracking_uri())
     tracker = Tracker(params, on_open=run.add_mlflow_run)
@@ -291,8 +318,7 @@ def _run_stages(params_file: str, record_dvc: bool) -> dict[str, str]:
     link_mlflow_run(tracker, logger)
     stage_logger = StageLogger(tracker, params)
 
-    record = StageRecord()
-    futures: dict[StageKey, tuple[PrefectFuture, str]] = {}
+    futures: dict[StageKey, PrefectFuture] = {}
     states: dict[str, str] = {}
     logged: set[StageKey] = set()
 
@@ -300,24 +326,23 @@ def _run_stages(params_file: str, record_dvc: bool) -> dict[str, str]:
         """Log every stage that has finished (MLflow runs end with their stage); return once
         the stages in block_on have."""
         while True:
-            for key, (future, cache_key) in futures.items():
+            for key, future in futures.items():
                 if key not in logged and future.wrapped_future.done():
                     logged.add(key)
-                    finished(key, future, cache_key)
+                    finished(key, future)
             if all(key in logged for key in block_on):
                 return
             for key in block_on:
                 if key not in logged:
-                    futures[key][0].wait(timeout=0.5)   # Prefect's futures: threads or Dask
+                    futures[key].wait(timeout=0.5)   # Prefect's futures: threads or Dask
                     break
 
-    def finished(key: StageKey, future: PrefectFuture, cache_key: str) -> None:
+    def finished(key: StageKey, future: PrefectFuture) -> None:
         name, item = key
-        paths = future.result()                        # a failed stage raises here
+        paths = future.result().paths                  # a failed stage raises here
         label = _label(name, item)
         cached = future.state.name == "Cached"
         states[label] = future.state.name
-        record.update(label, cache_key, outputs_digest(STAGE_BY_NAME[name], item, params))
         if cached:
             logger.info("stage %s unchanged: skipped (cached)", label)
         stage_logger.after(name, item, paths, cached=cached, worker=worker_of(future))
@@ -325,10 +350,10 @@ def _run_stages(params_file: str, record_dvc: bool) -> dict[str, str]:
     try:
         corpus_checked = False
         trainings = [key for key in in_levels(params) if key[0] == "train_lm"]
-        if len(trainings) > TRAINING_SLOTS and not dask:
+        if len(trainings) > slots and not dask:
             logger.info("%d trainings, %d at a time on this device: %s wait for a slot",
-                        len(trainings), TRAINING_SLOTS,
-                        ", ".join(_label(*key) for key in trainings[TRAINING_SLOTS:]))
+                        len(trainings), slots,
+                        ", ".join(_label(*key) for key in trainings[slots:]))
         for name, item in in_levels(params):
             stage = STAGE_BY_NAME[name]
             ups = upstream(stage, item, params)
@@ -340,14 +365,14 @@ def _run_stages(params_file: str, record_dvc: bool) -> dict[str, str]:
                 check_preprocessed(params)
                 corpus_checked = True
             key = stage_cache_key(stage, item, params)
-            stale = is_stale(stage, item, params, record, key)
-            wait_for = [futures[up][0].state for up in ups]
+            stale = is_stale(stage, item, params, key)
+            wait_for = [futures[up].state for up in ups]
             inputs = (fan_out_ngrams(params, wait_for, logger)
                       if name == "ngrams" and stale and params.ngrams.shard_tokens else None)
-            futures[(name, item)] = (submit_stage(
+            futures[(name, item)] = submit_stage(
                 stage, item, params, stage_logger, key, stale,
-                tags=[tag] if name == "train_lm" and tag else [], wait_for=wait_for,
-                inputs=inputs), key)
+                tags=[tag] if name == "train_lm" and tag and stale else [], wait_for=wait_for,
+                inputs=inputs)
         log_finished(block_on=list(futures))
         stage_logger.finish()
         if record_dvc and Path(params_file).resolve() != PARAMS_FILE.resolve():

@@ -75,16 +75,19 @@ def run(params: ParamsOption = PARAMS_FILE,
         ) -> None:
     """Run the whole pipeline as a Prefect flow; unchanged stages are skipped."""
     loaded = _params(params)  # a bad params.yaml fails here, before any server starts
-    from seqlm.preflight import check_machine
     from seqlm.workspace import workspace_lock
-    with _one_line_errors():
-        check_machine(loaded)
     with _one_line_errors(), workspace_lock("seqlm run", dvc=dvc):   # refused at once if busy
+        from seqlm import server
+        # The server takes seconds to come up: started first (before Prefect is imported, which
+        # reads its URL once), it boots on the other core while this process checks the machine
+        # and the MLflow store and imports the flow.
+        server.start_temporary_server(wait=False)
+        from seqlm.preflight import check_machine
+        check_machine(loaded)
         from seqlm.tracking import check_store
         check_store()                       # an unusable MLflow store fails in seconds
-        from seqlm.server import start_temporary_server
-        start_temporary_server()            # before Prefect is imported: it reads the URL once
         from flows.pipeline import pipeline, task_runner_for
+        server.wait_for_server()
         states = pipeline.with_options(task_runner=task_runner_for(loaded))(
             params_file=str(params), record_dvc=dvc)
     for stage, state in states.items():

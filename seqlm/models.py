@@ -44,15 +44,53 @@ class RNNScratch(nn.Module):
         # H @ W_hh (fused with the add) and tanh: ~18% faster on 2 CPU cores at hidden 512, same
         # math as d2l's per-step formula up to float rounding of the sums' order.
         XW = F.embedding(X.T, self.W_xh) + self.b_h             # (steps, batch, hidden)
-        hs = []
-        for xw in XW:
-            H = torch.tanh(torch.addmm(xw, H, self.W_hh))
-            hs.append(H)
-        logits = torch.addmm(self.b_q, torch.cat(hs), self.W_hq)   # (steps * batch, vocab)
-        return logits, (H,)
+        if XW.is_cuda:      # torch.compile captures this loop in CUDA graphs (train.py)
+            hs = []
+            for xw in XW:
+                H = torch.tanh(torch.addmm(xw, H, self.W_hh))
+                hs.append(H)
+            Hs = torch.stack(hs)
+        else:
+            Hs = TanhRecurrence.apply(XW, H, self.W_hh)
+        logits = torch.addmm(self.b_q, Hs.reshape(-1, self.hidden), self.W_hq)
+        return logits, (Hs[-1],)                                   # (steps * batch, vocab)
 
     def begin_state(self, batch_size: int, device: torch.device | str) -> State:
         return (torch.zeros(batch_size, self.hidden, device=device),)
+
+
+class TanhRecurrence(torch.autograd.Function):
+    """Hs[t] = tanh(XW[t] + Hs[t-1] @ W_hh) for every step t (Hs[-1] = H0), with backpropagation
+    through time written out. Autograd would record ~6 nodes per step and compute W_hh's gradient
+    as one (hidden x batch) @ (batch x hidden) product per step, a shape the CPU's GEMM runs at a
+    fraction of its speed; here the sequential products stay per step, but W_hh's gradient is
+    one product over all steps, and the forward builds no graph. Same math as the loop, up to
+    the order of float sums; ~1.6x faster per training step on one CPU core at hidden 512."""
+
+    @staticmethod
+    def forward(ctx, XW: torch.Tensor, H0: torch.Tensor, W_hh: torch.Tensor) -> torch.Tensor:
+        Hs = torch.empty_like(XW)                                 # (steps, batch, hidden)
+        H = H0
+        for t in range(XW.shape[0]):
+            H = torch.addmm(XW[t], H, W_hh, out=Hs[t]).tanh_()
+        ctx.save_for_backward(H0, W_hh, Hs)
+        return Hs
+
+    @staticmethod
+    def backward(ctx, dHs: torch.Tensor):
+        H0, W_hh, Hs = ctx.saved_tensors
+        dZ = 1 - Hs * Hs                  # tanh' at every step, then the pre-activation grads
+        W_hh_T = W_hh.T
+        dH = None                         # the gradient flowing into H_t from step t + 1
+        for t in range(Hs.shape[0] - 1, -1, -1):
+            grad = dHs[t] if dH is None else dHs[t] + dH
+            dZ[t] *= grad
+            if t or ctx.needs_input_grad[1]:
+                dH = dZ[t] @ W_hh_T
+        hidden = Hs.shape[-1]
+        H_prev = torch.cat([H0.unsqueeze(0), Hs[:-1]]).reshape(-1, hidden)
+        dW_hh = H_prev.T @ dZ.reshape(-1, hidden)
+        return dZ, (dH if ctx.needs_input_grad[1] else None), dW_hh
 
 
 class TorchRNN(nn.Module):

@@ -66,11 +66,15 @@ def _healthy(api_url: str) -> bool:
         return False
 
 
-def start_temporary_server() -> str | None:
+def start_temporary_server(wait: bool = True) -> str | None:
     """Serve the Prefect API on 127.0.0.1 until this process exits, unless PREFECT_API_URL
     already names a server; sets PREFECT_API_URL (call before importing prefect) and returns
     it (None when it started nothing). The server is stopped at exit, after the worker threads
-    of the run have ended, so that an interrupted task can still record its state."""
+    of the run have ended, so that an interrupted task can still record its state.
+
+    wait=False returns as soon as the server process is started (it needs seconds to come up):
+    the caller does its own start-up meanwhile, and calls wait_for_server() before it uses the
+    API."""
     if os.environ.get("PREFECT_API_URL"):
         return None
     port = _free_port()
@@ -83,15 +87,31 @@ def start_temporary_server() -> str | None:
          "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
         env)
     atexit.register(stop, process)       # runs after the interpreter has joined the threads
-    global started_pid
+    global started_pid, _starting
     started_pid = process.pid
+    _starting = (process, api_url)
+    os.environ["PREFECT_API_URL"] = api_url
+    if wait:
+        wait_for_server()
+    return api_url
+
+
+_starting: tuple[subprocess.Popen, str] | None = None   # started, not yet seen healthy
+
+
+def wait_for_server() -> None:
+    """Return once the server start_temporary_server() started answers; ServerError if it
+    exits or does not answer within STARTUP_TIMEOUT_S. Nothing to wait for: returns at once."""
+    global _starting
+    if _starting is None:
+        return
+    process, api_url = _starting
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while not _healthy(api_url):
         if process.poll() is not None or time.monotonic() > deadline:
             stop(process)
-            raise ServerError(f"the temporary Prefect server did not start on 127.0.0.1:{port} "
+            raise ServerError(f"the temporary Prefect server did not start on {api_url} "
                               f"(exit code {process.poll()}); set PREFECT_API_URL to use a "
                               "running `prefect server start`")
-        time.sleep(0.1)
-    os.environ["PREFECT_API_URL"] = api_url
-    return api_url
+        time.sleep(0.05)
+    _starting = None

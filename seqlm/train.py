@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -96,6 +97,29 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def training_slots(params: Params) -> int:
+    """How many language-model trainings run side by side: one per core on the CPU (up to the
+    number of models), one on a GPU (a second would only wait for the first's kernels)."""
+    if resolve_device(params.train_lm.device).type == "cuda":
+        return 1
+    return max(1, min(len(params.train_lm.models), _cores()))
+
+
+def use_cpu_threads(params: Params) -> int:
+    """Give torch the CPU threads of one training slot: the cores shared among the trainings
+    that run side by side. Every stage that computes with torch calls it, in every process that
+    runs it (the flow, `seqlm stage` under `dvc repro`, a Dask worker), so that a result never
+    depends on how it was run: torch's float sums can differ with the number of threads."""
+    threads = max(1, _cores() // training_slots(params))
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def clip_gradients(parameters: Sequence[nn.Parameter], theta: float) -> torch.Tensor:
     """d2l grad_clipping: if the global L2 norm exceeds theta, scale every gradient by theta/norm.
     The condition is a min() on the device, so no step waits for the host; returns the norm."""
@@ -176,6 +200,7 @@ def train(name: str, corpus: np.ndarray, vocab: Vocab, params: Params, *,
     p = params.train_lm
     check_model_name(name)
     device = resolve_device(p.device)
+    use_cpu_threads(params)
     split = split_of(corpus, params)
     _check_train_split(split.train_end, params)
     if int(corpus.max()) >= len(vocab):

@@ -19,7 +19,7 @@ from seqlm.models import MODEL_NAMES
 from seqlm.ngram_lm import KneserNeyLM, unigram_log_probs, unigram_perplexity
 from seqlm.params import Params
 from seqlm.text import Vocab
-from seqlm.train import split_of, token_nll
+from seqlm.train import split_of, token_nll, use_cpu_threads
 
 CPU = torch.device("cpu")
 
@@ -29,6 +29,7 @@ def evaluate(params: Params) -> list[Path]:
     """Every language model and baseline scored by the same protocol (seqlm.protocol) on the same
     validation tokens, the AR model's k-step errors, and what the models generate."""
     lm, ev = params.train_lm, params.evaluate
+    use_cpu_threads(params)
     vocab = Vocab.load(S.VOCAB["char"])
     corpus = np.load(S.CORPUS["char"])
     split = split_of(corpus, params)

@@ -18,6 +18,7 @@ from seqlm import autoregress as ar
 from seqlm.io import atomic_path, publish, save_torch, write_csv, write_json
 from seqlm.params import Params
 from seqlm.stages import AR_DIR, SINE, STAGE_BY_NAME, Stage
+from seqlm.train import use_cpu_threads
 
 FORMATS = ("-", "m--", "g-.", "r:")   # d2l.plot's default line formats
 
@@ -63,6 +64,7 @@ def train_ar(params: Params, on_epoch: ar.OnEpoch | None = None) -> list[Path]:
     # CPU always: a 4→10→1 MLP does microseconds of arithmetic per step, so on a GPU every
     # step would be bound by kernel launches and host syncs, not compute.
     p = params.train_ar
+    use_cpu_threads(params)
     t, x = _read_series(SINE)
     T, tau, max_steps = len(x), p.tau, max(p.k_steps)
     ar.check_sizes(T, tau, p.n_train, p.k_steps, SINE)

@@ -29,3 +29,23 @@ def test_gpu_script_falls_back_to_the_cpu(tmp_path: Path):
     assert "rnn_scratch" in training and "rnn " in training
     assert all(model in speed for model in ("rnn_scratch", "rnn", "gru", "lstm"))
     assert speed.count("x\n") == 4                      # a ratio per model
+
+
+def test_a_main_only_reference_run_keeps_the_full_corpus_section(tmp_path: Path):
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from reference import previous_full_corpus
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    old = tmp_path / "reference.md"
+    old.write_text("# Reference results\n\nMeasured 2026-11-28 by `python bench/reference.py` on a "
+                   "fresh clone (commit abc1234); machine: 2 cores.\n\n### The main job (`x`)\n\n"
+                   "Set-up 1 s.\n\n| a |\n\n### The whole corpus (`y`)\n\n2100 s wall.\n\n"
+                   "| lstm |\n")
+    kept = previous_full_corpus(old)
+    assert kept == ("\n### The whole corpus (`y`)\n\nMeasured 2026-11-28 by `python "
+                    "bench/reference.py` on a fresh clone (commit abc1234). 2100 s wall.\n\n"
+                    "| lstm |\n")
+    old.write_text(f"# Reference results\n\nMachine: 2 cores.\n\n### The main job (`x`)\n\n{kept}")
+    assert previous_full_corpus(old) == kept           # the new layout is kept as it is
+    assert previous_full_corpus(tmp_path / "absent.md") == ""
