@@ -33,7 +33,7 @@ from seqlm.params import PARAMS_FILE, Params, load_params
 from seqlm.preflight import check_machine, check_preprocessed
 from seqlm.stage_logging import StageLogger
 from seqlm.stages import STAGE_BY_NAME, STAGES, Stage
-from seqlm.train import training_slots
+from seqlm.threads import training_slots
 from seqlm.tracking import FIX_URI, Tracker, TrackingError, check_store, tracking_uri
 from seqlm.workspace import (RunRecord, close_unfinished, dvc_lock_released, unfinished_run,
                              workspace_lock)
@@ -248,8 +248,8 @@ def dvc_record(logger: logging.Logger | logging.LoggerAdapter) -> None:
 TRAININGS = ("train_ar", "train_lm")
 def open_training_slots(flow_run_id: str, slots: int) -> str:
     """A concurrency limit owned by this run for its training tasks (tag `training-<run id>`):
-    `slots` trainings at a time (seqlm.train.training_slots: one per core on the CPU, each with
-    a core's threads; one on a GPU). Owned by the run, it is deleted when the run ends, and a
+    `slots` trainings at a time (seqlm.threads.training_slots: on the CPU as many as the cores
+    hold with train_lm.cpu_threads each; one on a GPU). Owned by the run, it is deleted when the run ends, and a
     killed run's limit is deleted by the next run: it can never hold a slot that another run
     waits for."""
     tag = f"training-{flow_run_id}"

@@ -91,6 +91,10 @@ class TrainArParams(Section):
 class TrainLmParams(Section):
     models: list[ModelName] = Field(default=["rnn_scratch", "rnn"], min_length=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # torch's CPU threads per training (and for the other torch stages); on the CPU, trainings
+    # run side by side, cores // cpu_threads at a time. A param, not the machine's: the float
+    # sums, hence the results, can depend on the number of threads.
+    cpu_threads: PositiveInt = 1
     # torch.compile the training step (CUDA graphs on a GPU); auto: on CUDA, for the scratch
     # RNN, whose Python loop over time steps is bound by kernel launches there.
     compile: Literal["auto", "on", "off"] = "auto"

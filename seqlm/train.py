@@ -6,7 +6,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from seqlm.loaders import BATCHES_PER_EPOCH, LOADERS, LoaderSizeError
 from seqlm.models import build_model, check_model_name, detach_state
 from seqlm.params import Params
 from seqlm.text import Vocab
+from seqlm.threads import use_cpu_threads
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = Path("checkpoints")        # outside the DVC outs: `dvc repro` deletes outs first
@@ -95,29 +95,6 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda"):
         raise TrainingError(f"train_lm.device = {name!r}: expected auto, cpu or cuda")
     return torch.device(name)
-
-
-def training_slots(params: Params) -> int:
-    """How many language-model trainings run side by side: one per core on the CPU (up to the
-    number of models), one on a GPU (a second would only wait for the first's kernels)."""
-    if resolve_device(params.train_lm.device).type == "cuda":
-        return 1
-    return max(1, min(len(params.train_lm.models), _cores()))
-
-
-def use_cpu_threads(params: Params) -> int:
-    """Give torch the CPU threads of one training slot: the cores shared among the trainings
-    that run side by side. Every stage that computes with torch calls it, in every process that
-    runs it (the flow, `seqlm stage` under `dvc repro`, a Dask worker), so that a result never
-    depends on how it was run: torch's float sums can differ with the number of threads."""
-    threads = max(1, _cores() // training_slots(params))
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-    return threads
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def clip_gradients(parameters: Sequence[nn.Parameter], theta: float) -> torch.Tensor:
@@ -364,7 +341,7 @@ def run_config(name: str, params: Params, vocab: Vocab, device: torch.device,
         "sampling": p.sampling, "batch_size": p.batch_size, "num_steps": p.num_steps,
         "compiled": p.compiled(name, device.type),
         "optimizer": p.optimizer, "lr": p.lr, "lr_decay": p.lr_decay, "clip_theta": p.clip_theta,
-        "device": device.type,
+        "device": device.type, "cpu_threads": p.cpu_threads if device.type == "cpu" else None,
         "data": hashlib.sha256(data.tobytes()).hexdigest()[:16],
         "code": {Path(f).name: file_digest(f)[:16]
                  for f in (models.__file__, loaders.__file__, protocol.__file__, __file__)},

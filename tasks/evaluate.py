@@ -19,7 +19,8 @@ from seqlm.models import MODEL_NAMES
 from seqlm.ngram_lm import KneserNeyLM, unigram_log_probs, unigram_perplexity
 from seqlm.params import Params
 from seqlm.text import Vocab
-from seqlm.train import split_of, token_nll, use_cpu_threads
+from seqlm.threads import use_cpu_threads
+from seqlm.train import split_of, token_nll
 
 CPU = torch.device("cpu")
 

@@ -18,7 +18,7 @@ from seqlm import autoregress as ar
 from seqlm.io import atomic_path, publish, save_torch, write_csv, write_json
 from seqlm.params import Params
 from seqlm.stages import AR_DIR, SINE, STAGE_BY_NAME, Stage
-from seqlm.train import use_cpu_threads
+from seqlm.threads import use_cpu_threads
 
 FORMATS = ("-", "m--", "g-.", "r:")   # d2l.plot's default line formats
 

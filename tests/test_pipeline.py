@@ -26,7 +26,8 @@ from seqlm import protocol
 from seqlm.generate import load_trained, predict
 from seqlm.params import load_params
 from seqlm.text import Vocab
-from seqlm.train import perplexity, training_slots
+from seqlm.threads import training_slots
+from seqlm.train import perplexity
 from seqlm.tracking import TrackingError
 
 from conftest import write_params
