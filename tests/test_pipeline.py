@@ -113,8 +113,8 @@ def test_pipeline_runs_logs_and_skips_unchanged_stages(small_pipeline, workdir):
     assert local.exit_code == 0 and registry.exit_code == 0, local.output + registry.output
     assert local.output.splitlines()[-1] == registry.output.splitlines()[-1] == text
 
-    # the two trainings ran side by side when the machine has a core for each (one training
-    # slot per core on the CPU, with a core's threads), one after the other otherwise
+    # the two trainings: side by side when the machine has a slot for each, one after the
+    # other with one slot
     flow_run_id = parent.data.tags["prefect.flow_run_id"]       # this run's, not earlier tests'
     with get_client(sync_client=True) as prefect:
         runs = prefect.read_task_runs(task_run_filter=TaskRunFilter(
@@ -124,8 +124,10 @@ def test_pipeline_runs_logs_and_skips_unchanged_stages(small_pipeline, workdir):
             key=ArtifactFilterKey(any_=["perplexity-summary"]),
             flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
     spans = sorted((r.start_time, r.end_time) for r in runs)
-    side_by_side = spans[1][0] < spans[0][1]
-    assert len(spans) == 2 and side_by_side == (training_slots(load_params()) == 2), spans
+    # (tiny trainings may finish before the other starts: only the one-slot case is certain)
+    assert len(spans) == 2
+    if training_slots(load_params()) == 1:
+        assert spans[0][1] <= spans[1][0], spans
     # the evaluation summary is a Prefect table artifact: each model beside the baselines
     assert len(tables) == 1 and tables[0].type == "table"
     rows = json.loads(tables[0].data) if isinstance(tables[0].data, str) else tables[0].data
