@@ -2,8 +2,9 @@
 
 Each stage is cached on what it reads (its params, the contents of its deps, its code), the
 same inputs DVC hashes, so a re-run skips unchanged stages; a stage whose outputs were deleted
-or changed runs again (its persisted result records what it wrote: recorded()). At the end dvc.lock is updated to describe exactly the artifacts written
-(`dvc commit`) and they are pushed to the DVC remote.
+or changed runs again (its persisted result records what it wrote: recorded()). At the end
+dvc.lock is updated to describe exactly the artifacts written (`dvc commit`) and they are
+pushed to the DVC remote.
 """
 from __future__ import annotations
 
@@ -246,12 +247,14 @@ def dvc_record(logger: logging.Logger | logging.LoggerAdapter) -> None:
 
 
 TRAININGS = ("train_ar", "train_lm")
+
+
 def open_training_slots(flow_run_id: str, slots: int) -> str:
     """A concurrency limit owned by this run for its training tasks (tag `training-<run id>`):
     `slots` trainings at a time (seqlm.threads.training_slots: on the CPU as many as the cores
-    hold with train_lm.cpu_threads each; one on a GPU). Owned by the run, it is deleted when the run ends, and a
-    killed run's limit is deleted by the next run: it can never hold a slot that another run
-    waits for."""
+    hold with train_lm.cpu_threads each; one on a GPU). Owned by the run, it is deleted when
+    the run ends, and a killed run's limit is deleted by the next run: it can never hold a slot
+    that another run waits for."""
     tag = f"training-{flow_run_id}"
     with get_client(sync_client=True) as client:
         client.create_concurrency_limit(tag=tag, concurrency_limit=slots)

@@ -65,7 +65,8 @@ class TanhRecurrence(torch.autograd.Function):
     as one (hidden x batch) @ (batch x hidden) product per step, a shape the CPU's GEMM runs at a
     fraction of its speed; here the sequential products stay per step, but W_hh's gradient is
     one product over all steps, and the forward builds no graph. Same math as the loop, up to
-    the order of float sums; ~1.6x faster per training step on one CPU core at hidden 512."""
+    the order of float sums; 1.16x faster per training epoch on one CPU core at hidden 512
+    (bench/README.md)."""
 
     @staticmethod
     def forward(ctx, XW: torch.Tensor, H0: torch.Tensor, W_hh: torch.Tensor) -> torch.Tensor:
