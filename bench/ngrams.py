@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures as cf
+import contextlib
 import hashlib
 import json
 import os
@@ -34,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from seqlm.ngrams import NgramTable, count_ngrams, count_shard, reduce_partials, shard_bounds
+from seqlm.ngrams import count_ngrams
 from seqlm.text import TOKENIZERS, Vocab
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,12 +104,15 @@ def step_previous_preprocess() -> dict:
 
 
 def step_stage_ngrams() -> dict:
-    """The ngrams stage (tasks/ngrams.py): counting both levels, ranking, Parquet, Zipf plot."""
+    """The ngrams stage in one task (tasks/ngrams.py, shard_tokens null): counting both levels,
+    ranking, Parquet, Zipf plot."""
     from seqlm.params import load_params
     from tasks.ngrams import ngrams
+    params = load_params()
     start = time.perf_counter()
-    ngrams.fn(load_params())
-    return {"s": time.perf_counter() - start}
+    ngrams.fn(params.model_copy(update={"ngrams": params.ngrams.model_copy(
+        update={"shard_tokens": None})}))
+    return {"s": time.perf_counter() - start, "outputs": outputs_digest()}
 
 
 def load(level: str) -> tuple[Path, np.ndarray, int]:
@@ -116,41 +120,61 @@ def load(level: str) -> tuple[Path, np.ndarray, int]:
     return path, np.load(path, mmap_mode="r"), len(Vocab.load(PROCESSED / f"vocab_{level}.parquet"))
 
 
-def step_single(level: str, max_n: int, chunk_tokens: int) -> dict:
-    _, ids, vocab_size = load(level)
-    start = time.perf_counter()
-    tables = count_ngrams(ids, max_n, vocab_size, chunk_tokens)
-    return {"s": time.perf_counter() - start, "digest": digest(tables),
-            "distinct": {n: len(t) for n, t in tables.items()}}
-
-
-def _shard_task(path: str, start: int, stop: int, max_n: int, vocab_size: int) -> tuple:
+def _task(name: str, *args: object) -> tuple[object, float, float]:
+    """Run the stage task `name` (tasks/ngrams.py, its function without Prefect) where this is
+    called: (its result, seconds, peak RSS of the process that ran it)."""
+    import tasks.ngrams
     began = time.perf_counter()
-    partial = count_shard(path, start, stop, max_n, vocab_size)
-    return partial, time.perf_counter() - began, peak_mb()
+    result = getattr(tasks.ngrams, name).fn(*args)
+    return result, time.perf_counter() - began, peak_mb()
 
 
-def step_sharded(level: str, max_n: int, shard_tokens: int, workers: int) -> dict:
-    """The shards counted by a pool of worker processes (as Prefect tasks on a process or Dask
-    runner would be: the path and bounds go in, a partial comes back); this process reduces the
-    partials in the order they finish."""
-    path, ids, vocab_size = load(level)
-    bounds = shard_bounds(len(ids), shard_tokens)
+def step_sharded(runner: str, workers: int) -> dict:
+    """The sharded ngrams stage as the flow runs it (ngrams.shard_tokens set): the ngrams_shard
+    tasks, the ngrams_reduce tasks, then the ngrams task merging the partitions into the Parquet
+    tables, each phase waiting for the previous. `local`: Prefect's local runner, i.e. threads
+    of this process (as many as `workers`); `dask`: a distributed.LocalCluster of `workers`
+    worker processes with one thread each (the flow's Dask runner), every task on a worker."""
+    from seqlm.params import load_params
+    from tasks.ngrams import shard_plan
+    params = load_params()
+    plan, partitions = shard_plan(params), params.ngrams.partitions
+    phases: dict[str, float] = {}
+    peaks: list[float] = []
     start = time.perf_counter()
-    shard_s, shard_peak = 0.0, 0.0
-    with cf.ProcessPoolExecutor(workers) as pool:
-        futures = [pool.submit(_shard_task, str(path), a, b, max_n, vocab_size) for a, b in bounds]
+    with contextlib.ExitStack() as stack:
+        if runner == "local":
+            pool = stack.enter_context(cf.ThreadPoolExecutor(workers))
 
-        def partials():
-            nonlocal shard_s, shard_peak
-            for future in cf.as_completed(futures):
-                partial, seconds, peak = future.result()
-                shard_s, shard_peak = shard_s + seconds, max(shard_peak, peak)
-                yield partial
+            def run_all(calls: list[tuple]) -> list:
+                return [f.result() for f in [pool.submit(_task, *call) for call in calls]]
+        else:
+            from distributed import Client, LocalCluster
+            cluster = stack.enter_context(LocalCluster(
+                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None))
+            client = stack.enter_context(Client(cluster))
 
-        tables = reduce_partials(partials())
-    return {"s": time.perf_counter() - start, "digest": digest(tables), "shards": len(bounds),
-            "shard_s": shard_s, "shard_peak_mb": shard_peak}
+            def run_all(calls: list[tuple]) -> list:
+                return client.gather([client.submit(_task, *call, pure=False) for call in calls])
+
+        def phase(name: str, calls: list[tuple]) -> list:
+            began = time.perf_counter()
+            results = run_all(calls)
+            phases[name] = time.perf_counter() - began
+            peaks.extend(peak for _, _, peak in results)
+            return [result for result, _, _ in results]
+
+        partials = {level: phase(f"map {level}", [("ngrams_shard", params, level, a, b)
+                                                   for a, b in bounds])
+                    for level, bounds in plan.items()}
+        reduced = {level: phase(f"reduce {level}", [("ngrams_reduce", level, p, paths)
+                                                     for p in range(partitions)])
+                   for level, paths in partials.items()}
+        phase("merge + Parquet", [("ngrams", params, reduced)])
+    return {"s": time.perf_counter() - start, "phases": phases,
+            "tasks": sum(map(len, plan.values())) + 2 * partitions + 1,
+            "shards": {level: len(bounds) for level, bounds in plan.items()},
+            "task_peak_mb": max(peaks), "outputs": outputs_digest()}
 
 
 def step_counter(level: str, max_n: int, tokens: int, chunk_tokens: int) -> dict:
@@ -184,7 +208,7 @@ def step_idle(stages: str) -> dict:
 
 
 STEPS = {"idle": step_idle, "preprocess": step_preprocess, "previous": step_previous_preprocess,
-         "stage-ngrams": step_stage_ngrams, "single": step_single, "sharded": step_sharded,
+         "stage-ngrams": step_stage_ngrams, "sharded": step_sharded,
          "counter": step_counter}
 
 
@@ -194,12 +218,11 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def digest(tables: dict[int, NgramTable]) -> str:
-    h = hashlib.sha256()
-    for _, table in sorted(tables.items()):
-        for column in (table.keys, table.counts, table.first):
-            h.update(np.ascontiguousarray(column).tobytes())
-    return h.hexdigest()[:16]
+def outputs_digest() -> str:
+    """One digest of the stage's outputs (data/ngrams and reports/ngrams.json)."""
+    files = sorted(Path("data/ngrams").iterdir()) + [Path("reports/ngrams.json")]
+    return hashlib.sha256("".join(f"{f.name}:{file_digest(f)}" for f in files).encode()
+                          ).hexdigest()[:16]
 
 
 def file_digest(path: Path) -> str:
@@ -239,6 +262,9 @@ def main() -> None:
     parser.add_argument("--chunk-tokens", type=int, default=1_000_000,
                         help="single process: tokens per chunk (params ngrams.chunk_tokens)")
     parser.add_argument("--shard-tokens", type=int, default=4_000_000)
+    parser.add_argument("--partitions", type=int, default=8, help="params ngrams.partitions")
+    parser.add_argument("--skip-single", action="store_true",
+                        help="skip the ngrams stage in one task (memory of all distinct n-grams)")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--counter-tokens", type=int, default=10_000_000,
                         help="Counter runs on at most this many tokens per level (it is slow)")
@@ -261,12 +287,11 @@ def main() -> None:
             print(line, flush=True)
             report.append(line)
 
-        say(f"# bench/ngrams.py --size {args.size} --max-n {args.max_n} --chunk-tokens "
-            f"{args.chunk_tokens} --shard-tokens {args.shard_tokens} --workers {args.workers} "
-            f"--counter-tokens {args.counter_tokens}, {time.strftime('%Y-%m-%d')}")
+        say(f"# bench/ngrams.py {' '.join(sys.argv[1:])}, {time.strftime('%Y-%m-%d')}")
         say(f"# {machine()}")
         params = yaml.safe_load((REPO / "params.yaml").read_text())
-        params["ngrams"].update(max_n=args.max_n, chunk_tokens=args.chunk_tokens)
+        params["ngrams"].update(max_n=args.max_n, chunk_tokens=args.chunk_tokens,
+                                shard_tokens=args.shard_tokens, partitions=args.partitions)
         (work / RAW).parent.mkdir(parents=True, exist_ok=True)
         (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         start = time.perf_counter()
@@ -297,24 +322,36 @@ def main() -> None:
         else:
             say(f"preprocess, previous (in memory): skipped above {IN_MEMORY_MAX / 1e6:.0f} MB "
                 f"(~34x the file in RAM)")
-        row(f"ngrams (n = 1..{args.max_n}, word + char, Parquet)", run_step(work, "stage-ngrams"),
-            idle_stages)
-        say()
-
-        say(f"n-gram counting, n = 1..{args.max_n}, whole corpus: single process in chunks of "
-            f"{args.chunk_tokens:,} tokens; sharded in shards of {args.shard_tokens:,} tokens")
-        say(f"{'level':6s} {'path':30s} {'s':>7s} {'peak MB':>8s} {'above idle':>11s}")
+        outputs = {}
+        if args.skip_single:
+            say("ngrams in one task: skipped (--skip-single; it holds every distinct n-gram)")
+        else:
+            single = run_step(work, "stage-ngrams")
+            outputs["one task"] = single["outputs"]
+            row(f"ngrams in one task (n = 1..{args.max_n}, word + char)", single, idle_stages)
+        phases = {}
+        for runner in ("local", "dask"):
+            result = run_step(work, "sharded", runner, args.workers)
+            outputs[runner] = result["outputs"]
+            phases[runner] = result["phases"]
+            label = (f"ngrams sharded, local runner ({args.workers} threads)" if runner == "local"
+                     else f"ngrams sharded, Dask ({args.workers} workers)")
+            row(label, result, idle_stages if runner == "local" else idle,
+                f"   {result['tasks']} tasks, task peak {result['task_peak_mb']:.0f} MB"
+                + (" (every worker)" if runner == "dask" else ""))
+        say(f"(shards of {args.shard_tokens:,} tokens: {result['shards']['word']} word + "
+            f"{result['shards']['char']} char; {args.partitions} partitions per level; the Dask "
+            f"row's peak is the client's, which holds the scheduler)")
+        say("phases, s: " + "; ".join(f"{runner}: " + ", ".join(
+            f"{name} {sec:.1f}" for name, sec in by_phase.items())
+            for runner, by_phase in phases.items()))
+        say(f"outputs (data/ngrams, reports/ngrams.json) identical: "
+            f"{len(set(outputs.values())) == 1} ({', '.join(outputs)})")
+        report_json = json.loads((work / "reports" / "ngrams.json").read_text())
         for level in ("word", "char"):
-            single = run_step(work, "single", level, args.max_n, args.chunk_tokens)
-            sharded = run_step(work, "sharded", level, args.max_n, args.shard_tokens, args.workers)
-            distinct = ", ".join(f"{n}: {d:,}" for n, d in single["distinct"].items())
-            say(f"{level:6s} {'single process':30s} {single['s']:7.1f} {single['peak_mb']:8.0f} "
-                f"{single['peak_mb'] - idle:11.0f}   distinct n-grams {distinct}")
-            label = f"{sharded['shards']} shards on {args.workers} workers"
-            say(f"{level:6s} {label:30s} {sharded['s']:7.1f} {sharded['peak_mb']:8.0f} "
-                f"{sharded['peak_mb'] - idle:11.0f}   (the reducer; the shards: "
-                f"{sharded['shard_s']:.1f} s of work, worker peak {sharded['shard_peak_mb']:.0f} "
-                f"MB) tables identical to single: {sharded['digest'] == single['digest']}")
+            say(f"distinct {level} n-grams: " + ", ".join(
+                f"{n}: {report_json[f'{level}_{n}_distinct']:,}" for n in range(1, args.max_n + 1))
+                + f" (total {sum(report_json[f'{level}_{n}_distinct'] for n in range(1, args.max_n + 1)):,})")
         say()
 
         say(f"collections.Counter of n-tuples (the seed's count) vs count_ngrams, n = 1.."

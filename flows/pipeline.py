@@ -34,12 +34,12 @@ from seqlm.params import PARAMS_FILE, Params, load_params
 from seqlm.preflight import check_machine, check_preprocessed
 from seqlm.stage_logging import StageLogger
 from seqlm.stages import STAGE_BY_NAME, STAGES, Stage
-from seqlm.threads import training_slots
+from seqlm.threads import cores, training_slots
 from seqlm.tracking import FIX_URI, Tracker, TrackingError, check_store, tracking_uri
 from seqlm.workspace import (RunRecord, close_unfinished, dvc_lock_released, unfinished_run,
                              workspace_lock)
 from tasks import stage_task
-from tasks.ngrams import SHARDS, ngrams_shard, shard_plan
+from tasks.ngrams import SHARDS, ngrams_reduce, ngrams_shard, shard_plan
 
 StageKey = tuple[str, str | None]
 
@@ -162,17 +162,21 @@ def submit_stage(stage: Stage, item: str | None, params: Params, stage_logger: S
 
 def fan_out_ngrams(params: Params, wait_for: list[State],
                    logger: logging.Logger | logging.LoggerAdapter) -> dict[str, Any]:
-    """With ngrams.shard_tokens set: one `ngrams_shard` task per shard of each corpus (spread
-    over the Dask workers), whose futures become the `ngrams` task's `partials` argument, so
-    that it reduces their counts and the UI draws an edge from every shard."""
-    shutil.rmtree(SHARDS, ignore_errors=True)         # partials a killed run left behind
-    plan = shard_plan(params)
-    partials = {level: [ngrams_shard.with_options(name=f"ngrams_shard[{level}:{start}]").submit(
-                            params, level, start, stop, wait_for=wait_for)
-                        for start, stop in bounds] for level, bounds in plan.items()}
-    logger.info("ngrams: %s shard tasks of %d tokens", " + ".join(
-        f"{len(bounds)} {level}" for level, bounds in plan.items()), params.ngrams.shard_tokens)
-    return {"partials": partials}
+    """With ngrams.shard_tokens set: one `ngrams_shard` task per shard of each corpus and one
+    `ngrams_reduce` task per partition (spread over the Dask workers); the reduce futures become
+    the `ngrams` task's `partitions` argument, so the UI draws the map, the reduce and the merge."""
+    shutil.rmtree(SHARDS, ignore_errors=True)         # files a killed run left behind
+    plan, partitions = shard_plan(params), params.ngrams.partitions
+    reduced = {}
+    for level, bounds in plan.items():
+        shards = [ngrams_shard.with_options(name=f"ngrams_shard[{level}:{start}]").submit(
+                      params, level, start, stop, wait_for=wait_for) for start, stop in bounds]
+        reduced[level] = [ngrams_reduce.with_options(name=f"ngrams_reduce[{level}:{p}]").submit(
+                              level, p, shards) for p in range(partitions)]
+    logger.info("ngrams: %s shard tasks of %d tokens, %d reduce tasks per level", " + ".join(
+        f"{len(bounds)} {level}" for level, bounds in plan.items()), params.ngrams.shard_tokens,
+        partitions)
+    return {"partitions": reduced}
 
 
 @contextlib.contextmanager
@@ -190,7 +194,11 @@ def task_runner_for(params: Params):
     from prefect.task_runners import ThreadPoolTaskRunner
     ex = params.execution
     if ex.task_runner == "local":
-        return ThreadPoolTaskRunner()
+        # As many threads as cores (Prefect's default is unbounded): hundreds of n-gram shard
+        # tasks must not count, and hold their memory, all at once. Tasks start in the order
+        # they are submitted, upstream first, so the tasks waiting on others cannot take every
+        # thread; a training waiting for its slot waits on one that runs.
+        return ThreadPoolTaskRunner(max_workers=max(2, cores()))
     from prefect_dask import DaskTaskRunner
     if ex.dask_address:
         return DaskTaskRunner(address=ex.dask_address)

@@ -4,14 +4,19 @@ Each window of n ids is packed into one int64 key (a number in base `vocab_size`
 integer work with no tuple per n-gram: np.bincount when vocab_size**n is small, one np.sort of the
 shard's windows otherwise.
 
-Sharded counting -- what one Prefect (or Dask) task per shard runs when `ngrams.shard_tokens` is
-set (tasks/ngrams.py); count_ngrams is the same loop in one process, with its chunks as the
+Sharded counting -- what the flow runs as Prefect (or Dask) tasks when `ngrams.shard_tokens` is
+set (tasks/ngrams.py); count_ngrams is the map and reduce in one process, with its chunks as the
 shards:
 
     bounds = shard_bounds(len(ids), shard_tokens)            # [(start, stop), ...]
-    partials = [count_shard("data/processed/corpus_word.npy", start, stop, max_n, vocab_size)
-                for start, stop in bounds]                   # one task each, any order
-    tables = reduce_partials(partials)                       # {n: NgramTable}
+    for start, stop in bounds:                               # map: one task per shard
+        tables = count_shard("data/processed/corpus_word.npy", start, stop, max_n, vocab_size)
+        save_partial(split_partitions(tables, P), f"shard-{start}.npz")
+    for p in range(P):                                       # reduce: one task per partition
+        tables = reduce_partials(load_partial(f, p) for f in shard_files)
+        save_ranked(tables, f"partition-{p}")
+    pieces = merge_ranked([load_ranked(f"partition-{p}", n) for p in range(P)])
+    write_parquet(pieces, n, tokens, path)                   # the stage: a k-way merge, streamed
 
 - shard_bounds(length, shard_tokens) -> [(start, stop), ...]: shards of `shard_tokens` window
   start positions covering 0..length-1.
@@ -19,24 +24,31 @@ shards:
   that *start* at positions start..stop-1, with first positions in the whole sequence. It reads
   ids[start:stop + max_n - 1]: the n - 1 ids past its end complete the windows that start in it,
   so a window across a shard border is counted once, by the shard it starts in. `ids` is an array
-  or the path of a 1-D .npy (memory-mapped: a task reads only its shard, and only the path and
+  or the path of a 1-D .npy (read_range: a task reads only its shard, and only the path and
   bounds travel to it). Memory: ~30 bytes per token of the shard per n.
+- split_partitions(tables, P): the tables cut into P parts by a hash of the n-gram, so that
+  every shard sends a given n-gram to the same reduce task.
 - reduce_partials(partials) -> {n: NgramTable}: merges partials as they arrive, in any order
   (counts add up, the earliest first position wins). Memory: of the order of the distinct
-  n-grams, not of the corpus (see its docstring).
-- save_partial(tables, path) / load_partial(path): a partial as a file, which is how a shard task
-  on a Dask worker hands it to the reduce (the working tree is shared; the flow passes paths).
+  n-grams it receives (a partition's: about 1/P of all of them), not of the corpus.
+- merge_ranked(parts): the ranked partitions as one ranked sequence, a block of each at a time
+  (memory-mapped files: memory is P blocks, not the distinct n-grams).
+- save_partial / load_partial, save_ranked / load_ranked: those hand-overs as files, which is how
+  tasks on Dask workers pass them on (the working tree is shared; the flow passes paths).
 
-Whatever the shard size and the order of the partials, the tables are the same -- keys, counts,
-first positions, hence ranks -- and write_parquet writes byte-identical files.
+Whatever the shard size, the number of partitions and the order of the partials, the tables are
+the same -- keys, counts, first positions, hence ranks -- and write_parquet writes byte-identical
+files.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.lib.format as npy_format
 import pyarrow as pa
 import pyarrow.parquet as pq
 from matplotlib.figure import Figure
@@ -100,11 +112,25 @@ class NgramTable:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def rows(self, start: int, stop: int) -> "NgramTable":
+        """Entries start..stop-1 (read into memory when the columns are memory maps)."""
+        return NgramTable(self.n, *(np.asarray(column[start:stop])
+                                    for column in (self.keys, self.counts, self.first)))
+
+    def take(self, index: np.ndarray) -> "NgramTable":
+        return NgramTable(self.n, self.keys[index], self.counts[index], self.first[index])
+
+    @classmethod
+    def concat(cls, n: int, tables: Sequence["NgramTable"]) -> "NgramTable":
+        if len(tables) <= 1:
+            return tables[0] if tables else cls.empty(n)
+        return cls(n, *(np.concatenate([getattr(t, name) for t in tables])
+                        for name in ("keys", "counts", "first")))
+
     def ranked(self) -> "NgramTable":
         """Sorted by count descending, ties by first appearance: what the seed's Counter plus
         stable sort gives."""
-        order = rank_order(self.counts, self.first)
-        return NgramTable(self.n, self.keys[order], self.counts[order], self.first[order])
+        return self.take(rank_order(self.counts, self.first))
 
 
 def rank_order(counts: np.ndarray, first: np.ndarray) -> np.ndarray:
@@ -136,21 +162,21 @@ def shard_bounds(length: int, shard_tokens: int) -> list[tuple[int, int]]:
 def count_shard(ids: np.ndarray | Path | str, start: int, stop: int, max_n: int,
                 vocab_size: int) -> dict[int, NgramTable]:
     """{n: NgramTable} (sorted by key) of the n-grams, n = 1..max_n, that start at positions
-    start..stop-1 of `ids` (an array, or the path of a 1-D .npy that is memory-mapped); it reads
+    start..stop-1 of `ids` (an array, or the path of a 1-D .npy); it reads
     ids[start:stop + max_n - 1]. See the module docstring."""
-    if isinstance(ids, (str, Path)):
-        ids = np.load(ids, mmap_mode="r", allow_pickle=False)
     if max_n < 1 or not 0 <= start <= stop:
         raise NgramError(f"max_n={max_n} must be >= 1 and 0 <= start={start} <= stop={stop}")
     for n in range(1, max_n + 1):
         check_key_fits(vocab_size, n)
-    total = len(ids)
+    total = len(ids) if isinstance(ids, np.ndarray) else NpyHeader.read(ids).shape[-1]
     stop = min(stop, total)
     step = _max_chunk(vocab_size)
     if stop - start > step:                  # shard-local codes would overflow: count in parts
         return reduce_partials(count_shard(ids, a, min(a + step, stop), max_n, vocab_size)
                                for a in range(start, stop, step))
-    chunk = np.asarray(ids[start:min(stop + max_n - 1, total)])
+    end = min(stop + max_n - 1, total)
+    chunk = np.asarray(ids[start:end]) if isinstance(ids, np.ndarray) else \
+        read_range(ids, start, end)
     _check_ids(chunk, vocab_size, start)
     chunk = chunk.astype(np.int64)                            # a copy in memory, signed
 
@@ -228,10 +254,10 @@ def merge_tables(tables: list[NgramTable]) -> NgramTable:
     tables.clear()
     if len(nonempty) == 1:
         return nonempty[0]
-    n = nonempty[0].n
-    keys, counts, first = (np.concatenate([getattr(t, name) for t in nonempty])
-                           for name in ("keys", "counts", "first"))
+    merged = NgramTable.concat(nonempty[0].n, nonempty)
     nonempty.clear()
+    n, keys, counts, first = merged.n, merged.keys, merged.counts, merged.first
+    del merged
     order = np.argsort(keys, kind="stable")
     keys = keys[order]
     starts = group_starts(keys)
@@ -240,26 +266,157 @@ def merge_tables(tables: list[NgramTable]) -> NgramTable:
     return NgramTable(n, keys[starts], counts, first)
 
 
-def save_partial(tables: Mapping[int, NgramTable], path: Path | str) -> Path:
-    """A shard's partial counts as one .npy archive (keys, counts, first per n), written whole
-    or not at all: what a shard task hands to the reduce through the shared working tree."""
-    arrays = {f"{field}_{n}": getattr(table, field)
-              for n, table in tables.items() for field in ("keys", "counts", "first")}
+def split_partitions(tables: Mapping[int, NgramTable], partitions: int
+                     ) -> list[dict[int, NgramTable]]:
+    """`tables` cut into `partitions` parts by a hash of the packed key (each part still sorted
+    by key): a given n-gram goes to the same part from every shard, and the frequent leading
+    words of a language spread over all parts instead of filling the first."""
+    if partitions < 1:
+        raise NgramError(f"partitions must be >= 1, got {partitions}")
+    parts: list[dict[int, NgramTable]] = [{} for _ in range(partitions)]
+    for n, table in tables.items():
+        # Fibonacci hashing: the high bits of key * 2**64/phi (mod 2**64) are well mixed.
+        mixed = table.keys.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        part = ((mixed >> np.uint64(33)) % np.uint64(partitions)).astype(np.intp)
+        order = np.argsort(part, kind="stable")
+        ends = np.cumsum(np.bincount(part, minlength=partitions))
+        for p, (start, stop) in enumerate(zip(np.r_[0, ends[:-1]], ends)):
+            parts[p][n] = table.take(order[start:stop])
+    return parts
+
+
+def save_partial(partitions: Sequence[Mapping[int, NgramTable]], path: Path | str) -> Path:
+    """A shard's partial counts, cut in partitions (split_partitions), as one .npz archive
+    written whole or not at all: what a shard task hands to the reduce tasks through the shared
+    working tree. A reduce task reads its partition only."""
+    arrays = {f"{field}_{n}_{p}": getattr(table, field)
+              for p, tables in enumerate(partitions) for n, table in tables.items()
+              for field in ("keys", "counts", "first")}
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         np.savez(handle, **arrays)
     return Path(path)
 
 
-def load_partial(path: Path | str) -> dict[int, NgramTable]:
-    """The tables save_partial wrote; NgramError naming the file when it is not such a file."""
+def load_partial(path: Path | str, partition: int = 0) -> dict[int, NgramTable]:
+    """Partition `partition` of what save_partial wrote; NgramError naming the file when it is
+    not such a file or lacks that partition."""
     try:
         with np.load(path, allow_pickle=False) as archive:
-            orders = sorted({int(name.rsplit("_", 1)[1]) for name in archive.files})
-            return {n: NgramTable(n, *(archive[f"{field}_{n}"]
+            orders = sorted({int(name.split("_")[1]) for name in archive.files})
+            return {n: NgramTable(n, *(archive[f"{field}_{n}_{partition}"]
                                        for field in ("keys", "counts", "first")))
                     for n in orders}
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, IndexError) as exc:
         raise NgramError(f"{path}: unreadable partial n-gram counts ({exc})") from None
+
+
+def save_ranked(tables: Mapping[int, NgramTable], folder: Path | str) -> Path:
+    """Ranked tables as `folder`/<n>.npy (rows: keys, counts, first), which load_ranked
+    memory-maps; each file is written whole or not at all."""
+    for n, table in tables.items():
+        with atomic_path(Path(folder) / f"{n}.npy") as tmp, open(tmp, "wb") as handle:
+            np.save(handle, np.stack([table.keys, table.counts, table.first]))
+    return Path(folder)
+
+
+@dataclass(frozen=True)
+class NpyHeader:
+    """What the header of a .npy file says: where the data starts, its shape and dtype."""
+    path: Path
+    offset: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @classmethod
+    def read(cls, path: Path | str) -> "NpyHeader":
+        """NgramError naming the file when it is not a C-order .npy array."""
+        try:
+            with open(path, "rb") as handle:
+                version = npy_format.read_magic(handle)
+                shape, fortran, dtype = (npy_format.read_array_header_1_0(handle)
+                                         if version == (1, 0) else
+                                         npy_format.read_array_header_2_0(handle))
+                offset = handle.tell()
+        except (OSError, ValueError) as exc:
+            raise NgramError(f"{path}: not a readable .npy array ({exc})") from None
+        if fortran or dtype.hasobject:
+            raise NgramError(f"{path}: expected a C-order numeric .npy array")
+        return cls(Path(path), offset, shape, dtype)
+
+
+def read_range(path: Path | str | NpyHeader, start: int, stop: int, row: int = 0) -> np.ndarray:
+    """Elements start..stop-1 of a 1-D .npy (of row `row` of a 2-D one), read from the file.
+    Not a memory map: the pages of a map stay in the process's resident memory once read, so
+    a process that reads a whole corpus shard by shard would end up holding all of it."""
+    header = path if isinstance(path, NpyHeader) else NpyHeader.read(path)
+    length = header.shape[-1] if header.shape else 1
+    stop = max(min(stop, length), 0)
+    start = min(max(start, 0), stop)
+    with open(header.path, "rb") as handle:
+        handle.seek(header.offset + (row * length + start) * header.dtype.itemsize)
+        data = np.fromfile(handle, dtype=header.dtype, count=stop - start)
+    if len(data) != stop - start:
+        raise NgramError(f"{header.path}: truncated .npy array ({len(data)} of {stop - start} "
+                         f"elements from position {start})")
+    return data
+
+
+@dataclass(frozen=True)
+class RankedFile:
+    """A ranked table that save_ranked wrote, read a block at a time (merge_ranked)."""
+    n: int
+    header: NpyHeader
+
+    def __len__(self) -> int:
+        return self.header.shape[1]
+
+    def rows(self, start: int, stop: int) -> NgramTable:
+        return NgramTable(self.n, *(read_range(self.header, start, stop, row)
+                                    for row in range(3)))
+
+
+def load_ranked(folder: Path | str, n: int) -> RankedFile:
+    """The n-gram table save_ranked wrote; NgramError naming the file."""
+    path = Path(folder) / f"{n}.npy"
+    header = NpyHeader.read(path)
+    if len(header.shape) != 2 or header.shape[0] != 3 or header.dtype != np.int64:
+        raise NgramError(f"{path}: unreadable ranked n-gram counts (shape {header.shape} "
+                         f"{header.dtype}, expected (3, m) int64)")
+    return RankedFile(n, header)
+
+
+def merge_ranked(parts: Sequence[NgramTable | RankedFile], block: int = 1 << 18
+                 ) -> Iterator[NgramTable]:
+    """Ranked tables of disjoint n-grams (the partitions) as one ranked sequence, in pieces: a
+    k-way merge that reads `block` entries of each part at a time, so that memory is a few
+    blocks per part whatever the number of distinct n-grams.
+
+    Each round, the smallest of the blocks' last entries (in rank order) bounds what can be
+    emitted: no entry beyond a block ranks before its last one, so every entry up to that bound
+    is final. The part that sets the bound gives its whole block, so each round progresses.
+    Distinct n-grams start at distinct positions: (count, first) orders them totally."""
+    n = parts[0].n if parts else 1
+    cursor = [0] * len(parts)
+    emitted = False
+    while True:
+        live = [i for i, part in enumerate(parts) if cursor[i] < len(part)]
+        if not live:
+            if not emitted:
+                yield NgramTable.empty(n)    # what an empty table writes needs its n
+            return
+        blocks = {i: parts[i].rows(cursor[i], cursor[i] + block) for i in live}
+        limits = [(int(b.counts[-1]), int(b.first[-1])) for i, b in blocks.items()
+                  if cursor[i] + len(b) < len(parts[i])]
+        bound_count, bound_first = min(limits, key=lambda cf: (-cf[0], cf[1])) if limits \
+            else (0, MAX_KEY)
+        pieces = []
+        for i, b in blocks.items():
+            taken = int(np.count_nonzero((b.counts > bound_count)
+                                         | ((b.counts == bound_count) & (b.first <= bound_first))))
+            pieces.append(b.rows(0, taken))
+            cursor[i] += taken
+        emitted = True
+        yield NgramTable.concat(n, pieces).ranked()
 
 
 def count_ngrams(ids: np.ndarray, max_n: int, vocab_size: int,
@@ -341,17 +498,47 @@ def to_arrow(table: NgramTable, tokens: Sequence[str], first_rank: int = 1) -> p
     return pa.table(columns)
 
 
-def write_parquet(table: NgramTable, tokens: Sequence[str], path: Path | str,
-                  rows: int = PARQUET_ROWS) -> None:
-    """A ranked table as zstd Parquet, `rows` rows (one row group) converted and written at a
-    time: memory is a row group's, the bytes those of pq.write_table of the whole table."""
-    schema = pa.schema([*((f"token_{j + 1}", pa.string()) for j in range(table.n)),
-                        ("count", pa.int64()), ("rank", pa.int64())])
-    with pq.ParquetWriter(path, schema, compression="zstd") as writer:
-        for start in range(0, max(len(table), 1), rows):     # an empty table: one empty group
-            part = NgramTable(table.n, table.keys[start:start + rows],
-                              table.counts[start:start + rows], table.first[start:start + rows])
-            writer.write_table(to_arrow(part, tokens, start + 1), row_group_size=rows)
+def write_parquet(pieces: NgramTable | Iterable[NgramTable], tokens: Sequence[str],
+                  path: Path | str, rows: int = PARQUET_ROWS) -> int:
+    """A ranked table, whole or as consecutive pieces of one (merge_ranked), as zstd Parquet:
+    `rows` rows (one row group) converted and written at a time, so memory is a row group's and
+    the bytes are those of pq.write_table of the whole table however it is cut. Returns the
+    number of rows."""
+    written = 0
+    with contextlib.ExitStack() as stack:
+        writer = None
+        for group in _row_groups([pieces] if isinstance(pieces, NgramTable) else pieces, rows):
+            if writer is None:
+                writer = stack.enter_context(pq.ParquetWriter(path, _schema(group.n),
+                                                              compression="zstd"))
+            writer.write_table(to_arrow(group, tokens, written + 1), row_group_size=rows)
+            written += len(group)
+    return written
+
+
+def _row_groups(pieces: Iterable[NgramTable], rows: int) -> Iterator[NgramTable]:
+    """Consecutive pieces regrouped into `rows` entries each, the last one shorter (an empty
+    one when there is nothing: a Parquet file still has its schema and one empty group)."""
+    pending: list[NgramTable] = []
+    held, emitted = 0, False
+    for piece in pieces:
+        pending.append(piece)
+        held += len(piece)
+        if held >= rows:
+            whole = NgramTable.concat(piece.n, pending)
+            start = 0
+            for start in range(0, len(whole) - rows + 1, rows):
+                yield whole.rows(start, start + rows)
+            start += rows
+            emitted = True
+            pending, held = [whole.rows(start, len(whole))], len(whole) - start
+    if pending and (held or not emitted):
+        yield NgramTable.concat(pending[0].n, pending)
+
+
+def _schema(n: int) -> pa.Schema:
+    return pa.schema([*((f"token_{j + 1}", pa.string()) for j in range(n)),
+                      ("count", pa.int64()), ("rank", pa.int64())])
 
 
 # Zipf fit: the singletons (count == 1) are excluded. In a finite sample they form one long

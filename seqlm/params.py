@@ -64,6 +64,7 @@ class NgramParams(Section):
     max_n: Annotated[int, Field(ge=1, le=10)] = 3
     chunk_tokens: Annotated[int, Field(ge=1_000)] = 1_000_000
     shard_tokens: Annotated[int, Field(ge=1_000)] | None = None
+    partitions: Annotated[int, Field(ge=1, le=256)] = 8
 
 
 class SineParams(Section):

@@ -1,13 +1,17 @@
 """ngrams: word and character n-gram counts as Parquet, a Zipf plot and the fitted exponents.
 
 Counted in the stage's own task, chunk by chunk (`seqlm stage ngrams`, `dvc repro`), or, with
-`ngrams.shard_tokens` set, by one `ngrams_shard` task per shard that the flow fans out (on Dask,
-over the workers), each writing its partial counts to a file under SHARDS; the stage then only
-reduces them. Both ways write the same bytes.
+`ngrams.shard_tokens` set, as a map and a reduce that the flow fans out (on Dask, over the
+workers): one `ngrams_shard` task per shard writes its partial counts, cut into
+`ngrams.partitions` parts by n-gram, to a file under SHARDS; one `ngrams_reduce` task per
+partition merges that part of every shard's counts and ranks it; the stage then merges the
+ranked partitions as it writes the Parquet tables. No process ever holds all the distinct
+n-grams, and both ways write the same bytes.
 """
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,17 +19,19 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from seqlm.io import publish, write_json
-from seqlm.ngrams import (NgramError, NgramTable, check_key_fits, count_ngrams, count_shard,
-                          load_partial, plot_zipf, reduce_partials, save_partial, shard_bounds,
-                          write_parquet, zipf_exponent)
+
+from seqlm.ngrams import (ZIPF_MIN_COUNT, NgramError, NgramTable, check_key_fits, count_ngrams,
+                          count_shard, load_partial, load_ranked, merge_ranked, plot_zipf,
+                          reduce_partials, save_partial, save_ranked, shard_bounds,
+                          split_partitions, write_parquet, zipf_exponent)
 from seqlm.params import Params
 from seqlm.stages import CORPUS, NGRAMS, STAGE_BY_NAME, VOCAB
 from seqlm.text import TOKENIZERS, Vocab
 
 ZIPF_PLOT = f"{NGRAMS}/zipf.png"
 ZIPF_MAX_N = 3                     # the seed plots unigrams, bigrams and trigrams
-SHARDS = Path(".seqlm/ngram-shards")  # partial counts of the shard tasks (git-ignored, shared tree)
-Partials = dict[str, list[str]]    # level -> the partial files of its shards, in shard order
+SHARDS = Path(".seqlm/ngram-shards")  # the map's and reduce's files (git-ignored, shared tree)
+Partitions = dict[str, list[str]]  # level -> the folders of its reduced partitions
 
 
 def table_path(level: str, n: int) -> Path:
@@ -42,22 +48,39 @@ def partial_path(level: str, start: int, stop: int) -> str:
     return str(SHARDS / f"{level}-{start}-{stop}.npz")
 
 
+def partition_path(level: str, partition: int) -> str:
+    return str(SHARDS / f"{level}-partition-{partition}")
+
+
 @task(name="ngrams_shard", cache_policy=NO_CACHE)
 def ngrams_shard(params: Params, level: str, start: int, stop: int) -> str:
-    """Count the n-grams that start at tokens start..stop-1 of the `level` corpus (a memory map:
-    the task reads its shard only) and write them to partial_path(); returns that path."""
+    """Count the n-grams that start at tokens start..stop-1 of the `level` corpus (read from the
+    file: the task reads its shard only) and write them, cut into partitions, to partial_path();
+    returns that path."""
     vocab_size = len(Vocab.load(_existing(VOCAB[level])))
+    _load_ids(CORPUS[level])               # checked here; the shard reads its range only
     try:
-        tables = count_shard(_load_ids(CORPUS[level]), start, stop, params.ngrams.max_n,
-                             vocab_size)
+        tables = count_shard(CORPUS[level], start, stop, params.ngrams.max_n, vocab_size)
     except NgramError as exc:
         raise NgramError(f"{CORPUS[level]}: {exc} ({VOCAB[level]})") from None
-    return str(save_partial(tables, partial_path(level, start, stop)))
+    return str(save_partial(split_partitions(tables, params.ngrams.partitions),
+                            partial_path(level, start, stop)))
+
+
+@task(name="ngrams_reduce", cache_policy=NO_CACHE)
+def ngrams_reduce(level: str, partition: int, partials: list[str]) -> str:
+    """Merge partition `partition` of the shards' `partials` (in any order) and write it ranked
+    to partition_path(); returns that folder. Memory: the partition's distinct n-grams."""
+    tables = reduce_partials(load_partial(path, partition) for path in partials)
+    folder = partition_path(level, partition)
+    for n in sorted(tables):
+        save_ranked({n: tables.pop(n).ranked()}, folder)
+    return folder
 
 
 @task(name="ngrams")
-def ngrams(params: Params, partials: Partials | None = None) -> list[Path]:
-    """Count (or, given the shard tasks' `partials`, reduce) and write the stage's outputs."""
+def ngrams(params: Params, partitions: Partitions | None = None) -> list[Path]:
+    """Count (or, given the reduce tasks' `partitions`, merge) and write the stage's outputs."""
     p = params.ngrams
     metrics_path = Path(STAGE_BY_NAME["ngrams"].paths(params)["reports"][0])
     vocabs = {level: Vocab.load(_existing(VOCAB[level])) for level in TOKENIZERS}
@@ -77,34 +100,50 @@ def ngrams(params: Params, partials: Partials | None = None) -> list[Path]:
     with publish() as outputs:
         folder = outputs.folder(NGRAMS)
         for level, vocab in vocabs.items():
-            counted = _count(level, vocab, params, partials)
             plotted[level] = {}
-            for n in sorted(counted):
-                table = counted.pop(n).ranked()
-                write_parquet(table, vocab.idx_to_token, folder / table_path(level, n).name)
+            for n, pieces in _ranked_tables(level, vocab, params, partitions):
+                counts: list[np.ndarray] = []   # what the Zipf fit and plot need, in rank order
+                metrics[f"{level}_{n}_distinct"] = write_parquet(
+                    _keep_counts(pieces, counts, everything=n <= ZIPF_MAX_N), vocab.idx_to_token,
+                    folder / table_path(level, n).name)
                 written.append(table_path(level, n))
-                metrics[f"{level}_{n}_distinct"] = len(table)
-                alpha = zipf_exponent(table.counts)
+                ranked_counts = np.concatenate(counts) if counts else np.empty(0, np.int64)
+                alpha = zipf_exponent(ranked_counts)
                 if alpha is not None:        # absent when fewer than two n-grams occur twice
                     metrics[f"{level}_{n}_zipf_exponent"] = alpha
                 if n <= ZIPF_MAX_N:
-                    plotted[level][n] = table.counts
+                    plotted[level][n] = ranked_counts
         plot_zipf(plotted, folder / Path(ZIPF_PLOT).name)
         write_json(outputs.file(metrics_path), metrics)
-    if partials is not None:
-        shutil.rmtree(SHARDS, ignore_errors=True)      # reduced and published: no longer needed
+    if partitions is not None:
+        shutil.rmtree(SHARDS, ignore_errors=True)      # merged and published: no longer needed
     return [*written, Path(ZIPF_PLOT), metrics_path]
 
 
-def _count(level: str, vocab: Vocab, params: Params,
-           partials: Partials | None) -> dict[int, NgramTable]:
+def _ranked_tables(level: str, vocab: Vocab, params: Params, partitions: Partitions | None
+                   ) -> Iterator[tuple[int, Iterable[NgramTable]]]:
+    """(n, its ranked table as consecutive pieces), n = 1..max_n: the reduced partitions merged
+    as they are read, or the tables counted here (one level's at a time in memory)."""
     p = params.ngrams
-    if partials is not None:
-        return reduce_partials(load_partial(path) for path in partials[level])
+    if partitions is not None:
+        for n in range(1, p.max_n + 1):
+            yield n, merge_ranked([load_ranked(folder, n) for folder in partitions[level]])
+        return
     try:
-        return count_ngrams(_load_ids(CORPUS[level]), p.max_n, len(vocab), p.chunk_tokens)
+        counted = count_ngrams(_load_ids(CORPUS[level]), p.max_n, len(vocab), p.chunk_tokens)
     except NgramError as exc:
         raise NgramError(f"{CORPUS[level]}: {exc} ({VOCAB[level]})") from None
+    for n in sorted(counted):
+        yield n, [counted.pop(n).ranked()]
+
+
+def _keep_counts(pieces: Iterable[NgramTable], kept: list[np.ndarray], everything: bool
+                 ) -> Iterator[NgramTable]:
+    """The pieces, passing by; appends their counts to `kept`: all of them, or only those the
+    Zipf fit uses (the singletons, most of the long n-grams, are left out)."""
+    for piece in pieces:
+        kept.append(piece.counts if everything else piece.counts[piece.counts >= ZIPF_MIN_COUNT])
+        yield piece
 
 
 def _existing(path: str) -> str:

@@ -84,7 +84,7 @@ def test_the_pipeline_on_a_dask_cluster(workdir, cluster, prefect_server, monkey
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     # and the n-grams counted by one task per shard on the workers (7 char + 2 word shards)
     write_params(workdir, execution={"task_runner": "dask", "dask_address": cluster},
-                 ngrams={"shard_tokens": 25_000})
+                 ngrams={"shard_tokens": 25_000, "partitions": 3})
     params = load_params()
     states = pipeline.with_options(task_runner=task_runner_for(params))(
         params_file="params.yaml", record_dvc=False)
@@ -107,11 +107,13 @@ def test_the_pipeline_on_a_dask_cluster(workdir, cluster, prefect_server, monkey
             task_run_filter=TaskRunFilter(
                 name=TaskRunFilterName(like_="train_lm["),
                 flow_run_id=TaskRunFilterFlowRunId(any_=[parent.data.tags["prefect.flow_run_id"]]))))
-        shards = prefect.read_task_runs(task_run_filter=TaskRunFilter(
-            name=TaskRunFilterName(like_="ngrams_shard["),
+        shards, reduces = (prefect.read_task_runs(task_run_filter=TaskRunFilter(
+            name=TaskRunFilterName(like_=name),
             flow_run_id=TaskRunFilterFlowRunId(any_=[parent.data.tags["prefect.flow_run_id"]])))
+            for name in ("ngrams_shard[", "ngrams_reduce["))
     assert len(spans) == 2 and spans[1][0] < spans[0][1], "the trainings did not overlap"
     assert len(shards) == 9 and {r.state_name for r in shards} == {"Completed"}
+    assert len(reduces) == 2 * 3 and {r.state_name for r in reduces} == {"Completed"}
     assert not (workdir / ".seqlm" / "ngram-shards").exists()
     # and every output is the local runner's, byte for byte
     assert digests(workdir) == digests(local)

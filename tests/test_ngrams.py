@@ -18,7 +18,8 @@ from seqlm.ngrams import NgramError, count_ngrams, rank_order, unpack, zipf_expo
 from seqlm.params import load_params
 from seqlm.stages import CORPUS, VOCAB
 from seqlm.text import TOKENIZERS, Vocab, read_lines, tokenize
-from tasks.ngrams import SHARDS, ngrams, ngrams_shard, shard_plan, table_path
+from tasks.ngrams import (SHARDS, ngrams, ngrams_reduce, ngrams_shard, partition_path,
+                          shard_plan, table_path)
 
 from conftest import REPO, write_params
 
@@ -108,30 +109,39 @@ def test_streaming_is_byte_identical_and_stale_tables_go(processed: Path) -> Non
     assert "word_3_distinct" not in json.loads(Path("reports/ngrams.json").read_text())
 
 
-def test_shard_tasks_then_reduce_write_the_same_bytes(processed: Path) -> None:
-    """The flow's fan-out (ngrams.shard_tokens): one ngrams_shard task per shard, each writing a
-    partial file, then the ngrams task reducing them, as in tests/test_dask.py on a cluster."""
+def test_shard_and_reduce_tasks_then_merge_write_the_same_bytes(processed: Path) -> None:
+    """The flow's fan-out (ngrams.shard_tokens): one ngrams_shard task per shard writing its
+    partial counts in partitions, one ngrams_reduce task per partition, then the ngrams task
+    merging them, as in tests/test_dask.py on a cluster."""
     write_params(processed, ngrams={"max_n": 4})
     ngrams.fn(load_params())
     whole = {p.name: p.read_bytes() for p in Path("data/ngrams").iterdir()}
-    write_params(processed, ngrams={"max_n": 4, "shard_tokens": 7_000})
+    write_params(processed, ngrams={"max_n": 4, "shard_tokens": 7_000, "partitions": 3})
     params = load_params()
     plan = shard_plan(params)
     assert [len(plan["word"]), len(plan["char"])] == [5, 25]
     partials = {level: [ngrams_shard.fn(params, level, a, b) for a, b in reversed(bounds)]
                 for level, bounds in plan.items()}             # any order
     assert all(Path(path).parent == SHARDS for paths in partials.values() for path in paths)
+    partitions = {level: [ngrams_reduce.fn(level, p, paths) for p in range(3)]
+                  for level, paths in partials.items()}
     shutil.rmtree("data/ngrams")
-    ngrams.fn(params, partials=partials)
+    ngrams.fn(params, partitions=partitions)
     assert {p.name: p.read_bytes() for p in Path("data/ngrams").iterdir()} == whole
-    assert not SHARDS.exists()                                 # reduced: the partials go
+    assert not SHARDS.exists()                  # merged: the map's and reduce's files go
 
 
 def test_unreadable_partial_is_named(processed: Path) -> None:
     SHARDS.mkdir(parents=True)
     (SHARDS / "word-0-10.npz").write_bytes(b"not an archive")
     with pytest.raises(NgramError, match=r"word-0-10.npz: unreadable partial n-gram counts"):
-        ngrams.fn(load_params(), partials={"word": [str(SHARDS / "word-0-10.npz")], "char": []})
+        ngrams_reduce.fn("word", 0, [str(SHARDS / "word-0-10.npz")])
+    assert not Path(partition_path("word", 0)).exists()
+
+
+def test_missing_partition_is_named(processed: Path) -> None:
+    with pytest.raises(NgramError, match=r"word-partition-0/1.npy: not a readable .npy array"):
+        ngrams.fn(load_params(), partitions={"word": [partition_path("word", 0)], "char": []})
     assert not Path("data/ngrams").exists()
 
 

@@ -1,20 +1,26 @@
-"""Sharded n-gram counting: any shards, reduced in any order, give exactly the single-process
-tables (keys, counts, first positions, ranks) and byte-identical Parquet files."""
+"""Sharded n-gram counting: any shards, cut into any number of partitions, reduced in any order
+and merged, give exactly the single-process tables (keys, counts, first positions, ranks) and
+byte-identical Parquet files."""
 from __future__ import annotations
 
 import io
 import random
+from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from seqlm.ngrams import (NgramTable, count_ngrams, count_shard, reduce_partials, shard_bounds,
-                          to_arrow, write_parquet)
+from seqlm.ngrams import (NgramError, NgramTable, count_ngrams, count_shard, load_partial, load_ranked,
+                          merge_ranked, reduce_partials, save_partial, save_ranked, shard_bounds,
+                          split_partitions, to_arrow, write_parquet)
 
 
-def parquet_bytes(table: NgramTable, vocab_size: int, rows: int = 1 << 20) -> bytes:
+def parquet_bytes(table: NgramTable | Iterable[NgramTable], vocab_size: int,
+                  rows: int = 1 << 20) -> bytes:
     buffer = io.BytesIO()
     write_parquet(table, [f"t{i}" for i in range(vocab_size)], buffer, rows)
     return buffer.getvalue()
@@ -53,6 +59,45 @@ def test_sharded_equals_single_process(stream, rng: random.Random) -> None:
         assert table.counts.sum() == max(len(ids) - n + 1, 0)
 
 
+@settings(max_examples=150, deadline=None)
+@given(streams(), st.integers(1, 9), st.integers(1, 40), st.integers(1, 50),
+       st.randoms(use_true_random=False))
+def test_partitioned_reduce_and_merge_equal_single_process(
+        tmp_path_factory, stream, partitions: int, block: int, rows: int,
+        rng: random.Random) -> None:
+    """The flow's map, reduce and merge through their files: the shards cut into partitions,
+    each partition reduced from the shards in any order and ranked, the ranked partitions
+    merged block by block: the same ranked tables, and the same Parquet bytes for any row
+    group size."""
+    ids, vocab_size, max_n, shard = stream
+    folder = tmp_path_factory.mktemp("shards")
+    single = count_ngrams(ids, max_n, vocab_size, chunk_tokens=max(len(ids), 1))
+    files = [save_partial(split_partitions(count_shard(ids, a, b, max_n, vocab_size), partitions),
+                          folder / f"{a}.npz") for a, b in shard_bounds(len(ids), shard)]
+    for p in range(partitions):
+        rng.shuffle(files)
+        reduced = reduce_partials(load_partial(path, p) for path in files)
+        save_ranked({n: table.ranked() for n, table in reduced.items()}, folder / f"part-{p}")
+    for n, table in single.items():
+        parts = [load_ranked(folder / f"part-{p}", n) for p in range(partitions)]
+        assert sum(map(len, parts)) == len(table)           # each n-gram in one partition
+        merged = NgramTable.concat(n, list(merge_ranked(parts, block)))
+        ranked = table.ranked()
+        for column in ("keys", "counts", "first"):
+            assert np.array_equal(getattr(merged, column), getattr(ranked, column)), (n, column)
+        assert parquet_bytes(merge_ranked(parts, block), vocab_size, rows) == \
+            parquet_bytes(ranked, vocab_size, rows)
+
+
+def test_partitions_spread_frequent_leading_tokens() -> None:
+    """A hash, not the leading token, picks the partition: n-grams that all start with the
+    same word still spread over every partition."""
+    keys = np.arange(1000, dtype=np.int64) + 7 * 5000          # 2-grams "7 x", x = 0..999
+    table = NgramTable(2, keys, np.ones(1000, np.int64), np.arange(1000, dtype=np.int64))
+    sizes = [len(part[2]) for part in split_partitions({2: table}, 8)]
+    assert sum(sizes) == 1000 and min(sizes) > 80
+
+
 def test_shards_cover_the_sequence_once() -> None:
     assert shard_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
     assert shard_bounds(8, 4) == [(0, 4), (4, 8)]
@@ -86,3 +131,12 @@ def test_parquet_written_by_row_groups_is_pq_write_table() -> None:
     assert parquet_bytes(table, 9, rows=7) == whole.getvalue()
     groups = pq.ParquetFile(io.BytesIO(whole.getvalue())).metadata.num_row_groups
     assert groups == -(-len(table) // 7) > 1
+
+
+def test_shard_of_a_truncated_corpus_file_is_named(tmp_path) -> None:
+    np.save(tmp_path / "ids.npy", np.arange(1_000, dtype=np.int32) % 7)
+    data = (tmp_path / "ids.npy").read_bytes()
+    (tmp_path / "ids.npy").write_bytes(data[:-400])            # the last 100 ids are gone
+    assert len(count_shard(tmp_path / "ids.npy", 0, 800, 2, 7)[1]) == 7
+    with pytest.raises(NgramError, match=r"ids.npy: truncated .npy array \(0 of 100 elements"):
+        count_shard(tmp_path / "ids.npy", 900, 1_000, 2, 7)
