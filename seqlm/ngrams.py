@@ -420,7 +420,7 @@ def merge_ranked(parts: Sequence[NgramTable | RankedFile], block: int = 1 << 18
 
 
 def count_ngrams(ids: np.ndarray, max_n: int, vocab_size: int,
-                 chunk_tokens: int = 1_000_000) -> dict[int, NgramTable]:
+                 chunk_tokens: int = 4_000_000) -> dict[int, NgramTable]:
     """n-gram tables for n = 1..max_n over `ids` (1-D, may be a memory map), sorted by key
     (`.ranked()` gives the frequency order): the shards of `chunk_tokens` counted one after the
     other and reduced, so memory is one shard's plus the distinct n-grams."""

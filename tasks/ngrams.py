@@ -32,6 +32,7 @@ ZIPF_PLOT = f"{NGRAMS}/zipf.png"
 ZIPF_MAX_N = 3                     # the seed plots unigrams, bigrams and trigrams
 SHARDS = Path(".seqlm/ngram-shards")  # the map's and reduce's files (git-ignored, shared tree)
 Partitions = dict[str, list[str]]  # level -> the folders of its reduced partitions
+MAX_SHARD_TASKS = 10_000           # per level: a task run each, in the Prefect server and UI
 
 
 def table_path(level: str, n: int) -> Path:
@@ -39,9 +40,18 @@ def table_path(level: str, n: int) -> Path:
 
 
 def shard_plan(params: Params) -> dict[str, list[tuple[int, int]]]:
-    """level -> the [start, stop) token ranges of its shard tasks (the corpus files must exist)."""
-    return {level: shard_bounds(len(_load_ids(CORPUS[level])), params.ngrams.shard_tokens)
+    """level -> the [start, stop) token ranges of its shard tasks (the corpus files must exist).
+    NgramError naming ngrams.shard_tokens when a level would need more than MAX_SHARD_TASKS."""
+    shard_tokens = params.ngrams.shard_tokens
+    plan = {level: shard_bounds(len(_load_ids(CORPUS[level])), shard_tokens)
             for level in TOKENIZERS}
+    for level, bounds in plan.items():
+        if len(bounds) > MAX_SHARD_TASKS:
+            raise NgramError(
+                f"ngrams.shard_tokens = {shard_tokens}: {len(bounds):,} shard tasks for the "
+                f"{bounds[-1][1]:,} tokens of {CORPUS[level]} (at most {MAX_SHARD_TASKS:,}: "
+                f"each is a Prefect task run); raise ngrams.shard_tokens")
+    return plan
 
 
 def partial_path(level: str, start: int, stop: int) -> str:

@@ -131,6 +131,15 @@ def test_shard_and_reduce_tasks_then_merge_write_the_same_bytes(processed: Path)
     assert not SHARDS.exists()                  # merged: the map's and reduce's files go
 
 
+def test_too_many_shard_tasks_are_refused(processed: Path, monkeypatch) -> None:
+    monkeypatch.setattr("tasks.ngrams.MAX_SHARD_TASKS", 20)
+    write_params(processed, ngrams={"shard_tokens": 7_000})
+    with pytest.raises(NgramError, match=r"ngrams.shard_tokens = 7000: 25 shard tasks for the "
+                                         r"170,580 tokens of data/processed/corpus_char.npy "
+                                         r"\(at most 20: each is a Prefect task run\); raise"):
+        shard_plan(load_params())
+
+
 def test_unreadable_partial_is_named(processed: Path) -> None:
     SHARDS.mkdir(parents=True)
     (SHARDS / "word-0-10.npz").write_bytes(b"not an archive")
