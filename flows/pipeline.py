@@ -200,6 +200,9 @@ def task_runner_for(params: Params):
         # thread; a training waiting for its slot waits on one that runs.
         return ThreadPoolTaskRunner(max_workers=max(2, cores()))
     from prefect_dask import DaskTaskRunner
+    # distributed narrates every connection, worker and shutdown step at INFO (~30 lines a run);
+    # its warnings and errors still show.
+    logging.getLogger("distributed").setLevel(logging.WARNING)
     if ex.dask_address:
         return DaskTaskRunner(address=ex.dask_address)
     import torch

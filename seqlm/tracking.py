@@ -185,6 +185,9 @@ class Tracker:
         """CPU, memory (and GPU) usage sampled into the run's System metrics tab until
         `.finish()`."""
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        # It says "started", "skip GPU", "stopping", "terminated" at INFO for every stage: four
+        # lines per stage in the terminal that tell a person nothing; its warnings still show.
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
         monitor = SystemMetricsMonitor(run_id, sampling_interval=1, samples_before_logging=1)
         monitor.start()
         return monitor
