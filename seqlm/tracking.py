@@ -301,8 +301,9 @@ class Tracker:
         champion = self._champion_perplexity(registered, val_digest, rescore)
         if champion is None or val_perplexity < champion:
             self.client.set_registered_model_alias(registered, "champion", version)
-            log.info("%s v%s is the new champion (val perplexity %.3f, was %s)",
-                     registered, version, val_perplexity, champion)
+            log.info("%s v%s is the new champion (val perplexity %.3f, %s)", registered,
+                     version, val_perplexity,
+                     "the first" if champion is None else f"was {champion:.3f}")
         else:
             log.info("%s v%s (val perplexity %.3f) does not beat the champion (%.3f): alias "
                      "kept", registered, version, val_perplexity, champion)
