@@ -287,7 +287,10 @@ def main() -> None:
             print(line, flush=True)
             report.append(line)
 
-        say(f"# bench/ngrams.py {' '.join(sys.argv[1:])}, {time.strftime('%Y-%m-%d')}")
+        say(f"# bench/ngrams.py --size {args.size} --max-n {args.max_n} --chunk-tokens "
+            f"{args.chunk_tokens} --shard-tokens {args.shard_tokens} --partitions "
+            f"{args.partitions} --workers {args.workers} --counter-tokens {args.counter_tokens}"
+            f"{' --skip-single' if args.skip_single else ''}, {time.strftime('%Y-%m-%d')}")
         say(f"# {machine()}")
         params = yaml.safe_load((REPO / "params.yaml").read_text())
         params["ngrams"].update(max_n=args.max_n, chunk_tokens=args.chunk_tokens,
