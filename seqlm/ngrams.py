@@ -32,7 +32,7 @@ shards:
   (counts add up, the earliest first position wins). Memory: of the order of the distinct
   n-grams it receives (a partition's: about 1/P of all of them), not of the corpus.
 - merge_ranked(parts): the ranked partitions as one ranked sequence, a block of each at a time
-  (memory-mapped files: memory is P blocks, not the distinct n-grams).
+  (read from the files: memory is P blocks, not the distinct n-grams).
 - save_partial / load_partial, save_ranked / load_ranked: those hand-overs as files, which is how
   tasks on Dask workers pass them on (the working tree is shared; the flow passes paths).
 
@@ -113,7 +113,7 @@ class NgramTable:
         return len(self.keys)
 
     def rows(self, start: int, stop: int) -> "NgramTable":
-        """Entries start..stop-1 (read into memory when the columns are memory maps)."""
+        """Entries start..stop-1, in memory."""
         return NgramTable(self.n, *(np.asarray(column[start:stop])
                                     for column in (self.keys, self.counts, self.first)))
 
@@ -311,8 +311,8 @@ def load_partial(path: Path | str, partition: int = 0) -> dict[int, NgramTable]:
 
 
 def save_ranked(tables: Mapping[int, NgramTable], folder: Path | str) -> Path:
-    """Ranked tables as `folder`/<n>.npy (rows: keys, counts, first), which load_ranked
-    memory-maps; each file is written whole or not at all."""
+    """Ranked tables as `folder`/<n>.npy (rows: keys, counts, first), which load_ranked reads
+    a block at a time; each file is written whole or not at all."""
     for n, table in tables.items():
         with atomic_path(Path(folder) / f"{n}.npy") as tmp, open(tmp, "wb") as handle:
             np.save(handle, np.stack([table.keys, table.counts, table.first]))
