@@ -80,8 +80,10 @@ def start_temporary_server(wait: bool = True) -> str | None:
     port = _free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     # What Prefect's own temporary server runs: no UI, the services of a temporary server.
+    # No telemetry from a server that lives for one run: offline, it logs an ERROR line into
+    # the run's terminal ("Failed to send telemetry").
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-           "PREFECT__SERVER_FINAL": "1"}
+           "PREFECT__SERVER_FINAL": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "0"}
     process = spawn(
         [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
          "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
