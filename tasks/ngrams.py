@@ -19,7 +19,6 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from seqlm.io import publish, write_json
-
 from seqlm.ngrams import (ZIPF_MIN_COUNT, NgramError, NgramTable, check_key_fits, count_ngrams,
                           count_shard, load_partial, load_ranked, merge_ranked, plot_zipf,
                           reduce_partials, save_partial, save_ranked, shard_bounds,
