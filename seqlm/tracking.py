@@ -213,14 +213,20 @@ class Tracker:
     # ---- what each stage leaves behind -------------------------------------------------------
     @_guarded
     def log_metrics(self, run_id: str | None, metrics: dict[str, float], step: int = 0) -> None:
+        self.log_steps(run_id, [(step, metrics, mlflow.utils.time.get_current_time_millis())])
+
+    @_guarded
+    def log_steps(self, run_id: str | None, steps: list[tuple[int, dict[str, float], int]],
+                  ) -> None:
+        """The metrics of many steps, each (step, metrics, timestamp in ms), in as few calls as
+        MLflow takes (1000 values per batch): one store transaction each."""
         run_id = run_id or self.run_id
         if run_id is None:
             return
-        ts = mlflow.utils.time.get_current_time_millis()
-        batch = [Metric(k, float(v), ts, step) for k, v in metrics.items()
-                 if isinstance(v, (int, float))]
-        for i in range(0, len(batch), 500):
-            self.client.log_batch(run_id, metrics=batch[i:i + 500], synchronous=True)
+        batch = [Metric(k, float(v), ts, step) for step, metrics, ts in steps
+                 for k, v in metrics.items() if isinstance(v, (int, float))]
+        for i in range(0, len(batch), 1000):
+            self.client.log_batch(run_id, metrics=batch[i:i + 1000], synchronous=True)
 
     @_guarded
     def log_metrics_file(self, path: Path | str, run_id: str | None = None) -> None:

@@ -7,7 +7,9 @@ import json
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +22,9 @@ from seqlm import interrupt, loaders, models, protocol
 from seqlm.io import file_digest, save_torch
 from seqlm.loaders import BATCHES_PER_EPOCH, LOADERS, LoaderSizeError
 from seqlm.models import build_model, check_model_name, detach_state
-from seqlm.params import Params
+from seqlm.params import Params, TrainLmParams
 from seqlm.text import Vocab
-from seqlm.threads import use_cpu_threads
+from seqlm.threads import cores, in_background, lower_priority, use_cpu_threads, yields_cores
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = Path("checkpoints")        # outside the DVC outs: `dvc repro` deletes outs first
@@ -30,6 +32,7 @@ CHECKPOINTS = Path("checkpoints")        # outside the DVC outs: `dvc repro` del
 # (tokens_per_s, seconds) are in the rows too but reach only the callback, MLflow and the logs.
 HISTORY_COLUMNS = ("epoch", "train_perplexity", "val_perplexity")
 EVAL_CHUNK = 256                         # validation steps per forward call (bounds memory)
+VALIDATIONS_AHEAD = 2                    # epochs trained ahead of their validation, at most
 EpochCallback = Callable[[int, dict[str, float]], None]
 
 
@@ -169,11 +172,23 @@ def build_optimizer(model: nn.Module, params: Params) -> torch.optim.Optimizer:
 
 def train(name: str, corpus: np.ndarray, vocab: Vocab, params: Params, *,
           checkpoint_dir: Path | str | None = None, on_epoch: EpochCallback | None = None,
-          ) -> TrainResult:
+          overlap: bool | None = None) -> TrainResult:
     """Train model `name` on the training split of `corpus`, validating every epoch by the
     protocol, for train_lm.epochs epochs or until train_lm.patience epochs bring no better
     validation perplexity; resume from checkpoint_dir when it holds a checkpoint of the same run.
-    `on_epoch(epoch, metrics)` sees every epoch of the history, restored ones included, in order."""
+    `on_epoch(epoch, metrics)` sees every epoch of the history, restored ones included, in order.
+    `overlap`: validate each epoch on a thread of its own while the next one trains (the same
+    numbers); None: where that is possible and pays (overlaps_validation). On the CPU beside a
+    longer training, it runs in a thread of lower priority (seqlm.threads.yields_cores)."""
+    args = (name, corpus, vocab, params, checkpoint_dir, on_epoch, overlap)
+    if resolve_device(params.train_lm.device).type == "cpu" and yields_cores(name, params):
+        return in_background(_train, *args)
+    return _train(*args)
+
+
+def _train(name: str, corpus: np.ndarray, vocab: Vocab, params: Params,
+           checkpoint_dir: Path | str | None, on_epoch: EpochCallback | None,
+           overlap: bool | None) -> TrainResult:
     p = params.train_lm
     check_model_name(name)
     device = resolve_device(p.device)
@@ -212,44 +227,68 @@ def train(name: str, corpus: np.ndarray, vocab: Vocab, params: Params, *,
     val_t = torch.as_tensor(protocol.validation_text(corpus, split), dtype=torch.long,
                             device=device)                 # both on the device once
     first = split.val_start - split.context_start
+    if overlap is None:
+        overlap = overlaps_validation(params, device)
+    validator = EpochValidator(name, config, params, val_t, first) if overlap else None
+    pending: deque[Future] = deque()     # validations of the last epochs, running meanwhile
     stopped = patience_exhausted(history, p.patience)
     epoch = saved = resumed_from
-    while epoch < p.epochs and not stopped:
-        epoch += 1
-        start = time.perf_counter()
-        rng = np.random.default_rng([params.seed, epoch])    # a resumed run sees the same batches
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(history, p.lr, p.lr_decay)
-        try:
-            loss, tokens = _train_epoch(step_model, optimizer, train_t, rng, p.sampling,
-                                        p.batch_size, p.num_steps, p.clip_theta)
-        except interrupt.Interrupted:
-            # The weights are part-way through this epoch: the last checkpoint is what resumes.
-            kept = f"; checkpoint at epoch {saved} kept" if saved and ckpt_path else ""
-            raise interrupt.Interrupted(f"{name}: interrupted in epoch {epoch}{kept}; run "
-                                        "again to resume") from None
-        train_s = time.perf_counter() - start       # the loss.item() above waited for the device
-        row = {"epoch": epoch, "train_perplexity": _exp(loss),
-               "val_perplexity": perplexity(model, val_t, first, device),
-               "tokens_per_s": tokens / train_s}
+
+    def finish(row: dict[str, float], weights: dict[str, torch.Tensor] | None) -> None:
+        """The bookkeeping of a validated epoch: history, best weights, callback, checkpoint."""
+        nonlocal best_state, stopped, saved
         _check_finite(name, row, p.lr)
-        row["seconds"] = time.perf_counter() - start
         history.append(row)
         if best_row(history) is row:
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            best_state = weights if weights is not None else snapshot(model)
         stopped = patience_exhausted(history, p.patience)
         if on_epoch is not None:
-            on_epoch(epoch, _metrics(row))
-        if ckpt_path is not None and (epoch % p.checkpoint_every == 0 or epoch == p.epochs
-                                      or stopped):
-            save_checkpoint(ckpt_path, model, optimizer, dropout_rng, epoch, history, best_state,
+            on_epoch(int(row["epoch"]), _metrics(row))
+        if ckpt_path is not None and checkpoint_due(row["epoch"], p, stopped):
+            saved = int(row["epoch"])
+            save_checkpoint(ckpt_path, model, optimizer, dropout_rng, saved, history, best_state,
                             config)
-            saved = epoch
             best = best_row(history)
             log.info("%s epoch %d: train ppl %.3f, val ppl %.3f (best %.3f at epoch %d), "
-                     "%.0f tokens/s; checkpoint %s", name, epoch, row["train_perplexity"],
+                     "%.0f tokens/s; checkpoint %s", name, saved, row["train_perplexity"],
                      row["val_perplexity"], best["val_perplexity"], int(best["epoch"]),
                      row["tokens_per_s"], ckpt_path)
+
+    try:
+        while epoch < p.epochs and not stopped:
+            epoch += 1
+            start = time.perf_counter()
+            rng = np.random.default_rng([params.seed, epoch])  # a resumed run sees the same batches
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(history, p.lr, p.lr_decay)
+            try:
+                loss, tokens = _train_epoch(step_model, optimizer, train_t, rng, p.sampling,
+                                            p.batch_size, p.num_steps, p.clip_theta)
+            except interrupt.Interrupted:
+                # The weights are part-way through this epoch: the last checkpoint resumes.
+                kept = f"; checkpoint at epoch {saved} kept" if saved and ckpt_path else ""
+                raise interrupt.Interrupted(f"{name}: interrupted in epoch {epoch}{kept}; run "
+                                            "again to resume") from None
+            train_s = time.perf_counter() - start   # the loss.item() above waited for the device
+            row = {"epoch": epoch, "train_perplexity": _exp(loss), "val_perplexity": math.nan,
+                   "tokens_per_s": tokens / train_s}
+            # Checkpoints save the live model and optimizer: their epochs are validated here,
+            # after the ones before them.
+            here = validator is None or checkpoint_due(epoch, p, stopped)
+            while pending and (here or pending[0].done() or len(pending) >= VALIDATIONS_AHEAD):
+                finish(*pending.popleft().result())
+            if here:
+                row["val_perplexity"] = perplexity(model, val_t, first, device)
+                row["seconds"] = time.perf_counter() - start
+                finish(row, None)
+            else:
+                row["seconds"] = time.perf_counter() - start
+                pending.append(validator.submit(row, snapshot(model)))
+        while pending:
+            finish(*pending.popleft().result())
+    finally:
+        if validator is not None:
+            validator.close()
     best, last = best_row(history), history[-1]
     log.info("%s: %d epochs (%d this run) in %.1f s; best val ppl %.3f at epoch %d; final epoch: "
              "train ppl %.3f, val ppl %.3f", name, len(history), len(history) - resumed_from,
@@ -261,6 +300,53 @@ def train(name: str, corpus: np.ndarray, vocab: Vocab, params: Params, *,
                  best["val_perplexity"], int(best["epoch"]), p.patience)
     return TrainResult(model, best_state, config, history, device, resumed_from, stopped,
                        protocol.validation_digest(corpus, split, vocab.idx_to_token))
+
+
+def overlaps_validation(params: Params, device: torch.device) -> bool:
+    """Whether an epoch's validation can run while the next epoch trains: on the CPU (a GPU
+    would run both on one stream), when the next epoch does not depend on it (no learning-rate
+    decay, no early stopping) and a core is left for it beside the trainings side by side."""
+    p = params.train_lm
+    return (device.type == "cpu" and p.lr_decay == 1 and not p.patience
+            and p.cpu_threads < cores())
+
+
+def checkpoint_due(epoch: float, p: TrainLmParams, stopped: bool) -> bool:
+    return epoch % p.checkpoint_every == 0 or epoch == p.epochs or stopped
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the model's weights on the CPU."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+class EpochValidator:
+    """Validation perplexities of snapshots of a model, on a thread of its own: on the CPU, one
+    epoch's validation (a third of the scratch RNN's epoch) runs on another core while the next
+    epoch trains. Its own copy of the model reads the snapshot; the numbers are those of the
+    training thread (the same weights, code and thread count)."""
+
+    def __init__(self, name: str, config: dict, params: Params, text: torch.Tensor,
+                 first: int) -> None:
+        self.model = build_model(name, config["vocab_size"], config["hidden"],
+                                 config["num_layers"], config["dropout"], torch.Generator())
+        self.params, self.text, self.first = params, text, first
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"validate-{name}",
+                                       initializer=lower_priority)
+
+    def submit(self, row: dict[str, float], weights: dict[str, torch.Tensor]) -> Future:
+        """A future of (row with its val_perplexity, weights)."""
+        return self.pool.submit(self._validate, row, weights)
+
+    def _validate(self, row: dict[str, float], weights: dict[str, torch.Tensor],
+                  ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        use_cpu_threads(self.params)
+        self.model.load_state_dict(weights)
+        row["val_perplexity"] = perplexity(self.model, self.text, self.first, "cpu")
+        return row, weights
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _check_finite(name: str, row: dict[str, float], lr: float) -> None:
