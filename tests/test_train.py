@@ -19,9 +19,10 @@ import torch
 from seqlm.generate import load_trained, predict
 from seqlm.loaders import LoaderSizeError
 from seqlm.params import Params, TrainLmParams, load_params
+from seqlm.threads import cores, training_slots, yields_cores
 from seqlm.text import Vocab, read_lines, tokenize
 from seqlm import protocol
-from seqlm.train import (TrainingError, clip_gradients, perplexity, run_config,
+from seqlm.train import (TrainingError, clip_gradients, overlaps_validation, perplexity, run_config,
                          split_of, token_nll, train)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -509,3 +510,34 @@ def test_a_compiled_training_step_gives_the_eager_perplexities(data) -> None:
     for a, b in zip(eager.history, compiled.history):
         assert b["val_perplexity"] == pytest.approx(a["val_perplexity"], rel=1e-4)
         assert b["train_perplexity"] == pytest.approx(a["train_perplexity"], rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["rnn_scratch", "rnn"])
+def test_validation_beside_training_gives_the_same_history_weights_and_checkpoint(
+        data, tmp_path: Path, name: str) -> None:
+    """Validating epoch k on its own thread while epoch k + 1 trains changes nothing computed:
+    the history, the kept (best) weights, the last weights and the checkpoint's contents."""
+    corpus, vocab = data
+    params = make_params(hidden_scratch=48, hidden=32, epochs=7, checkpoint_every=3)
+    assert overlaps_validation(params, torch.device("cpu")) == (cores() > 1)
+    runs = [train(name, corpus, vocab, params, checkpoint_dir=tmp_path / str(overlap),
+                  overlap=overlap) for overlap in (False, True)]
+    columns = ("epoch", "train_perplexity", "val_perplexity")
+    assert [[r[c] for c in columns] for r in runs[0].history] == \
+        [[r[c] for c in columns] for r in runs[1].history]
+    assert_same_weights(runs[0].best_state, runs[1].best_state)
+    assert_same_weights(weights(runs[0].model), weights(runs[1].model))
+    ckpts = [torch.load(only_checkpoint(tmp_path / str(o)), weights_only=True)
+             for o in (False, True)]
+    assert_same_weights(ckpts[0]["model"], ckpts[1]["model"])
+    assert ckpts[0]["epoch"] == ckpts[1]["epoch"] == 7
+
+
+def test_only_the_longest_of_trainings_side_by_side_keeps_its_priority() -> None:
+    params = make_params(models=["rnn", "rnn_scratch"])
+    expected = training_slots(params) > 1
+    assert yields_cores("rnn", params) == expected
+    assert not yields_cores("rnn_scratch", params)
+    lstm = make_params(models=["rnn_scratch", "lstm"], hidden=512)
+    assert yields_cores("rnn_scratch", lstm) == expected and not yields_cores("lstm", lstm)
+    assert not yields_cores("rnn", make_params(models=["rnn"]))
