@@ -178,7 +178,7 @@ def train(name: str, corpus: np.ndarray, vocab: Vocab, params: Params, *,
     validation perplexity; resume from checkpoint_dir when it holds a checkpoint of the same run.
     `on_epoch(epoch, metrics)` sees every epoch of the history, restored ones included, in order.
     `overlap`: validate each epoch on a thread of its own while the next one trains (the same
-    numbers); None: where that is possible and pays (overlaps_validation). On the CPU beside a
+    numbers); None: where that is possible and pays (validation_can_overlap). On the CPU beside a
     longer training, it runs in a thread of lower priority (seqlm.threads.yields_cores)."""
     args = (name, corpus, vocab, params, checkpoint_dir, on_epoch, overlap)
     if resolve_device(params.train_lm.device).type == "cpu" and yields_cores(name, params):
@@ -227,8 +227,9 @@ def _train(name: str, corpus: np.ndarray, vocab: Vocab, params: Params,
     val_t = torch.as_tensor(protocol.validation_text(corpus, split), dtype=torch.long,
                             device=device)                 # both on the device once
     first = split.val_start - split.context_start
-    if overlap is None:
-        overlap = overlaps_validation(params, device)
+    # Asked for or not, only where the next epoch does not depend on this one's validation.
+    overlap = validation_can_overlap(params, device) and (
+        overlap if overlap is not None else p.cpu_threads < cores())
     validator = EpochValidator(name, config, params, val_t, first) if overlap else None
     pending: deque[Future] = deque()     # validations of the last epochs, running meanwhile
     stopped = patience_exhausted(history, p.patience)
@@ -302,13 +303,13 @@ def _train(name: str, corpus: np.ndarray, vocab: Vocab, params: Params,
                        protocol.validation_digest(corpus, split, vocab.idx_to_token))
 
 
-def overlaps_validation(params: Params, device: torch.device) -> bool:
+def validation_can_overlap(params: Params, device: torch.device) -> bool:
     """Whether an epoch's validation can run while the next epoch trains: on the CPU (a GPU
-    would run both on one stream), when the next epoch does not depend on it (no learning-rate
-    decay, no early stopping) and a core is left for it beside the trainings side by side."""
+    would run both on one stream) and when the next epoch does not depend on it (no
+    learning-rate decay, no early stopping). It pays where a core is left for it
+    (train_lm.cpu_threads < cores), the default of train()."""
     p = params.train_lm
-    return (device.type == "cpu" and p.lr_decay == 1 and not p.patience
-            and p.cpu_threads < cores())
+    return device.type == "cpu" and p.lr_decay == 1 and not p.patience
 
 
 def checkpoint_due(epoch: float, p: TrainLmParams, stopped: bool) -> bool:

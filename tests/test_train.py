@@ -19,10 +19,11 @@ import torch
 from seqlm.generate import load_trained, predict
 from seqlm.loaders import LoaderSizeError
 from seqlm.params import Params, TrainLmParams, load_params
-from seqlm.threads import cores, training_slots, yields_cores
+from seqlm.threads import training_slots, yields_cores
 from seqlm.text import Vocab, read_lines, tokenize
 from seqlm import protocol
-from seqlm.train import (TrainingError, clip_gradients, overlaps_validation, perplexity, run_config,
+from seqlm.train import (TrainingError, clip_gradients, perplexity, run_config,
+                         validation_can_overlap,
                          split_of, token_nll, train)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -519,7 +520,8 @@ def test_validation_beside_training_gives_the_same_history_weights_and_checkpoin
     the history, the kept (best) weights, the last weights and the checkpoint's contents."""
     corpus, vocab = data
     params = make_params(hidden_scratch=48, hidden=32, epochs=7, checkpoint_every=3)
-    assert overlaps_validation(params, torch.device("cpu")) == (cores() > 1)
+    assert validation_can_overlap(params, torch.device("cpu"))
+    assert not validation_can_overlap(make_params(patience=2), torch.device("cpu"))
     runs = [train(name, corpus, vocab, params, checkpoint_dir=tmp_path / str(overlap),
                   overlap=overlap) for overlap in (False, True)]
     columns = ("epoch", "train_perplexity", "val_perplexity")
@@ -541,3 +543,14 @@ def test_only_the_longest_of_trainings_side_by_side_keeps_its_priority() -> None
     lstm = make_params(models=["rnn_scratch", "lstm"], hidden=512)
     assert yields_cores("rnn_scratch", lstm) == expected and not yields_cores("lstm", lstm)
     assert not yields_cores("rnn", make_params(models=["rnn"]))
+
+
+def test_early_stopping_is_never_validated_ahead(data) -> None:
+    """Asked to overlap with train_lm.patience set, training still stops at the epoch the
+    patience runs out, as it does validated in order (the next epoch depends on the check)."""
+    corpus, vocab = data
+    params = make_params(hidden_scratch=48, epochs=40, lr=5.0, patience=2)
+    runs = [train("rnn_scratch", corpus, vocab, params, overlap=o) for o in (False, True)]
+    assert runs[0].stopped_early and len(runs[0].history) < 40
+    assert [r["val_perplexity"] for r in runs[1].history] == \
+        [r["val_perplexity"] for r in runs[0].history]
