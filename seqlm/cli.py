@@ -1,7 +1,9 @@
 """`seqlm`: run the pipeline, one stage (what dvc.yaml calls), the schedule, or generate text."""
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
 import logging
 import os
 import sys
@@ -14,6 +16,13 @@ from typing import Annotated, Optional
 import typer
 
 from seqlm.params import PARAMS_FILE, ParamsError, load_params
+
+# Registered at import, before the exit handlers of what the commands start (the temporary
+# server's stop, MLflow's and Prefect's), so it runs after them: the objects left are then out of
+# the collector's reach and the interpreter's final collections no longer walk torch's, MLflow's
+# and Prefect's heaps (1.7 s of a 9-second re-run with nothing changed). Streams and files are
+# still flushed and closed at exit; the memory goes back to the system with the process.
+atexit.register(gc.freeze)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Sequence models of D2L chapter 8 as a Prefect + DVC + MLflow pipeline.")

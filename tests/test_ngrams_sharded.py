@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import random
 from collections.abc import Iterable
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
