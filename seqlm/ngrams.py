@@ -53,6 +53,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
+from seqlm.figures import save_png
 from seqlm.io import atomic_path
 
 MAX_KEY = 2**63 - 1
@@ -563,7 +564,11 @@ def zipf_exponent(counts: np.ndarray) -> float | None:
 
 def plot_zipf(counts: Mapping[str, Mapping[int, np.ndarray]], path: Path | str) -> Path:
     """Log-log frequency vs rank, one panel per level (e.g. word, char), one line per n.
-    `counts[level][n]` are ranked counts. A bare Figure draws with Agg: no pyplot global state."""
+    `counts[level][n]` are ranked counts."""
+    return save_png(path, lambda: _zipf_figure(counts), dpi=100)
+
+
+def _zipf_figure(counts: Mapping[str, Mapping[int, np.ndarray]]) -> Figure:
     fig = Figure(figsize=(5 * len(counts), 4), layout="constrained")
     for ax, (level, by_n) in zip(fig.subplots(1, len(counts), squeeze=False)[0], counts.items()):
         for n, freqs in by_n.items():
@@ -577,6 +582,4 @@ def plot_zipf(counts: Mapping[str, Mapping[int, np.ndarray]], path: Path | str) 
         ax.grid(True, which="major", alpha=0.3)
         if ax.lines:
             ax.legend()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    return Path(path)
+    return fig

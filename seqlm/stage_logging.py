@@ -10,9 +10,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from matplotlib.figure import Figure
 
 from seqlm import protocol
 from seqlm import stages as S
+from seqlm.figures import png
 from seqlm.io import file_digest
 from seqlm.params import Params
 from seqlm.tracking import Tracker, flatten
@@ -208,8 +210,8 @@ class StageLogger:
         self.tracker.log_dict(run_id, samples, "samples.json")
         self.tracker.log_artifacts([model_dir / "history.csv", model_dir / "meta.json"],
                                    run_id=run_id)
-        self.tracker.log_figure(run_id, perplexity_figure(model_dir / "history.csv", item),
-                                "perplexity.png")
+        self.tracker.log_png(run_id, png(lambda: perplexity_figure(model_dir / "history.csv",
+                                                                   item)), "perplexity.png")
         self.tracker.log_language_model(
             run_id, model_dir, item, meta["best_val_perplexity"], meta["validation_digest"],
             self._rescore, description=_version_description(meta, samples))
@@ -260,18 +262,15 @@ def _version_description(meta: dict, samples: dict[str, dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def perplexity_figure(history: Path, title: str):
+def perplexity_figure(history: Path, title: str) -> Figure:
     """Training and validation perplexity per epoch (d2l's animator plot, log scale)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
     frame = pd.read_csv(history)
-    figure, axes = plt.subplots(figsize=(6, 3))
+    figure = Figure(figsize=(6, 3))
+    axes = figure.subplots()
     axes.plot(frame["epoch"], frame["train_perplexity"], label="train")
     axes.plot(frame["epoch"], frame["val_perplexity"], "--", label="validation")
     axes.set(xlabel="epoch", ylabel="perplexity", yscale="log", title=title)
     axes.grid(True)
     axes.legend()
     figure.tight_layout()
-    plt.close(figure)
     return figure

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import subprocess
+import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -249,9 +250,14 @@ class Tracker:
                 self.client.log_artifact(run_id, str(file), where.as_posix().strip(".") or None)
 
     @_guarded
-    def log_figure(self, run_id: str | None, figure, artifact_file: str) -> None:
-        if run_id is not None:
-            self.client.log_figure(run_id, figure, artifact_file)
+    def log_png(self, run_id: str | None, data: bytes, artifact_file: str) -> None:
+        """PNG bytes (seqlm.figures.png) as the run's artifact `artifact_file`."""
+        if run_id is None:
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder, artifact_file)
+            path.write_bytes(data)
+            self.client.log_artifact(run_id, str(path))
 
     @_guarded
     def log_dataset(self, frame: pd.DataFrame, source: str, name: str, context: str,

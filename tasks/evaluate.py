@@ -12,6 +12,7 @@ from matplotlib.figure import Figure
 from prefect import task
 
 from seqlm import stages as S
+from seqlm.figures import save_png
 from seqlm.generate import load_trained, predict
 from seqlm.io import publish, write_csv, write_json
 from seqlm import protocol
@@ -79,7 +80,7 @@ def evaluate(params: Params) -> list[Path]:
         for metric in ("val_perplexity", "train_perplexity"):
             write_csv(plots / f"{metric}.csv", _per_epoch(curves, metric, table))
         write_csv(plots / "kstep.csv", kstep[["k", "mse"]])
-        comparison_figure(curves, table).savefig(plots / "comparison.png", format="png")
+        save_png(plots / "comparison.png", lambda: comparison_figure(curves, table))
         write_csv(outputs.file(f"{S.REPORTS}/summary.csv"), table)
         write_json(outputs.file(f"{S.REPORTS}/samples.json"), samples)
         with open(outputs.file(f"{S.REPORTS}/summary.md"), "w", encoding="utf-8") as handle:

@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from prefect import task
 
 from seqlm import autoregress as ar
+from seqlm.figures import save_png
 from seqlm.io import atomic_path, publish, save_torch, write_csv, write_json
 from seqlm.params import Params
 from seqlm.stages import AR_DIR, SINE, STAGE_BY_NAME, Stage
@@ -40,6 +41,11 @@ def _read_series(path: str) -> tuple[np.ndarray, torch.Tensor]:
 def _plot(path: Path, series: list[tuple[np.ndarray, np.ndarray]], legend: list[str],
           xlim: tuple[int, int]) -> Path:
     """One d2l.plot figure: figsize (6, 3), 'time' vs 'x', grid, d2l's line formats."""
+    return save_png(path, lambda: _figure(series, legend, xlim))
+
+
+def _figure(series: list[tuple[np.ndarray, np.ndarray]], legend: list[str],
+            xlim: tuple[int, int]) -> Figure:
     fig = Figure(figsize=(6, 3))
     fig.subplots_adjust(left=0.12, right=0.97, bottom=0.16, top=0.96)   # fixed: tight_layout is slow
     ax = fig.subplots()
@@ -48,9 +54,7 @@ def _plot(path: Path, series: list[tuple[np.ndarray, np.ndarray]], legend: list[
     ax.set(xlabel="time", ylabel="x", xlim=xlim)
     ax.legend(legend)
     ax.grid()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    return path
+    return fig
 
 
 def _write_parquet(path: Path, frame: pd.DataFrame) -> Path:
