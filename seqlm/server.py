@@ -27,7 +27,7 @@ class ServerError(RuntimeError):
     """The temporary Prefect server did not start."""
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Runs in the child before exec: SIGTERM it when the process that started it dies."""
     with contextlib.suppress(OSError, AttributeError):
         PR_SET_PDEATHSIG = 1
@@ -38,7 +38,7 @@ def spawn(args: list[str], env: dict[str, str] | None = None) -> subprocess.Pope
     """A server process of this one: in a session of its own (the terminal's Ctrl-C reaches this
     process only, which then stops the server itself) and ended by the kernel if this process
     dies."""
-    return subprocess.Popen(args, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+    return subprocess.Popen(args, env=env, start_new_session=True, preexec_fn=die_with_parent)
 
 
 def stop(process: subprocess.Popen) -> None:

@@ -37,6 +37,12 @@ def training_slots(params: Params) -> int:
     return max(1, cores() // params.train_lm.cpu_threads)
 
 
+def side_by_side(params: Params) -> bool:
+    """Whether the flow runs language-model trainings side by side (more than one, on the CPU,
+    with cores for more than one)."""
+    return training_slots(params) > 1 and len(params.train_lm.models) > 1
+
+
 def use_cpu_threads(params: Params) -> int:
     """Set torch's CPU threads to train_lm.cpu_threads in the calling thread; returns it."""
     keep_freed_memory()
@@ -74,7 +80,7 @@ def yields_cores(model: str, params: Params) -> bool:
     an epoch while `rnn` trained); now it keeps its core and the others fill what is left.
     Priorities change who waits, not what is computed."""
     p = params.train_lm
-    if training_slots(params) < 2 or len(p.models) < 2:
+    if not side_by_side(params):
         return False
     heaviest = max(p.models, key=lambda m: p.layers(m) * GATES[m] * p.hidden_size(m) ** 2)
     return model != heaviest

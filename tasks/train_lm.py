@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import platform
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +15,11 @@ from tqdm import tqdm
 from seqlm.generate import HISTORY_FILE, META_FILE, MODEL_FILE, VOCAB_FILE
 from seqlm.io import publish, save_torch, write_csv, write_json
 from seqlm.models import check_model_name
+from seqlm.own_process import train_in_own_process
 from seqlm.params import Params
 from seqlm.stages import CORPUS, STAGE_BY_NAME, VOCAB, Stage
 from seqlm.text import Vocab
+from seqlm.threads import side_by_side
 from seqlm.train import CHECKPOINTS, HISTORY_COLUMNS, EpochCallback, TrainResult, train
 
 
@@ -25,8 +27,8 @@ from seqlm.train import CHECKPOINTS, HISTORY_COLUMNS, EpochCallback, TrainResult
 def train_lm(params: Params, model: str,
              on_epoch: EpochCallback | None = None) -> list[Path]:
     """Train `model` (resuming its checkpoint in checkpoints/<model>/ when one holds the same
-    run) and write model.pt (the best epoch's weights), vocab.parquet, history.csv and meta.json
-    into models/<model>/."""
+    run) and write model.pt (the best epoch's weights), vocab.parquet, history.csv and
+    meta.json into models/<model>/."""
     check_model_name(model)
     for path in (CORPUS["char"], VOCAB["char"]):
         if not Path(path).is_file():
@@ -34,10 +36,18 @@ def train_lm(params: Params, model: str,
     corpus = np.load(CORPUS["char"])
     vocab = Vocab.load(VOCAB["char"])
     with progress_bar(model, params.train_lm.epochs, on_epoch) as report:
-        result = train(model, corpus, vocab, params, checkpoint_dir=CHECKPOINTS / model,
-                       on_epoch=report)
+        result = trainer(params)(model, corpus, vocab, params, checkpoint_dir=CHECKPOINTS / model,
+                     on_epoch=report)
     out = Path(STAGE.paths(params, item=model)["outs"][0])
     return write_model_dir(out, result, vocab, params)
+
+
+def trainer(params: Params) -> Callable[..., TrainResult]:
+    """seqlm.train.train, or, for trainings side by side on the local runner, the same in a
+    process of its own (seqlm.own_process); on Dask each already runs in a worker process."""
+    if params.execution.task_runner == "local" and side_by_side(params):
+        return train_in_own_process
+    return train
 
 
 @contextlib.contextmanager

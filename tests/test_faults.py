@@ -23,8 +23,9 @@ from seqlm.train import train
 pytestmark = pytest.mark.slow
 
 EPOCHS = 40          # ~0.3 s each: still training when the tests signal it
-TRAINING = dict(models=["rnn_scratch"], hidden_scratch=64, epochs=EPOCHS, checkpoint_every=4,
-                device="cpu")
+# Two trainings: side by side (on 2 cores or more), each in a process of its own.
+TRAINING = dict(models=["rnn_scratch", "rnn"], hidden_scratch=64, hidden=32, epochs=EPOCHS,
+                checkpoint_every=4, device="cpu")
 
 
 @pytest.fixture
@@ -70,6 +71,21 @@ def alive(pid: int | None) -> bool:
     return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
 
 
+def left_behind(workdir: Path) -> list[str]:
+    """Processes other than this one still running in the workspace (a training's process,
+    say), after a wait."""
+    deadline = time.monotonic() + 10
+    while True:
+        left = []
+        for process in psutil.process_iter(["cwd", "cmdline", "status"]):
+            if process.info["cwd"] == str(workdir) and process.pid != os.getpid() and \
+                    process.info["status"] != psutil.STATUS_ZOMBIE:
+                left.append(" ".join(process.info["cmdline"] or []))
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
+
+
 def closed_runs(env: dict[str, str], record: dict) -> dict[str, str]:
     """{run name: status} of the MLflow runs a run opened; the parent is named "parent"."""
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
@@ -107,6 +123,7 @@ def test_a_killed_run_does_not_wedge_the_next_one(workdir, env):
         assert "was killed before it ended" in runs[name].data.tags["failure_reason"]
     assert {r.info.status for r in runs.values()} <= {"FAILED", "FINISHED"}   # none left open
     assert not alive(killed["server_pid"])
+    assert left_behind(workdir) == []
     # and the training resumed from the killed run's checkpoint to the straight run's weights
     saved = torch.load(workdir / "models/rnn_scratch/model.pt", weights_only=True)["state_dict"]
     straight = straight_training(workdir)
@@ -151,6 +168,7 @@ def test_a_signal_stops_training_within_seconds_and_nothing_is_orphaned(workdir,
     while alive(record["server_pid"]) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not alive(record["server_pid"])
+    assert left_behind(workdir) == []
     runs = closed_runs(env, record)
     assert runs["parent"].info.status == runs["rnn_scratch"].info.status == "KILLED"
     assert {r.info.status for r in runs.values()} <= {"KILLED", "FINISHED"}   # none left open

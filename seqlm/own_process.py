@@ -1,0 +1,167 @@
+"""A language-model training in a process of its own: for trainings side by side on the CPU.
+
+In threads of one process, trainings share its interpreter lock with each other and with all
+the flow does in Python meanwhile (Prefect's bookkeeping, MLflow logging, the other stages):
+each gives it up and waits for it again around every torch call. On 2 cores the longest training
+ran ~15% slower beside the other than alone; in a process of its own it keeps its core.
+
+The task stays where it was: the child sends each epoch's metrics and its log records to the
+task's thread, which hands them to the callback (progress bar, MLflow) and to the task's
+loggers (Prefect), then the result or the error. Ctrl-C and SIGTERM reach the flow's process,
+which stops the child the way it stops a thread (within a batch, the last checkpoint kept); the
+child dies with it if it is killed.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import logging.handlers
+import multiprocessing
+import pickle
+import signal
+import threading
+import traceback
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from seqlm import interrupt
+from seqlm.models import build_model
+from seqlm.params import Params
+from seqlm.server import die_with_parent
+from seqlm.text import Vocab
+from seqlm.train import EpochCallback, TrainingError, TrainResult, train
+
+POLL_S = 0.2                 # how often the task's thread looks for a stop request
+
+
+class ChildTraceback(Exception):
+    """The traceback of an error in the training's process (the cause of the error raised)."""
+
+
+def train_in_own_process(name: str, corpus: np.ndarray, vocab: Vocab, params: Params, *,
+                         checkpoint_dir: Path | str | None = None,
+                         on_epoch: EpochCallback | None = None) -> TrainResult:
+    """seqlm.train.train() in a new process: the same arguments, result, callbacks (in this
+    thread, in order), log records (to this process's loggers) and errors."""
+    context = multiprocessing.get_context("spawn")     # no threads or locks of this process
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(
+        target=_child, name=f"train-{name}", daemon=True,
+        args=(sender, name, corpus, vocab, params, checkpoint_dir,
+              logging.getLogger("seqlm").getEffectiveLevel()))
+    process.start()
+    sender.close()                                     # EOF once the child's end is closed
+    try:
+        return _relay(name, process, receiver, on_epoch)
+    finally:
+        if process.is_alive():                         # an error here (the callback, Ctrl-C)
+            process.terminate()
+        process.join()
+        receiver.close()
+
+
+def _relay(name: str, process: multiprocessing.process.BaseProcess, receiver: Connection,
+           on_epoch: EpochCallback | None) -> TrainResult:
+    stopping = False
+    while True:
+        if interrupt.STOP.is_set() and not stopping:
+            process.terminate()          # SIGTERM: the child stops within a batch and reports
+            stopping = True
+        try:
+            # Until the child has read its end of the pipe, this process holds a copy of it: a
+            # child that dies before (at start-up) is seen by its exit, not by an EOF.
+            if not receiver.poll(POLL_S):
+                if process.is_alive() or receiver.poll():
+                    continue
+                raise EOFError
+            kind, payload = receiver.recv()
+        except EOFError:
+            process.join()
+            if stopping:
+                raise interrupt.Interrupted(f"{name}: interrupted; run again to resume") from None
+            raise TrainingError(f"{name}: the training's process ended without a result (exit "
+                                f"code {process.exitcode})") from None
+        if kind == "epoch":
+            if on_epoch is not None:
+                on_epoch(*payload)
+        elif kind == "log":
+            logging.getLogger(payload.name).handle(payload)
+        elif kind == "result":
+            return _unpack(payload)
+        else:
+            error, text = payload
+            raise error from ChildTraceback(text)
+
+
+def _child(sender: Connection, name: str, corpus: np.ndarray, vocab: Vocab, params: Params,
+           checkpoint_dir: Path | str | None, log_level: int) -> None:
+    die_with_parent()
+    # Ctrl-C signals the terminal's whole process group: the flow's process decides, and stops
+    # this one with SIGTERM, which ends the training the way Ctrl-C does in a thread.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: interrupt.STOP.set())
+    lock = threading.Lock()            # the training and the validation thread both send
+
+    def send(kind: str, payload: Any) -> None:
+        with lock:
+            sender.send((kind, payload))
+
+    logger = logging.getLogger("seqlm")
+    logger.setLevel(log_level)
+    logger.addHandler(logging.handlers.QueueHandler(_Sender(send)))
+    logger.propagate = False
+    try:
+        result = train(name, corpus, vocab, params, checkpoint_dir=checkpoint_dir,
+                       on_epoch=lambda epoch, metrics: send("epoch", (epoch, metrics)))
+        send("result", _pack(result))
+    except BaseException as exc:  # noqa: BLE001 - every error goes back to the task
+        with contextlib.suppress(OSError):     # the flow's process is gone: nobody to tell
+            send("error", (_portable(exc), traceback.format_exc()))
+    finally:
+        sender.close()
+
+
+class _Sender:
+    """The queue a QueueHandler puts the prepared records in (message formatted, args gone)."""
+
+    def __init__(self, send) -> None:
+        self.send = send
+
+    def put_nowait(self, record: logging.LogRecord) -> None:
+        self.send("log", record)
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """The exception itself where it survives pickling; otherwise its type and message."""
+    try:
+        return pickle.loads(pickle.dumps(exc))
+    except Exception:  # noqa: BLE001 - any pickling failure
+        return TrainingError(f"{type(exc).__name__}: {exc}")
+
+
+def _pack(result: TrainResult) -> bytes:
+    """The result as torch.save bytes (plain tensors: nothing shared with the child, which
+    exits right after sending it)."""
+    buffer = io.BytesIO()
+    torch.save({"model": result.model.state_dict(), "best_state": result.best_state,
+                "config": result.config, "history": result.history,
+                "device": str(result.device), "resumed_from": result.resumed_from,
+                "stopped_early": result.stopped_early,
+                "validation_digest": result.validation_digest}, buffer)
+    return buffer.getvalue()
+
+
+def _unpack(data: bytes) -> TrainResult:
+    saved = torch.load(io.BytesIO(data), weights_only=True)
+    config = saved["config"]
+    model = build_model(config["model"], config["vocab_size"], config["hidden"],
+                        config["num_layers"], config["dropout"], torch.Generator())
+    model.load_state_dict(saved["model"])
+    return TrainResult(model, saved["best_state"], config, saved["history"],
+                       torch.device(saved["device"]), saved["resumed_from"],
+                       saved["stopped_early"], saved["validation_digest"])
