@@ -38,9 +38,10 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float]:
     return time.perf_counter() - start, started
 
 
-def stage_times(clone: Path) -> list[tuple[str, float, float, dict[str, float]]]:
-    """Per flow run (oldest first): its name, start (Unix time), duration, and each task run's
-    duration, from the run's Prefect home."""
+def stage_times(clone: Path) -> list[tuple[str, float, float, dict[str, float], float]]:
+    """Per flow run (oldest first): its name, start (Unix time), duration, each task run's
+    duration, and the span from the first task run's start to the last one's end (what the
+    stages cost the flow, its own work between them included), from the run's Prefect home."""
     os.environ["PREFECT_HOME"] = str(clone / ".prefect")
     os.environ.pop("PREFECT_API_URL", None)
     from seqlm.server import start_temporary_server
@@ -54,11 +55,26 @@ def stage_times(clone: Path) -> list[tuple[str, float, float, dict[str, float]]]
         for flow_run in runs:
             tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(
                 id=FlowRunFilterId(any_=[flow_run.id])))
+            span = (max(t.end_time for t in tasks) - min(t.start_time for t in tasks))
             out.append((flow_run.name, flow_run.start_time.timestamp(),
                         flow_run.total_run_time.total_seconds(),
                         {t.name.rsplit("-", 1)[0]: t.total_run_time.total_seconds()
-                         for t in tasks}))
+                         for t in tasks}, span.total_seconds()))
     return out
+
+
+def cpu_name() -> str:
+    """The CPU as /proc/cpuinfo names it, with its family and model and whether it has AVX-512
+    (machines of one name can differ in both: speed, and the float sums of the torch layers)."""
+    try:
+        info = dict(line.split(":", 1) for line in
+                    Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines() if ":" in line)
+    except OSError:
+        return platform.machine()
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    avx512 = "avx512f" in info.get("flags", "").split()
+    return (f"{info.get('model name', platform.machine())}, family {info.get('cpu family')} "
+            f"model {info.get('model')}, AVX-512 {'yes' if avx512 else 'no'}")
 
 
 def main() -> None:
@@ -86,23 +102,21 @@ def main() -> None:
         first, _ = run(seqlm, clone, env)
         again, again_started = run(seqlm, clone, env)
         imports, _ = run([sys.executable, "-c", "import seqlm.cli, flows.pipeline"], clone, env)
-        (first_run, _, _, first_stages), (_, flow_start, flow_s, again_stages) = \
+        (first_run, _, _, first_stages, _), (_, flow_start, flow_s, again_stages, span) = \
             stage_times(clone)
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
-               platform.machine())
-    print(f"machine: {os.cpu_count()} cores ({cpu}); overrides: {args.set or 'none'}")
+    print(f"machine: {os.cpu_count()} cores ({cpu_name()}); overrides: {args.set or 'none'}")
     print(f"\nmain job (flow run {first_run}): {first:.1f} s wall, command to prompt")
     for name, seconds in first_stages.items():
         print(f"  {name:24s} {seconds:7.1f} s")
     print(f"\nre-run with nothing changed: {again:.1f} s wall, command to prompt")
     startup = flow_start - again_started
-    stages = sum(again_stages.values())
+    n = max(len(again_stages), 1)
     print(f"  start-up until the flow run begins          {startup:6.1f} s")
     print(f"    (of which the imports alone take           {imports:6.1f} s)")
-    print(f"  the {len(again_stages)} stages' task runs (cached)        {stages:6.1f} s  "
-          f"({stages / max(len(again_stages), 1):.2f} s per stage)")
-    print(f"  the rest of the flow run: MLflow, DVC, ...  {flow_s - stages:6.1f} s")
+    print(f"  the {len(again_stages)} cached stages, first start to last end {span:6.1f} s  "
+          f"({span / n:.2f} s per stage; their task runs alone "
+          f"{sum(again_stages.values()) / n:.2f} s)")
+    print(f"  the rest of the flow run: MLflow, DVC, ...  {flow_s - span:6.1f} s")
     print(f"  after the flow run until the prompt         {again - startup - flow_s:6.1f} s")
 
 
