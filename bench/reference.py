@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from main_job import cpu_name
+
 REPO = Path(__file__).resolve().parents[1]
 FULL_CORPUS = "experiments/full-corpus.yaml"
 
@@ -79,15 +81,8 @@ def table(summary: pd.DataFrame, timings: pd.DataFrame) -> str:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = [line.split(":", 1)[1].strip() for line in
-                 Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
     gpu = "a CUDA GPU" if _has_cuda() else "no GPU"
-    return f"{os.cpu_count()} cores ({cpu}), {gpu}, {platform.system()} {platform.release()}"
+    return f"{os.cpu_count()} cores ({cpu_name()}), {gpu}, {platform.system()} {platform.release()}"
 
 
 def _has_cuda() -> bool:
@@ -100,7 +95,8 @@ def _has_cuda() -> bool:
 
 def previous_full_corpus(results: Path) -> str:
     """The full-corpus section of an earlier results file, kept by a --main-only run, with the
-    date and commit it was measured on."""
+    date, commit and machine it was measured on (machines of one name differ: see
+    main_job.cpu_name)."""
     text = results.read_text(encoding="utf-8") if results.exists() else ""
     section = re.search(r"\n### The whole corpus.*", text, re.S)
     if section is None:
@@ -112,6 +108,10 @@ def previous_full_corpus(results: Path) -> str:
         kept = re.sub(r"(\n\n)(\d+ s wall)", rf"\1Measured {header[1]} by `python "
                       rf"bench/reference.py` on a fresh clone (commit {header[2]}). \2", kept,
                       count=1)
+    machine_line = re.search(r"^Machine: (.*)\.$", text, re.M)
+    if machine_line:                          # the machine was the file's, not the section's
+        kept = re.sub(r"(on a fresh clone \(commit \w+\))\.",
+                      lambda m: f"{m[1]}, on {machine_line[1]}.", kept, count=1)
     return kept
 
 
@@ -143,9 +143,8 @@ def main() -> None:
             raise
     out = REPO / "bench" / "results" / f"reference-{args.name}.md"
     measured = (f"Measured {datetime.date.today().isoformat()} by `python bench/reference.py` on "
-                f"a fresh clone (commit {commit}).")
-    body = (f"Machine: {machine()}.\n\n"
-            f"### The main job (`{run}`, defaults of params.yaml)\n\n{measured} "
+                f"a fresh clone (commit {commit}), on {machine()}.")
+    body = (f"### The main job (`{run}`, defaults of params.yaml)\n\n{measured} "
             f"Set-up {setup_s:.0f} s, then the main job {main_s:.0f} s wall.\n\n{default}\n")
     if not args.main_only:
         body += f"\n### The whole corpus (`{full_cmd}`)\n\n{measured} {full_s:.0f} s wall.\n\n{full}\n"

@@ -46,6 +46,10 @@ def test_a_main_only_reference_run_keeps_the_full_corpus_section(tmp_path: Path)
     assert kept == ("\n### The whole corpus (`y`)\n\nMeasured 2026-11-28 by `python "
                     "bench/reference.py` on a fresh clone (commit abc1234). 2100 s wall.\n\n"
                     "| lstm |\n")
+    # a file where the machine was named once for both sections: the kept one names it
     old.write_text(f"# Reference results\n\nMachine: 2 cores.\n\n### The main job (`x`)\n\n{kept}")
-    assert previous_full_corpus(old) == kept           # the new layout is kept as it is
+    named = kept.replace("(commit abc1234). 2100", "(commit abc1234), on 2 cores. 2100")
+    assert previous_full_corpus(old) == named
+    old.write_text(f"# Reference results\n\n### The main job (`x`)\n\nMeasured ...\n\n{named}")
+    assert previous_full_corpus(old) == named           # the current layout is kept as it is
     assert previous_full_corpus(tmp_path / "absent.md") == ""
