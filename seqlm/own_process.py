@@ -50,8 +50,10 @@ def train_in_own_process(name: str, corpus: np.ndarray, vocab: Vocab, params: Pa
     thread, in order), log records (to this process's loggers) and errors."""
     context = multiprocessing.get_context("spawn")     # no threads or locks of this process
     receiver, sender = context.Pipe(duplex=False)
+    # Not a daemon: it may start processes of its own (torch.compile's workers); the finally
+    # below ends it, and it dies with this process if this one is killed.
     process = context.Process(
-        target=_child, name=f"train-{name}", daemon=True,
+        target=_child, name=f"train-{name}",
         args=(sender, name, corpus, vocab, params, checkpoint_dir,
               logging.getLogger("seqlm").getEffectiveLevel()))
     process.start()
