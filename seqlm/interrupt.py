@@ -8,6 +8,7 @@ stopped at exit). The worker threads see STOP and end within a batch, so the pro
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import signal
 import threading
 from collections.abc import Iterator
@@ -46,6 +47,15 @@ def stop_on_signals() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def die_with_parent() -> None:
+    """In a child process (a server, a training): SIGTERM it when the thread that started it
+    ends, its process killed included (Linux; elsewhere nothing changes). Before exec, or first
+    thing in a spawned interpreter: the setting does not survive an exec."""
+    with contextlib.suppress(OSError, AttributeError):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def exit_code() -> int:

@@ -32,7 +32,6 @@ import torch
 from seqlm import interrupt
 from seqlm.models import build_model
 from seqlm.params import Params
-from seqlm.server import die_with_parent
 from seqlm.text import Vocab
 from seqlm.train import EpochCallback, TrainingError, TrainResult, train
 
@@ -102,7 +101,7 @@ def _relay(name: str, process: multiprocessing.process.BaseProcess, receiver: Co
 
 def _child(sender: Connection, name: str, corpus: np.ndarray, vocab: Vocab, params: Params,
            checkpoint_dir: Path | str | None, log_level: int) -> None:
-    die_with_parent()
+    interrupt.die_with_parent()
     # Ctrl-C signals the terminal's whole process group: the flow's process decides, and stops
     # this one with SIGTERM, which ends the training the way Ctrl-C does in a thread.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -9,15 +9,14 @@ it stops, and on Linux bound to the run's life by the kernel (PR_SET_PDEATHSIG).
 from __future__ import annotations
 
 import atexit
-import contextlib
-import ctypes
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+
+from seqlm import interrupt
 
 STARTUP_TIMEOUT_S = 120      # 6-13 s on 2 idle cores; a busy machine can take much longer
 started_pid: int | None = None   # the server this process started, for the run's record
@@ -27,18 +26,11 @@ class ServerError(RuntimeError):
     """The temporary Prefect server did not start."""
 
 
-def die_with_parent() -> None:
-    """Runs in the child before exec: SIGTERM it when the process that started it dies."""
-    with contextlib.suppress(OSError, AttributeError):
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def spawn(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
     """A server process of this one: in a session of its own (the terminal's Ctrl-C reaches this
     process only, which then stops the server itself) and ended by the kernel if this process
     dies."""
-    return subprocess.Popen(args, env=env, start_new_session=True, preexec_fn=die_with_parent)
+    return subprocess.Popen(args, env=env, start_new_session=True, preexec_fn=interrupt.die_with_parent)
 
 
 def stop(process: subprocess.Popen) -> None:
