@@ -22,6 +22,7 @@ import pickle
 import signal
 import threading
 import traceback
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -130,7 +131,7 @@ def _child(sender: Connection, name: str, corpus: np.ndarray, vocab: Vocab, para
 class _Sender:
     """The queue a QueueHandler puts the prepared records in (message formatted, args gone)."""
 
-    def __init__(self, send) -> None:
+    def __init__(self, send: Callable[[str, Any], None]) -> None:
         self.send = send
 
     def put_nowait(self, record: logging.LogRecord) -> None:

@@ -36,8 +36,8 @@ def train_lm(params: Params, model: str,
     corpus = np.load(CORPUS["char"])
     vocab = Vocab.load(VOCAB["char"])
     with progress_bar(model, params.train_lm.epochs, on_epoch) as report:
-        result = trainer(params)(model, corpus, vocab, params, checkpoint_dir=CHECKPOINTS / model,
-                     on_epoch=report)
+        result = trainer(params)(model, corpus, vocab, params,
+                                 checkpoint_dir=CHECKPOINTS / model, on_epoch=report)
     out = Path(STAGE.paths(params, item=model)["outs"][0])
     return write_model_dir(out, result, vocab, params)
 
