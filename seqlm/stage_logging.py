@@ -165,7 +165,7 @@ class StageLogger:
 
     def _after_ngrams(self, _item, _paths, cached: bool) -> None:
         if not cached:
-            self.tracker.log_artifacts([S.NGRAMS], "ngrams")
+            self.tracker.log_artifacts([S.NGRAMS])          # under ngrams/
         self.tracker.log_metrics_file(f"{S.REPORTS}/ngrams.json")
 
     def _after_train_ar(self, _item, _paths, cached: bool) -> None:
@@ -175,7 +175,7 @@ class StageLogger:
         self.tracker.log_metrics_file(f"{S.REPORTS}/train_ar.json", run_id)
         self.tracker.log_dataset(pd.read_parquet(S.SINE), source=S.SINE, name="sine",
                                  context="training", run_id=run_id)
-        self.tracker.log_artifacts([S.AR_DIR], "ar", run_id)
+        self.tracker.log_artifacts([S.AR_DIR], run_id=run_id)   # under ar/
         self._end_child("ar_mlp")
 
     def _after_train_lm(self, item: str, _paths, cached: bool) -> None:
@@ -231,7 +231,7 @@ class StageLogger:
     def _after_evaluate(self, _item, _paths, _cached) -> None:
         for path in sorted(Path(S.METRICS).glob("*.json")):   # e.g. rnn.val_ppl
             self.tracker.log_metrics(None, flatten(json.loads(path.read_text()), f"{path.stem}."))
-        self.tracker.log_artifacts([S.REPORTS], "reports")
+        self.tracker.log_artifacts([S.REPORTS])         # under reports/
         summary = Path(S.REPORTS) / "summary.md"
         print(summary.read_text(encoding="utf-8"))
         from prefect.artifacts import create_table_artifact
