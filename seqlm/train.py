@@ -210,7 +210,14 @@ def _train(name: str, corpus: np.ndarray, vocab: Vocab, params: Params,
     best_state: dict[str, torch.Tensor] = {}
 
     ckpt_path = checkpoint_file(checkpoint_dir, config) if checkpoint_dir is not None else None
-    ckpt = _restorable(ckpt_path, device, p.epochs, name)
+    ckpt = _restorable(ckpt_path, device, name)
+    if ckpt is not None and ckpt["epoch"] > p.epochs:
+        # A shorter run of the same configuration cannot start from a longer one's end; it
+        # trains afresh and leaves that checkpoint as it is, for the longer run to come back to.
+        log.warning("%s: checkpoint is at epoch %d, past train_lm.epochs = %d; training %s "
+                    "afresh without checkpoints (that one is kept)", ckpt_path, ckpt["epoch"],
+                    p.epochs, name)
+        ckpt, ckpt_path = None, None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -441,7 +448,7 @@ def checkpoint_file(checkpoint_dir: Path | str, config: dict) -> Path:
     return Path(checkpoint_dir) / f"{_hash(config)}.pt"
 
 
-def _restorable(path: Path | None, device: torch.device, epochs: int, name: str) -> dict | None:
+def _restorable(path: Path | None, device: torch.device, name: str) -> dict | None:
     """The checkpoint to resume from, if any. An unreadable one is set aside (renamed, kept)."""
     if path is None or not path.exists():
         return None
@@ -451,10 +458,6 @@ def _restorable(path: Path | None, device: torch.device, epochs: int, name: str)
         aside = path.with_name(f"{path.name}.unreadable")
         path.replace(aside)
         log.warning("%s; set aside as %s, training %s afresh", exc, aside, name)
-        return None
-    if ckpt["epoch"] > epochs:
-        log.warning("%s: checkpoint is at epoch %d, past train_lm.epochs = %d; starting %s "
-                    "afresh", path, ckpt["epoch"], epochs, name)
         return None
     return ckpt
 

@@ -192,6 +192,26 @@ def test_a_longer_run_resumes_the_checkpoint_of_a_shorter_one(data, tmp_path: Pa
     assert [r["val_perplexity"] for r in longer.history] == [r["val_perplexity"] for r in fresh.history]
 
 
+def test_a_shorter_run_trains_afresh_and_keeps_the_longer_ones_checkpoint(
+        data, tmp_path: Path, caplog) -> None:
+    corpus, vocab = data
+    train("rnn", corpus, vocab, make_params(hidden=16, epochs=4, checkpoint_every=2),
+          checkpoint_dir=tmp_path)
+    longer = only_checkpoint(tmp_path)
+    kept = longer.read_bytes()
+    with caplog.at_level(logging.WARNING, logger="seqlm"):
+        short = train("rnn", corpus, vocab, make_params(hidden=16, epochs=2, checkpoint_every=2),
+                      checkpoint_dir=tmp_path)
+    assert "past train_lm.epochs = 2; training rnn afresh without checkpoints" in caplog.text
+    assert short.resumed_from == 0 and len(short.history) == 2
+    fresh = train("rnn", corpus, vocab, make_params(hidden=16, epochs=2))
+    assert_same_weights(weights(short.model), weights(fresh.model))
+    assert only_checkpoint(tmp_path) == longer and longer.read_bytes() == kept
+    back = train("rnn", corpus, vocab, make_params(hidden=16, epochs=4, checkpoint_every=2),
+                 checkpoint_dir=tmp_path)
+    assert back.resumed_from == 4                               # nothing trained again
+
+
 def test_another_configuration_starts_afresh_beside_the_first(data, tmp_path: Path) -> None:
     corpus, vocab = data
     first = train("rnn", corpus, vocab, make_params(hidden=16, epochs=2), checkpoint_dir=tmp_path)
