@@ -136,7 +136,10 @@ class StageLogger:
     def finish(self) -> None:
         """Tell the parent run which stages were cached, and by which runs they were made."""
         if self.cached:
-            tags = {"cached_stages": ", ".join(self.cached)}
+            # in the stage graph's order (dvc.yaml's), not the order they happened to finish in
+            order = [f"{s.name}[{item}]" if item else s.name
+                     for s in S.STAGES for item in s.items(self.params)]
+            tags = {"cached_stages": ", ".join(sorted(self.cached, key=order.index))}
             # tag keys take no brackets: train_lm[rnn] -> cached_by.train_lm.rnn
             tags.update({f"cached_by.{label.replace('[', '.').rstrip(']')}": run
                          for label, run in self.cached.items() if run})
