@@ -31,10 +31,9 @@ import numpy as np
 import torch
 
 from seqlm import interrupt
-from seqlm.models import build_model
 from seqlm.params import Params
 from seqlm.text import Vocab
-from seqlm.train import EpochCallback, TrainingError, TrainResult, train
+from seqlm.train import EpochCallback, TrainingError, TrainResult, model_of, train
 
 POLL_S = 0.2                 # how often the task's thread looks for a stop request
 
@@ -160,10 +159,8 @@ def _pack(result: TrainResult) -> bytes:
 
 def _unpack(data: bytes) -> TrainResult:
     saved = torch.load(io.BytesIO(data), weights_only=True)
-    config = saved["config"]
-    model = build_model(config["model"], config["vocab_size"], config["hidden"],
-                        config["num_layers"], config["dropout"], torch.Generator())
+    model = model_of(saved["config"])
     model.load_state_dict(saved["model"])
-    return TrainResult(model, saved["best_state"], config, saved["history"],
+    return TrainResult(model, saved["best_state"], saved["config"], saved["history"],
                        torch.device(saved["device"]), saved["resumed_from"],
                        saved["stopped_early"], saved["validation_digest"])

@@ -200,8 +200,7 @@ def _train(name: str, corpus: np.ndarray, vocab: Vocab, params: Params,
                             f"{len(vocab)} tokens: the corpus and vocabulary files do not match")
 
     config = run_config(name, params, vocab, device, corpus, split)
-    model = build_model(name, len(vocab), config["hidden"], config["num_layers"],
-                        config["dropout"], torch.Generator().manual_seed(params.seed)).to(device)
+    model = model_of(config, torch.Generator().manual_seed(params.seed)).to(device)
     dropout_rng = _dropout_generator(model, device, params.seed)
     optimizer = build_optimizer(model, params)
     # The compiled module shares the parameters; validation runs the eager model (other shapes).
@@ -319,6 +318,13 @@ def validation_can_overlap(params: Params, device: torch.device) -> bool:
     return device.type == "cpu" and p.lr_decay == 1 and not p.patience
 
 
+def model_of(config: dict, generator: torch.Generator | None = None) -> nn.Module:
+    """The model a run_config() describes, initialised from `generator` (weights that are
+    loaded next need none)."""
+    return build_model(config["model"], config["vocab_size"], config["hidden"],
+                       config["num_layers"], config["dropout"], generator or torch.Generator())
+
+
 def checkpoint_due(epoch: float, p: TrainLmParams, stopped: bool) -> bool:
     return epoch % p.checkpoint_every == 0 or epoch == p.epochs or stopped
 
@@ -336,8 +342,7 @@ class EpochValidator:
 
     def __init__(self, name: str, config: dict, params: Params, text: torch.Tensor,
                  first: int) -> None:
-        self.model = build_model(name, config["vocab_size"], config["hidden"],
-                                 config["num_layers"], config["dropout"], torch.Generator())
+        self.model = model_of(config)
         self.params, self.text, self.first = params, text, first
         self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"validate-{name}",
                                        initializer=lower_priority)

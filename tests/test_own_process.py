@@ -110,7 +110,6 @@ def test_a_child_that_dies_is_an_error_naming_the_training(data):
 
 
 CHILD_OF_A_KILLED_PROCESS = """
-import sys
 from seqlm.own_process import train_in_own_process
 from test_train import char_corpus, make_params
 import multiprocessing
@@ -127,6 +126,8 @@ if __name__ == "__main__":
 
 
 def test_the_child_dies_with_the_process_that_started_it(tmp_path):
+    """Killed mid-run, the parent leaves no training behind (the child gets SIGTERM from the
+    kernel and stops within a batch; failing that, its next send finds the pipe broken)."""
     script = tmp_path / "killed.py"
     script.write_text(CHILD_OF_A_KILLED_PROCESS)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
