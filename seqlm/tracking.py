@@ -22,6 +22,7 @@ import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 from seqlm.io import file_digest
 from seqlm.params import Params
@@ -97,6 +98,29 @@ def _guarded(method: Callable) -> Callable:
             log.error("MLflow tracking disabled for this run: %s", self.error)
             return None
     return wrapper
+
+
+class _SystemMetrics(SystemMetricsMonitor):
+    """MLflow's monitor publishes only after a full sampling interval, so a run that ends
+    sooner (a short training, a stage of a second) kept an empty System metrics tab. This one
+    publishes what it sampled when it is finished before its first interval."""
+
+    published = False
+
+    def publish_metrics(self, metrics: dict) -> None:
+        super().publish_metrics(metrics)
+        self.published = True
+
+    def finish(self) -> None:
+        started = self._process is not None
+        super().finish()
+        if started and not self.published:
+            try:
+                self.collect_metrics()
+                self.publish_metrics(self.aggregate_metrics())
+                self.mlflow_logger.flush()
+            except Exception as exc:  # noqa: BLE001 - as MLflow's own loop: never fail a stage
+                log.warning("System metrics of run %s not logged: %s", self._run_id, exc)
 
 
 class Tracker:
@@ -185,11 +209,10 @@ class Tracker:
     def system_metrics(self, run_id: str):
         """CPU, memory (and GPU) usage sampled into the run's System metrics tab until
         `.finish()`."""
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
         # It says "started", "skip GPU", "stopping", "terminated" at INFO for every stage: four
         # lines per stage in the terminal that tell a person nothing; its warnings still show.
         logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
-        monitor = SystemMetricsMonitor(run_id, sampling_interval=1, samples_before_logging=1)
+        monitor = _SystemMetrics(run_id, sampling_interval=1, samples_before_logging=1)
         monitor.start()
         return monitor
 

@@ -85,3 +85,18 @@ def test_failing_store_is_remembered_not_raised(workdir):
     assert tracker.error is not None
     tracker.log_metrics(None, {"x": 1.0})   # no-ops once disabled
     assert tracker.run_id is None
+
+
+def test_a_run_shorter_than_one_sampling_interval_still_gets_system_metrics(workdir):
+    # MLflow's monitor publishes after its first 1 s interval; a training that ended sooner
+    # left the run's System metrics tab empty (seen on a 3-epoch run in CI)
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    write_params(workdir)
+    tracker = Tracker(load_params(), uri=uri)
+    tracker.start()
+    run_id = tracker.child_run("rnn", {"hidden": 8})
+    tracker.system_metrics(run_id).finish()
+    tracker.end_child(run_id)
+    metrics = MlflowClient(uri).get_run(run_id).data.metrics
+    assert "system/cpu_utilization_percentage" in metrics and \
+        "system/system_memory_usage_megabytes" in metrics, metrics
