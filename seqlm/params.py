@@ -14,6 +14,9 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_valid
 
 PARAMS_FILE = Path("params.yaml")
 ModelName = Literal["rnn_scratch", "rnn", "gru", "lstm"]
+# Weight matrices per layer of each model, relative to a tanh RNN's: its size and its work per
+# time step (a GRU has 3 gates, an LSTM 4).
+GATES: dict[str, int] = {"rnn_scratch": 1, "rnn": 1, "gru": 3, "lstm": 4}
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 

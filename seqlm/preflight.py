@@ -14,11 +14,10 @@ import numpy as np
 from seqlm import protocol
 from seqlm.loaders import BATCHES_PER_EPOCH
 from seqlm.ngrams import NgramError, check_key_fits
-from seqlm.params import Params
+from seqlm.params import GATES, Params
 from seqlm.generate import normalize_prefix
 from seqlm.text import Vocab
 
-GATES = {"rnn_scratch": 1, "rnn": 1, "gru": 3, "lstm": 4}
 MEMORY_SHARE = 0.8            # of the memory available now, for one training
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
+from mlflow.utils.time import get_current_time_millis
 
 from seqlm import protocol
 from seqlm import stages as S
@@ -25,10 +26,6 @@ from seqlm.train import perplexity, split_of
 # transaction for a few epochs instead of one per epoch, which took ~7 ms of the training
 # thread each on a local SQLite store.
 EPOCHS_SENT_EVERY_S = 2.0
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class StageLogger:
@@ -75,7 +72,8 @@ class StageLogger:
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
             self._child(name, section)
             with self._lock:
-                self.unlogged.setdefault(name, []).append((epoch, metrics, _now_ms()))
+                self.unlogged.setdefault(name, []).append(
+                    (epoch, metrics, get_current_time_millis()))
                 due = time.monotonic() - self.logged_at.get(name, 0.0) >= EPOCHS_SENT_EVERY_S
             if due:
                 self._send_epochs(name)
@@ -127,7 +125,7 @@ class StageLogger:
         no callback reported the epochs live."""
         if name not in self.child_runs:
             run_id = self._child(name, self.sections.get(name, {}))
-            now = _now_ms()
+            now = get_current_time_millis()
             self.tracker.log_steps(run_id, [(int(row.pop("epoch")), row, now) for row
                                             in pd.read_csv(history).to_dict("records")])
         self._send_epochs(name)

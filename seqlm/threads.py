@@ -19,12 +19,10 @@ from typing import TypeVar
 
 import torch
 
-from seqlm.params import Params
+from seqlm.params import GATES, Params
 
 T = TypeVar("T")
 BACKGROUND_NICE = 10          # a thread's nice value when it yields the CPU to the others
-# Matrix products per time step and layer, relative to a tanh RNN's h @ W_hh.
-GATES = {"rnn_scratch": 1, "rnn": 1, "gru": 3, "lstm": 4}
 
 
 def training_slots(params: Params) -> int:
