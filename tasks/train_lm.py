@@ -57,12 +57,21 @@ def progress_bar(model: str, epochs: int, on_epoch: EpochCallback | None,
     `on_epoch`; none when the output is not a terminal (logs, CI)."""
     bar = tqdm(total=epochs, desc=f"train_lm[{model}]", unit="epoch", disable=None,
                dynamic_ncols=True, leave=True)
+    first = True
 
     def report(epoch: int, metrics: dict[str, float]) -> None:
-        bar.update(epoch - bar.n)
+        nonlocal first
+        if first:
+            # The pace counts from the first epoch reported, not from the bar's start: epochs
+            # resumed from a checkpoint (hundreds at once) and the start-up of a training's
+            # process gave a rate, and an ETA, wrong for as many epochs as tqdm smooths over
+            # (minutes, when epochs are long). The elapsed time stays the whole stage's.
+            first = False
+            bar.initial = bar.n = bar.last_print_n = epoch
         bar.set_postfix(train_ppl=f"{metrics['train_perplexity']:.3f}",
                         val_ppl=f"{metrics['val_perplexity']:.3f}",
                         tok_s=f"{metrics['tokens_per_s']:,.0f}", refresh=False)
+        bar.update(epoch - bar.n)                # redraws, with this epoch's numbers
         if on_epoch is not None:
             on_epoch(epoch, metrics)
     try:

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import fcntl
+import io
 import logging
 import os
 import pty
+import re
 import struct
 import subprocess
 import sys
 import termios
+import time
 
 import pytest
 
@@ -61,3 +64,26 @@ def test_the_logs_get_a_line_every_checkpoint_and_a_summary(preprocessed, caplog
     assert "tokens/s" in lines[0] and "best" in lines[0]
     assert lines[2].startswith("rnn: 6 epochs (6 this run) in ")
     assert "best val ppl" in lines[2] and "final epoch: train ppl" in lines[2]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_resumed_training_gets_its_eta_from_its_own_pace(monkeypatch):
+    # Resumed at epoch 250 of 500 (or started in a process of its own), the first report used
+    # to count every earlier epoch as done in this run's first seconds: ETA ~0 for minutes.
+    from tasks.train_lm import progress_bar
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    metrics = {"train_perplexity": 2.0, "val_perplexity": 3.0, "tokens_per_s": 1000.0}
+    with progress_bar("rnn", 500, None) as report:
+        time.sleep(0.3)                     # the process's start-up and the first epoch
+        report(251, metrics)
+        time.sleep(0.3)                     # one epoch
+        report(252, metrics)
+        frame = terminal.getvalue().split("\r")[-1]
+    eta = re.search(r"252/500 \[\d\d:\d\d<(\d\d):(\d\d)", frame)
+    assert eta, frame
+    assert 60 <= 60 * int(eta[1]) + int(eta[2]) <= 90, frame       # 248 epochs of 0.3 s
