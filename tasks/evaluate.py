@@ -133,13 +133,20 @@ def _per_epoch(curves: dict[str, pd.DataFrame], metric: str, table: pd.DataFrame
 
 
 def comparison_figure(curves: dict[str, pd.DataFrame], table: pd.DataFrame) -> Figure:
-    """Validation perplexity per epoch of every model, the n-gram baselines as flat lines."""
+    """Validation perplexity per epoch of every model, a dot on the epoch it keeps; the
+    n-gram baselines as flat grey lines (each its own dash: axhline does not take the next
+    colour, so they came out in the first model's)."""
     figure = Figure(figsize=(7, 4), layout="constrained")
     axes = figure.subplots()
+    kept = table.set_index("model")
     for name, curve in curves.items():
-        axes.plot(curve["epoch"], curve["val_perplexity"], label=name)
-    for row in table[table["epochs"].isna()].to_dict("records"):
-        axes.axhline(row["val_perplexity"], linestyle="--", linewidth=1,
+        epoch, ppl = kept.loc[name, "best_epoch"], kept.loc[name, "val_perplexity"]
+        axes.plot(curve["epoch"], curve["val_perplexity"], marker="o",
+                  markevery=np.flatnonzero(curve["epoch"].to_numpy() == epoch).tolist(),
+                  label=f"{name} (kept: epoch {epoch:.0f}, {ppl:.2f})")
+    baselines = table[table["epochs"].isna()].to_dict("records")
+    for row, style in zip(baselines, ["--", ":", "-."]):
+        axes.axhline(row["val_perplexity"], linestyle=style, linewidth=1.2, color="0.35",
                      label=f"{row['model']} ({row['val_perplexity']:.2f})")
     axes.set(xlabel="epoch", ylabel="validation perplexity", yscale="log",
              title="Every model on the same validation text")

@@ -43,3 +43,22 @@ def test_figures_drawn_in_threads_at_once_all_draw(tmp_path: Path) -> None:
     assert errors == []
     assert len(drawn) == 4 and all(data.startswith(PNG_SIGNATURE) for data in drawn)
     assert len(set(drawn)) == 1                  # the same figure, the same bytes
+
+
+def test_the_comparison_tells_every_line_apart_and_marks_the_kept_epochs():
+    # the n-gram baselines came out in the first model's colour (axhline does not cycle), and
+    # nothing showed which epoch each model keeps
+    from tasks.evaluate import comparison_figure
+    curves = {name: pd.DataFrame({"epoch": [1, 2, 3, 4], "val_perplexity": ppl})
+              for name, ppl in [("rnn_scratch", [9.0, 7.0, 8.0, 9.5]),
+                                ("gru", [8.0, 7.5, 6.5, 7.0])]}
+    table = pd.DataFrame({"model": ["rnn_scratch", "gru", "kneser_ney_3gram", "unigram"],
+                          "epochs": [4, 4, None, None], "best_epoch": [2, 3, None, None],
+                          "val_perplexity": [7.0, 6.5, 6.9, 16.9]})
+    lines = comparison_figure(curves, table).axes[0].get_lines()
+    styles = [(line.get_color(), line.get_linestyle()) for line in lines]
+    assert len(set(styles)) == len(lines) == 4, styles
+    assert [line.get_label() for line in lines] == [
+        "rnn_scratch (kept: epoch 2, 7.00)", "gru (kept: epoch 3, 6.50)",
+        "kneser_ney_3gram (6.90)", "unigram (16.90)"]
+    assert [line.get_markevery() for line in lines[:2]] == [[1], [2]]
