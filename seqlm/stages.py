@@ -109,17 +109,22 @@ def to_dvc_yaml() -> dict:
     return {"stages": stages, "plots": _top_level_plots()}
 
 
+BASELINE_CURVES = ("kneser_ney", "unigram")
+CURVES_TEMPLATE = ".dvc/plots/curves.json"
+
+
 def _top_level_plots() -> list[dict]:
     """One comparison per metric: every model on one chart (a column per model; the columns of
-    models not trained stay empty), the n-gram baselines as flat lines."""
+    models not trained stay empty, and the `curves` template, CURVES_TEMPLATE, leaves them
+    out), the n-gram baselines as flat lines."""
     models = list(get_args(ModelName))
     return [
         {f"{PLOTS}/val_perplexity.csv": {
-            "x": "epoch", "y": [*models, "kneser_ney", "unigram"], "template": "linear",
+            "x": "epoch", "y": [*models, *BASELINE_CURVES], "template": "curves",
             "title": "Validation perplexity per epoch (lower is better; n-gram baselines flat)",
             "y_label": "validation perplexity"}},
         {f"{PLOTS}/train_perplexity.csv": {
-            "x": "epoch", "y": models, "template": "linear",
+            "x": "epoch", "y": models, "template": "curves",
             "title": "Training perplexity per epoch (the chapter's curves)",
             "y_label": "training perplexity"}},
         {f"{PLOTS}/kstep.csv": {"x": "k", "y": "mse", "template": "linear",

@@ -2,12 +2,14 @@
 dvc.lock describing exactly what it wrote, in a temporary git repository."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import vl_convert
 import yaml
 
 from conftest import REPO, write_params
@@ -108,6 +110,13 @@ def test_flow_run_and_dvc_repro_agree_byte_for_byte(tmp_path):
             "reports/plots/kstep.csv", "reports/plots/comparison.png"} <= set(plots)
     kstep = plots["reports/plots/kstep.csv"][0]["content"]
     assert kstep["encoding"]["x"]["field"] == "k"
+    # drawn as a person sees it: the models this run trained and the baselines, nothing for the
+    # models it did not (DVC's own template drew them as a line at 0, named in the legend)
+    for name, shown in [("val_perplexity", {"rnn", "kneser_ney", "unigram"}),
+                        ("train_perplexity", {"rnn"})]:
+        svg = vl_convert.vegalite_to_svg(plots[f"reports/plots/{name}.csv"][0]["content"])
+        texts = set(re.findall(r"<text[^>]*>([^<]+)</text>", svg))
+        assert shown <= texts and not {"gru", "lstm", "rnn_scratch"} & texts, texts
     # every stage run again by DVC writes the same bytes: dvc.lock does not change
     out = _dvc(root, env, "repro", "-f")
     assert "Running stage 'train_lm@rnn'" in out and "Running stage 'evaluate'" in out

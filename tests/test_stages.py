@@ -1,13 +1,16 @@
 """The stage graph is declared once (seqlm/stages.py): dvc.yaml and the flow must follow it."""
 import ast
 import inspect
+import json
+import re
 from pathlib import Path
+from typing import get_args
 
 import yaml
 
 from flows.pipeline import upstream
-from seqlm.params import load_params
-from seqlm.stages import STAGES, render_dvc_yaml
+from seqlm.params import ModelName, load_params
+from seqlm.stages import BASELINE_CURVES, CURVES_TEMPLATE, STAGES, render_dvc_yaml
 from tasks import stage_task
 
 from conftest import REPO
@@ -16,6 +19,16 @@ from conftest import REPO
 def test_committed_dvc_yaml_is_generated_from_the_stage_graph():
     assert (REPO / "dvc.yaml").read_text() == render_dvc_yaml(), \
         "dvc.yaml is stale: run `seqlm dvc-yaml` and commit it"
+
+
+def test_the_curves_template_orders_every_curve_the_plots_name():
+    # a model's colour comes from its place in this list: the same on every chart
+    template = json.loads((REPO / CURVES_TEMPLATE).read_text())
+    order = next(t["calculate"] for t in template["transform"] if t.get("as") == "order")
+    named = yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"][0]
+    assert re.fullmatch(r"indexof\(\[(.*)\], datum\.field\)", order)[1].split(", ") == [
+        f"'{curve}'" for curve in (*get_args(ModelName), *BASELINE_CURVES)] == [
+        f"'{curve}'" for curve in named["reports/plots/val_perplexity.csv"]["y"]]
 
 
 def test_dvc_yaml_declares_every_stage_with_its_paths():
