@@ -96,9 +96,15 @@ def run(params: ParamsOption = PARAMS_FILE,
         from seqlm.tracking import check_store
         check_store()                       # an unusable MLflow store fails in seconds
         from flows.pipeline import pipeline, task_runner_for
+        from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
         server.wait_for_server()
-        states = pipeline.with_options(task_runner=task_runner_for(loaded))(
-            params_file=str(params), record_dvc=dvc)
+        # Heartbeats let a lasting server mark a flow run whose process died as crashed. A
+        # temporary server dies with this process (the next run closes a killed one, see
+        # seqlm.workspace), and stopping the heartbeat thread took up to 1 s at every run's end.
+        heartbeats = {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None} if server.started_pid else {}
+        with temporary_settings(updates=heartbeats):
+            states = pipeline.with_options(task_runner=task_runner_for(loaded))(
+                params_file=str(params), record_dvc=dvc)
     for stage, state in states.items():
         typer.echo(f"{stage:24s} {state}")
 

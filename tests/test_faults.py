@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -124,6 +125,11 @@ def test_a_killed_run_does_not_wedge_the_next_one(workdir, env):
     assert {r.info.status for r in runs.values()} <= {"FAILED", "FINISHED"}   # none left open
     assert not alive(killed["server_pid"])
     assert left_behind(workdir) == []
+    # which is why runs on a temporary server send no heartbeats: nothing would watch them,
+    # and stopping the heartbeat thread took up to 1 s at the end of every run
+    with sqlite3.connect(Path(env["PREFECT_HOME"]) / "prefect.db") as db:
+        events = {name for (name,) in db.execute("SELECT DISTINCT event FROM events")}
+    assert "prefect.flow-run.Completed" in events and "prefect.flow-run.heartbeat" not in events
     # and the training resumed from the killed run's checkpoint to the straight run's weights
     saved = torch.load(workdir / "models/rnn_scratch/model.pt", weights_only=True)["state_dict"]
     straight = straight_training(workdir)
