@@ -30,7 +30,8 @@ def spawn(args: list[str], env: dict[str, str] | None = None) -> subprocess.Pope
     """A server process of this one: in a session of its own (the terminal's Ctrl-C reaches this
     process only, which then stops the server itself) and ended by the kernel if this process
     dies."""
-    return subprocess.Popen(args, env=env, start_new_session=True, preexec_fn=interrupt.die_with_parent)
+    return subprocess.Popen(args, env=env, start_new_session=True,
+                            preexec_fn=interrupt.die_with_parent)
 
 
 def stop(process: subprocess.Popen) -> None:
