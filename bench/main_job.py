@@ -44,7 +44,7 @@ def stage_times(clone: Path) -> list[tuple[str, float, float, dict[str, float], 
     stages cost the flow, its own work between them included), from the run's Prefect home."""
     os.environ["PREFECT_HOME"] = str(clone / ".prefect")
     os.environ.pop("PREFECT_API_URL", None)
-    from seqlm.server import start_temporary_server
+    from seqlm.runtime.server import start_temporary_server
     start_temporary_server()
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId

@@ -26,20 +26,6 @@ atexit.register(gc.freeze)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Sequence models of D2L chapter 8 as a Prefect + DVC + MLflow pipeline.")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry noise
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "seqlm")      # stage progress in run logs
-# `seqlm stage` logs outside a flow run: the lines go to the terminal only, without a warning.
-os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
-# MLflow's own progress bars (artifact downloads while registering) are noise here.
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-# Prefect gives extra loggers its handlers but not a level: without this, INFO lines are dropped.
-logging.getLogger("seqlm").setLevel(logging.INFO)
-# The temporary server needs 6-13 s to start on 2 idle cores; Prefect gives up after 20 s, which a
-# busy machine can exceed.
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-# A tracking server that stops answering mid-run: fail in seconds, not after minutes of retries.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
 ParamsOption = Annotated[Path, typer.Option(
     "--params", help="params file (another file than params.yaml runs an experiment that does "
@@ -56,7 +42,7 @@ def _one_line_errors() -> Iterator[None]:
     """A failing stage ends the command with its own one-line message, not a traceback (the
     Prefect run logs keep the traceback). SEQLM_TRACEBACK=1 lets the exception through.
     Ctrl-C / SIGTERM end it with one line and the shell's exit code for the signal."""
-    from seqlm import interrupt
+    from seqlm.runtime import interrupt
     try:
         with interrupt.stop_on_signals():
             yield
@@ -84,27 +70,27 @@ def run(params: ParamsOption = PARAMS_FILE,
         ) -> None:
     """Run the whole pipeline as a Prefect flow; unchanged stages are skipped."""
     loaded = _params(params)  # a bad params.yaml fails here, before any server starts
-    from seqlm.workspace import workspace_lock
+    from seqlm.runtime.workspace import workspace_lock
     with _one_line_errors(), workspace_lock("seqlm run", dvc=dvc):   # refused at once if busy
-        from seqlm import server
+        from seqlm.runtime import server
         # The server takes seconds to come up: started first (before Prefect is imported, which
         # reads its URL once), it boots on the other core while this process checks the machine
-        # and the MLflow store and imports the flow.
+        # and the MLflow store (the flow checks them again, for the runs a worker starts) and
+        # imports the flow.
         server.start_temporary_server(wait=False)
-        from seqlm.preflight import check_machine
+        from seqlm.runtime.preflight import check_machine
         check_machine(loaded)
         from seqlm.tracking import check_store
         check_store()                       # an unusable MLflow store fails in seconds
-        from flows.pipeline import pipeline, task_runner_for
+        from flows.pipeline import pipeline
         from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
         server.wait_for_server()
         # Heartbeats let a lasting server mark a flow run whose process died as crashed. A
         # temporary server dies with this process (the next run closes a killed one, see
-        # seqlm.workspace), and stopping the heartbeat thread took up to 1 s at every run's end.
+        # seqlm.runtime.workspace), and stopping the heartbeat thread took up to 1 s at every run's end.
         heartbeats = {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None} if server.started_pid else {}
         with temporary_settings(updates=heartbeats):
-            states = pipeline.with_options(task_runner=task_runner_for(loaded))(
-                params_file=str(params), record_dvc=dvc)
+            states = pipeline(params_file=str(params), record_dvc=dvc)
     for stage, state in states.items():
         typer.echo(f"{stage:24s} {state}")
 
@@ -117,19 +103,19 @@ def stage(name: Annotated[str, typer.Argument(
           params: ParamsOption = PARAMS_FILE) -> None:
     """Run one stage (the command each dvc.yaml stage runs)."""
     from seqlm.stages import STAGE_BY_NAME
-    from tasks import stage_task
     if name not in STAGE_BY_NAME:
         _fail(f"unknown stage {name!r}: expected one of {', '.join(STAGE_BY_NAME)}")
+    stage_ = STAGE_BY_NAME[name]
+    if (item is not None) != bool(stage_.foreach):
+        _fail(f"stage {name} takes {'one item (' + stage_.foreach + ')' if stage_.foreach else 'no item'}")
     loaded = _params(params)
-    task = stage_task(name, loaded)
-    args = (loaded, item) if item is not None else (loaded,)
-    # Stages with retries (download) go through Prefect's engine so that retries apply;
-    # the others run as plain functions, without starting a server.
-    from seqlm.workspace import workspace_lock
+    from seqlm.runtime.records import run_alone
+    from seqlm.runtime.workspace import workspace_lock
+    from tasks import task_of
     with _one_line_errors(), workspace_lock(f"seqlm stage {name}"):
-        paths = task(*args) if task.retries else task.fn(*args)
-    for path in paths:
-        typer.echo(str(path))
+        run_alone(task_of(name, loaded), loaded, item)
+    for path in stage_.at(loaded, item).written():
+        typer.echo(path)
 
 
 @app.command("dvc-yaml")
@@ -147,41 +133,25 @@ def dvc_yaml(check: Annotated[bool, typer.Option(help="only check dvc.yaml is cu
     typer.echo(f"wrote {path}")
 
 
-def _server_up(api_url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 @app.command()
 def schedule(cron: Annotated[str, typer.Option(help="cron schedule (UTC)")] = "0 3 * * *",
              port: Annotated[int, typer.Option(help="port of the Prefect server on 127.0.0.1 "
                                                     "(and its UI)")] = 4200,
              params: ParamsOption = PARAMS_FILE) -> None:
-    """Start a Prefect server on 127.0.0.1 (unless one answers) and serve the pipeline on a cron
-    schedule. Ctrl-C stops both; the schedule stays active for the next start."""
+    """Start a Prefect server on 127.0.0.1 (unless one answers there) and serve the pipeline on
+    a cron schedule. Ctrl-C stops both; the schedule stays active for the next start."""
     _params(params)
-    from seqlm import interrupt, server
+    from seqlm.runtime import interrupt, server
     api_url = f"http://127.0.0.1:{port}/api"
-    process = None
-    if not _server_up(api_url):
-        process = server.spawn([sys.executable, "-m", "prefect", "server", "start",
-                                "--host", "127.0.0.1", "--port", str(port)])
-        deadline = time.monotonic() + 120
-        while not _server_up(api_url):
-            if process.poll() is not None or time.monotonic() > deadline:
-                server.stop(process)
-                _fail(f"Prefect server did not start on 127.0.0.1:{port}")
-            time.sleep(1)
-    os.environ["PREFECT_API_URL"] = api_url
-    typer.echo(f"Prefect UI: http://127.0.0.1:{port}  schedule: {cron}")
-    from flows.pipeline import pipeline
+    with _one_line_errors():
+        process = server.start_lasting_server(port)
     try:
+        os.environ["PREFECT_API_URL"] = api_url
+        typer.echo(f"Prefect UI: http://127.0.0.1:{port}  schedule: {cron} (Ctrl-C stops)")
+        from flows.pipeline import pipeline
         with interrupt.stop_on_signals():
             pipeline.serve(name="scheduled", cron=cron, parameters={"params_file": str(params)},
-                           pause_on_shutdown=False)
+                           pause_on_shutdown=False, print_starting_message=False)
     except KeyboardInterrupt:
         typer.echo("stopped serving; the schedule stays active for the next start")
     finally:

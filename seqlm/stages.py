@@ -1,14 +1,18 @@
-"""The stage graph, declared once. dvc.yaml is generated from it (`seqlm dvc-yaml`) and the
-Prefect flow walks it; tests/test_stages.py proves the committed dvc.yaml and the flow agree.
+"""The stage graph, declared once. dvc.yaml is generated from it (`seqlm dvc-yaml`), the Prefect
+flow submits its nodes with their upstream futures, and tests/test_stages.py proves the two agree.
 
-Paths are relative to the repository root, the working directory of every stage (as in DVC).
-`${item}` stands for one language model of `train_lm.models` (a DVC `foreach` stage) and
-`${download.out}` for that param, the only path that params.yaml sets.
+Every path a stage reads or writes has a name (`STAGE_BY_NAME["train_lm"].at(params, "rnn")
+.outs.model`). Paths are relative to the repository root, the working directory of every stage
+(as in DVC). `${item}` stands for one language model of `train_lm.models` (a DVC `foreach`
+stage) and `${download.out}` for that param, the only path params.yaml sets; `Stage.at` is the
+one place they are resolved.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import get_args
+import functools
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import NamedTuple, get_args
 
 import yaml
 
@@ -32,64 +36,146 @@ PLOTS = f"{REPORTS}/plots"
 LM_TRAINING_KEYS = tuple(f"train_lm.{key}" for key in TrainLmParams.model_fields if key != "models")
 
 
+class Paths(Mapping[str, str]):
+    """Paths by name, read as attributes (`outs.model`) or items (`outs["model"]`)."""
+
+    def __init__(self, paths: Mapping[str, str]) -> None:
+        self._paths = dict(paths)
+
+    def __getattr__(self, name: str) -> str:
+        try:
+            return self.__dict__["_paths"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __getitem__(self, name: str) -> str:
+        return self._paths[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._paths)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def __repr__(self) -> str:
+        return f"Paths({self._paths})"
+
+
+class StagePaths(NamedTuple):
+    """One stage's paths with params (and the item) filled in."""
+    deps: Paths          # data read
+    outs: Paths          # artifacts written (DVC-cached)
+    metrics: Paths       # DVC metrics (JSON), written too, kept in git
+    plots: Paths         # data of the top-level DVC plots, written too, kept in git
+    reports: Paths       # other small results kept in git (uncached outs)
+    code: tuple[str, ...]
+
+    def written(self) -> list[str]:
+        """Every path the stage writes."""
+        return [*self.outs.values(), *self.metrics.values(), *self.plots.values(),
+                *self.reports.values()]
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
-    deps: tuple[str, ...]            # files and folders read (code included)
-    params: tuple[str, ...]          # params.yaml keys read
-    outs: tuple[str, ...]            # files and folders written
-    metrics: tuple[str, ...] = ()    # DVC metrics (JSON), written too, kept in git
-    plots: tuple[str, ...] = ()      # data of the top-level DVC plots, written too, kept in git
-    reports: tuple[str, ...] = ()    # other small results kept in git (uncached outs)
-    foreach: str | None = None       # params key listing the items (one task per item)
+    code: tuple[str, ...]                      # source files the stage runs (DVC deps too)
+    params: tuple[str, ...]                    # params.yaml keys read
+    outs: Mapping[str, str]
+    deps: Mapping[str, str] = field(default_factory=dict)
+    metrics: Mapping[str, str] = field(default_factory=dict)
+    plots: Mapping[str, str] = field(default_factory=dict)
+    reports: Mapping[str, str] = field(default_factory=dict)
+    foreach: str | None = None                 # params key listing the items (one task each)
 
-    def paths(self, params: Params, item: str | None = None) -> dict[str, list[str]]:
-        """deps/outs with ${...} resolved from params (and the item, for foreach stages)."""
-        def resolve(path: str) -> str:
-            path = path.replace("${download.out}", params.download.out)
-            return path.replace("${item}", item) if item is not None else path
-        return {kind: [resolve(p) for p in getattr(self, kind)]
-                for kind in ("deps", "outs", "metrics", "plots", "reports")}
-
-    def written(self, params: Params, item: str | None = None) -> list[str]:
-        """Every path the stage writes."""
-        paths = self.paths(params, item)
-        return paths["outs"] + paths["metrics"] + paths["plots"] + paths["reports"]
+    def at(self, params: Params, item: str | None = None) -> StagePaths:
+        def resolve(paths: Mapping[str, str]) -> Paths:
+            return Paths({name: _resolve(path, params, item) for name, path in paths.items()})
+        return StagePaths(resolve(self.deps), resolve(self.outs), resolve(self.metrics),
+                          resolve(self.plots), resolve(self.reports), self.code)
 
     def items(self, params: Params) -> list[str | None]:
         return list(params.section(self.foreach)) if self.foreach else [None]
 
+    def label(self, item: str | None) -> str:
+        """The task run's name: `train_lm[rnn]`."""
+        return f"{self.name}[{item}]" if item else self.name
+
+    def templates_written(self) -> list[str]:
+        return [*self.outs.values(), *self.metrics.values(), *self.plots.values(),
+                *self.reports.values()]
+
+
+def _resolve(path: str, params: Params, item: str | None) -> str:
+    path = path.replace("${download.out}", params.download.out)
+    if "${item}" in path:
+        if item is None:
+            raise ValueError(f"{path}: the path of a foreach stage needs its item")
+        path = path.replace("${item}", item)
+    return path
+
 
 STAGES: tuple[Stage, ...] = (
-    Stage("download", deps=("tasks/download.py", "seqlm/download.py"), params=("download",),
-          outs=(RAW, RAW_SHA256)),
-    Stage("preprocess", deps=(RAW, "tasks/preprocess.py", "seqlm/text.py", "seqlm/protocol.py"),
-          params=("preprocess",), outs=(PROCESSED,)),
-    Stage("ngrams", deps=(PROCESSED, "tasks/ngrams.py", "seqlm/ngrams.py", "seqlm/text.py",
+    Stage("download", code=("tasks/download.py", "seqlm/download.py"), params=("download",),
+          outs={"corpus": RAW, "sha256": RAW_SHA256}),
+    Stage("preprocess", code=("tasks/preprocess.py", "seqlm/text.py", "seqlm/protocol.py"),
+          params=("preprocess",), deps={"corpus": RAW}, outs={"processed": PROCESSED}),
+    Stage("ngrams", code=("tasks/ngrams.py", "seqlm/ngrams.py", "seqlm/text.py",
                           "seqlm/figures.py"),
-          params=("ngrams",), outs=(NGRAMS,), reports=(f"{REPORTS}/ngrams.json",)),
-    Stage("sine", deps=("tasks/sine.py", "seqlm/autoregress.py"), params=("seed", "sine"),
-          outs=(SINE,)),
-    Stage("train_ar", deps=(SINE, "tasks/train_ar.py", "seqlm/autoregress.py", "seqlm/threads.py",
-                            "seqlm/figures.py"),
-          params=("seed", "train_ar", "train_lm.cpu_threads"),
-          outs=(AR_DIR,), reports=(f"{REPORTS}/train_ar.json",)),
-    Stage("train_lm", deps=(PROCESSED, "tasks/train_lm.py", "seqlm/models.py",
-                            "seqlm/train.py", "seqlm/loaders.py", "seqlm/protocol.py",
-                            "seqlm/generate.py", "seqlm/text.py", "seqlm/threads.py"),
+          params=("ngrams",), deps={"processed": PROCESSED}, outs={"tables": NGRAMS},
+          reports={"zipf": f"{REPORTS}/ngrams.json"}),
+    Stage("sine", code=("tasks/sine.py", "seqlm/autoregress.py"), params=("seed", "sine"),
+          outs={"series": SINE}),
+    Stage("train_ar", code=("tasks/train_ar.py", "seqlm/autoregress.py",
+                            "seqlm/runtime/threads.py", "seqlm/figures.py"),
+          params=("seed", "train_ar", "train_lm.cpu_threads"), deps={"series": SINE},
+          outs={"model": AR_DIR}, reports={"errors": f"{REPORTS}/train_ar.json"}),
+    Stage("train_lm", code=("tasks/train_lm.py", "seqlm/models.py", "seqlm/train.py",
+                            "seqlm/loaders.py", "seqlm/protocol.py", "seqlm/generate.py",
+                            "seqlm/text.py", "seqlm/runtime/threads.py"),
           params=("seed", "preprocess.train_tokens", "preprocess.val_tokens", *LM_TRAINING_KEYS),
-          outs=(LM_DIR,), foreach="train_lm.models"),
-    Stage("evaluate", deps=(PROCESSED, MODELS, f"{REPORTS}/train_ar.json", "tasks/evaluate.py",
-                            "seqlm/ngram_lm.py", "seqlm/ngrams.py", "seqlm/generate.py",
-                            "seqlm/train.py", "seqlm/models.py", "seqlm/loaders.py",
-                            "seqlm/protocol.py", "seqlm/text.py", "seqlm/threads.py",
-                            "seqlm/figures.py"),
+          deps={"processed": PROCESSED}, outs={"model": LM_DIR}, foreach="train_lm.models"),
+    Stage("evaluate", code=("tasks/evaluate.py", "seqlm/ngram_lm.py", "seqlm/ngrams.py",
+                            "seqlm/generate.py", "seqlm/train.py", "seqlm/models.py",
+                            "seqlm/loaders.py", "seqlm/protocol.py", "seqlm/text.py",
+                            "seqlm/runtime/threads.py", "seqlm/figures.py"),
           params=("seed", "preprocess.train_tokens", "preprocess.val_tokens", "evaluate",
                   "train_lm.models", "train_lm.cpu_threads"),
-          outs=(f"{REPORTS}/summary.md", f"{REPORTS}/summary.csv", f"{REPORTS}/samples.json"),
-          metrics=(METRICS,), plots=(PLOTS,)),
+          deps={"processed": PROCESSED, "models": MODELS, "ar_errors": f"{REPORTS}/train_ar.json"},
+          outs={"summary": f"{REPORTS}/summary.md", "table": f"{REPORTS}/summary.csv",
+                "samples": f"{REPORTS}/samples.json"},
+          metrics={"metrics": METRICS}, plots={"plots": PLOTS}),
 )
 STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
+
+
+def _overlaps(a: str, b: str) -> bool:
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+
+@functools.cache
+def upstream(name: str) -> tuple[str, ...]:
+    """The stages whose outputs stage `name` reads: the edges DVC derives from the same paths.
+    `models/${item}` is inside `models`, so evaluate reads every train_lm item."""
+    deps = STAGE_BY_NAME[name].deps.values()
+    return tuple(other.name for other in STAGES if other.name != name and any(
+        _overlaps(dep, out) for dep in deps for out in other.templates_written()))
+
+
+class Node(NamedTuple):
+    """One task of a pipeline run: a stage (and its item) with the labels of its upstream."""
+    stage: Stage
+    item: str | None
+    label: str
+    upstream: tuple[str, ...]
+
+
+def nodes(params: Params) -> list[Node]:
+    """Every task of a run in the stage graph's order (upstream first)."""
+    labels = {stage.name: [stage.label(item) for item in stage.items(params)] for stage in STAGES}
+    return [Node(stage, item, stage.label(item),
+                 tuple(label for up in upstream(stage.name) for label in labels[up]))
+            for stage in STAGES for item in stage.items(params)]
 
 
 def to_dvc_yaml() -> dict:
@@ -97,14 +183,15 @@ def to_dvc_yaml() -> dict:
     stages: dict[str, dict] = {}
     for stage in STAGES:
         body: dict = {"cmd": f"seqlm stage {stage.name}" + (" ${item}" if stage.foreach else "")}
-        body["deps"] = list(stage.deps)
+        body["deps"] = [*stage.deps.values(), *stage.code]
         body["params"] = list(stage.params)
-        body["outs"] = list(stage.outs)
+        body["outs"] = list(stage.outs.values())
         # Plot data and reports are uncached outs: committed to git, drawn only by the
         # top-level plots (a stage-level plot would also be drawn, against the row index).
-        body["outs"] += [{path: {"cache": False}} for path in stage.plots + stage.reports]
+        body["outs"] += [{path: {"cache": False}}
+                         for path in (*stage.plots.values(), *stage.reports.values())]
         if stage.metrics:
-            body["metrics"] = [{path: {"cache": False}} for path in stage.metrics]
+            body["metrics"] = [{path: {"cache": False}} for path in stage.metrics.values()]
         stages[stage.name] = {"foreach": "${%s}" % stage.foreach, "do": body} if stage.foreach else body
     return {"stages": stages, "plots": _top_level_plots()}
 

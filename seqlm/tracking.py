@@ -1,33 +1,45 @@
-"""MLflow logging for one pipeline run: a parent run, one nested run per trained model.
+"""MLflow, the project's way: names, tags, runs, datasets and the registry, in one module.
 
-A tracking store that fails never stops the pipeline: the artifacts are still written, the
-first error is remembered, and the flow reports it at the end with how to fix the URI.
-Every call names its run explicitly (MlflowClient), because Prefect runs tasks in worker
-threads and MLflow's active run is thread-local.
+One parent run per pipeline run (opened by the flow) and one nested run per training (opened and
+closed by the training's own task, wherever it runs: a thread, a Prefect worker, a Dask worker;
+`seqlm stage` opens it without a parent). A store that fails never stops a stage: its artifacts
+are written, the run remembers the first error (`Run.error`), and the flow reports it at the end
+with how to fix the URI. Every call names its run (MlflowClient): MLflow's active run is
+thread-local, and tasks run in worker threads.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import getpass
 import json
 import logging
 import os
+import socket
 import subprocess
 import tempfile
+import threading
+import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-
-import mlflow
-import pandas as pd
-from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
-from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 from seqlm.io import file_digest
 from seqlm.params import Params
 
+# MLflow reads these when it makes a request: a tracking server that stops answering mid-run
+# fails in seconds, not after minutes of retries; artifact downloads draw no progress bars.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
 DEFAULT_URI = "sqlite:///mlflow.db"
+CHAMPION = "champion"
+PIPELINE_TAG = {"seqlm.run": "pipeline"}     # marks a pipeline's parent run
+# Epoch metrics are sent at most this often (and when the run ends): one store transaction for a
+# few epochs instead of one per epoch, which took several ms of the training thread each.
+EPOCHS_SENT_EVERY_S = 2.0
 # Validation perplexity of a (model, vocabulary) on the current run's validation text.
 Rescore = Callable[[Any, Any], float]
 log = logging.getLogger(__name__)
@@ -64,6 +76,7 @@ def check_store(uri: str | None = None) -> None:
                                 f"{FIX_URI}.")
 
 
+@functools.cache
 def git_commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -73,6 +86,18 @@ def git_commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return f"{sha}-dirty" if dirty else sha
+
+
+def source_tags(params: Params, entry: str) -> dict[str, str]:
+    """The system tags MLflow's UI fills its Source, User and Version columns from (only
+    `mlflow.start_run()` sets them itself, from sys.argv[0]: under a Prefect worker that is
+    Prefect's engine), and the project's own."""
+    commit = git_commit()
+    return {"mlflow.source.name": entry, "mlflow.source.type": "JOB",
+            "mlflow.user": getpass.getuser(),
+            **({"mlflow.source.git.commit": commit.removesuffix("-dirty")}
+               if commit != "unknown" else {}),
+            "git_commit": commit, "params_hash": params.digest()}
 
 
 def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
@@ -85,285 +110,340 @@ def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def where() -> str:
+    """Where this code runs: the Dask worker's address, or this host's name."""
+    try:
+        from distributed import get_worker
+        return get_worker().address
+    except (ImportError, ValueError):
+        return socket.gethostname()
+
+
+def flow_run_id() -> str | None:
+    """The Prefect flow run the calling task belongs to (None outside one)."""
+    from prefect.context import FlowRunContext, TaskRunContext
+    task_run = TaskRunContext.get()
+    if task_run is not None and task_run.task_run.flow_run_id is not None:
+        return str(task_run.task_run.flow_run_id)
+    flow_run = FlowRunContext.get()
+    return str(flow_run.flow_run.id) if flow_run is not None and flow_run.flow_run else None
+
+
+def registered_name(params: Params, model: str) -> str:
+    """The registry's name of a language model: it follows the corpus (`timemachine-rnn`)."""
+    return f"{params.corpus_name}-{model.replace('_', '-')}"
+
+
 def _guarded(method: Callable) -> Callable:
-    """Run an MLflow call; on failure remember the first error and stop tracking."""
+    """Run an MLflow call; on failure remember the first error and stop tracking this run."""
     @functools.wraps(method)
-    def wrapper(self: "Tracker", *args: Any, **kwargs: Any) -> Any:
+    def wrapper(self: "Run", *args: Any, **kwargs: Any) -> Any:
         if self.error is not None:
             return None
         try:
             return method(self, *args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - any store failure must not stop training
+        except Exception as exc:  # noqa: BLE001 - any store failure must not stop a stage
             self.error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-            log.error("MLflow tracking disabled for this run: %s", self.error)
+            log.error("MLflow tracking disabled for run %s: %s", self.name, self.error)
             return None
     return wrapper
 
 
-class _SystemMetrics(SystemMetricsMonitor):
-    """MLflow's monitor publishes only after a full sampling interval, so a run that ends
-    sooner (a short training, a stage of a second) kept an empty System metrics tab. This one
-    publishes what it sampled when it is finished before its first interval."""
+class Run:
+    """One MLflow run. Every call is guarded: after the first failure it does nothing."""
 
-    published = False
-
-    def publish_metrics(self, metrics: dict) -> None:
-        super().publish_metrics(metrics)
-        self.published = True
-
-    def finish(self) -> None:
-        started = self._process is not None
-        super().finish()
-        if started and not self.published:
-            try:
-                self.collect_metrics()
-                self.publish_metrics(self.aggregate_metrics())
-                self.mlflow_logger.flush()
-            except Exception as exc:  # noqa: BLE001 - as MLflow's own loop: never fail a stage
-                log.warning("System metrics of run %s not logged: %s", self._run_id, exc)
-
-
-class Tracker:
-    def __init__(self, params: Params, uri: str | None = None,
-                 on_open: Callable[[str], None] | None = None) -> None:
-        self.params = params
-        self.on_open = on_open             # told the id of every run opened (to close it later)
+    def __init__(self, params: Params, name: str, uri: str | None = None) -> None:
+        self.params, self.name = params, name
         self.uri = uri or tracking_uri()
-        self.client: MlflowClient | None = None   # made in start(): creating it can fail too
         self.error: str | None = None
+        self.client = None
         self.run_id: str | None = None
         self.experiment_id: str | None = None
+        self._unsent: list[tuple[int, dict[str, float], int]] = []
+        self._sent_at = 0.0
+        self._lock = threading.Lock()
 
-    # ---- parent run -------------------------------------------------------------------------
     @_guarded
-    def start(self, run_name: str | None = None, tags: dict[str, str] | None = None) -> str:
+    def open(self, tags: dict[str, str], nest_in: str | None = None) -> str:
+        """Create the run; nested in the parent run of Prefect flow run `nest_in`, if any."""
+        import mlflow
+        from mlflow import MlflowClient
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
-        name = self.params.tracking.experiment
-        experiment = self.client.get_experiment_by_name(name)
-        self.experiment_id = (experiment.experiment_id if experiment
-                              else self.client.create_experiment(name))
-        # Without this tag MLflow opens the experiment on its GenAI overview, not on the runs.
-        self.client.set_experiment_tag(self.experiment_id, "mlflow.experimentKind",
-                                       "custom_model_development")
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags={
-            "git_commit": git_commit(), "params_hash": self.params.digest(),
-            "mlflow.source.type": "JOB", **(tags or {})})
+        experiment = self.client.get_experiment_by_name(self.params.tracking.experiment)
+        if experiment is None:
+            self.experiment_id = self.client.create_experiment(self.params.tracking.experiment)
+            # Without this tag MLflow opens the experiment on its GenAI overview.
+            self.client.set_experiment_tag(self.experiment_id, "mlflow.experimentKind",
+                                           "custom_model_development")
+        else:
+            self.experiment_id = experiment.experiment_id
+        parent = self._pipeline_run(nest_in) if nest_in else None
+        run = self.client.create_run(self.experiment_id, run_name=self.name, tags={
+            **tags, **({"mlflow.parentRunId": parent} if parent else {})})
         self.run_id = run.info.run_id
-        self._opened(self.run_id)
-        self._log_params(self.run_id, flatten(self.params.model_dump(mode="json")))
         return self.run_id
 
-    @_guarded
-    def finish(self, status: str = "FINISHED", lock_file: Path = Path("dvc.lock")) -> None:
-        if self.run_id is None:
-            return
-        if lock_file.exists():            # the DVC hashes of every dep and out, in one file
-            self.client.log_artifact(self.run_id, str(lock_file))
-            self.client.set_tag(self.run_id, "dvc_lock_md5", file_digest(lock_file, "md5"))
-        self.client.set_terminated(self.run_id, status)
+    def _pipeline_run(self, flow_run: str) -> str | None:
+        """The parent run the pipeline opened for Prefect flow run `flow_run`."""
+        key, value = next(iter(PIPELINE_TAG.items()))
+        found = self.client.search_runs(
+            [self.experiment_id], max_results=1,
+            filter_string=f"tags.`prefect.flow_run_id` = '{flow_run}' and "
+                          f"tags.`{key}` = '{value}'")
+        return found[0].info.run_id if found else None
 
-    def run_url(self, run_id: str | None = None) -> str | None:
-        """Where the run is in the MLflow UI (`mlflow ui` on its default port for a local
-        store)."""
-        run_id = run_id or self.run_id
-        if run_id is None:
+    @_guarded
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.run_id is not None:
+            self._send_epochs()
+            self.client.set_terminated(self.run_id, status)
+
+    def url(self) -> str | None:
+        """The run in the MLflow UI (`mlflow ui` on its default port for a local store)."""
+        if self.run_id is None:
             return None
         base = self.uri if self.uri.startswith(("http://", "https://")) else \
             "http://127.0.0.1:5000"
-        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
-
-    # ---- nested runs -------------------------------------------------------------------------
-    @_guarded
-    def child_run(self, name: str, params: dict[str, Any]) -> str | None:
-        if self.run_id is None:
-            return None
-        run = self.client.create_run(self.experiment_id, run_name=name, tags={
-            "mlflow.parentRunId": self.run_id, "git_commit": git_commit(),
-            "params_hash": self.params.digest()})
-        self._opened(run.info.run_id)
-        self._log_params(run.info.run_id, params)
-        return run.info.run_id
-
-    def _opened(self, run_id: str) -> None:
-        if self.on_open is not None:
-            self.on_open(run_id)
-
-    def epoch_logger(self, run_id: str | None) -> Callable[[int, dict[str, float]], None]:
-        """Callback for the training loops: metrics of each epoch, step = epoch."""
-        @_guarded
-        def log_epoch(self: Tracker, epoch: int, metrics: dict[str, float]) -> None:
-            if run_id is not None:
-                self.log_metrics(run_id, metrics, step=epoch)
-        return functools.partial(log_epoch, self)
+        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
 
     @_guarded
-    def set_tags(self, run_id: str | None, tags: dict[str, str]) -> None:
-        """Tags on run_id (None: the parent run)."""
-        run_id = run_id or self.run_id
-        if run_id is None:
-            return
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+        items = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v))
+                 for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100], synchronous=True)
+
+    @_guarded
+    def set_tags(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():
-            self.client.set_tag(run_id, key, value)
+            self.client.set_tag(self.run_id, key, value)
 
-    def system_metrics(self, run_id: str):
-        """CPU, memory (and GPU) usage sampled into the run's System metrics tab until
-        `.finish()`."""
-        # It says "started", "skip GPU", "stopping", "terminated" at INFO for every stage: four
-        # lines per stage in the terminal that tell a person nothing; its warnings still show.
-        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
-        monitor = _SystemMetrics(run_id, sampling_interval=1, samples_before_logging=1)
-        monitor.start()
-        return monitor
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.utils.time import get_current_time_millis
+        self.log_steps([(step, metrics, get_current_time_millis())])
 
     @_guarded
-    def log_dict(self, run_id: str | None, data: object, artifact_file: str) -> None:
-        if run_id is not None:
-            self.client.log_dict(run_id, data, artifact_file)
-
-    @_guarded
-    def version_with_weights(self, registered: str, weights_sha256: str):
-        """The registered version holding exactly these weights, if any."""
-        for version in self.client.search_model_versions(f"name='{registered}'"):
-            if version.tags.get("weights_sha256") == weights_sha256:
-                return version
-        return None
-
-    @_guarded
-    def end_child(self, run_id: str | None, status: str = "FINISHED") -> None:
-        if run_id is not None:
-            self.client.set_terminated(run_id, status)
-
-    # ---- what each stage leaves behind -------------------------------------------------------
-    @_guarded
-    def log_metrics(self, run_id: str | None, metrics: dict[str, float], step: int = 0) -> None:
-        self.log_steps(run_id, [(step, metrics, mlflow.utils.time.get_current_time_millis())])
-
-    @_guarded
-    def log_steps(self, run_id: str | None, steps: list[tuple[int, dict[str, float], int]],
-                  ) -> None:
+    def log_steps(self, steps: list[tuple[int, dict[str, float], int]]) -> None:
         """The metrics of many steps, each (step, metrics, timestamp in ms), in as few calls as
         MLflow takes (1000 values per batch): one store transaction each."""
-        run_id = run_id or self.run_id
-        if run_id is None:
-            return
+        from mlflow.entities import Metric
         batch = [Metric(k, float(v), ts, step) for step, metrics, ts in steps
                  for k, v in metrics.items() if isinstance(v, (int, float))]
         for i in range(0, len(batch), 1000):
-            self.client.log_batch(run_id, metrics=batch[i:i + 1000], synchronous=True)
+            self.client.log_batch(self.run_id, metrics=batch[i:i + 1000], synchronous=True)
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        """One epoch's metrics (step = epoch), sent with the others every EPOCHS_SENT_EVERY_S."""
+        from mlflow.utils.time import get_current_time_millis
+        with self._lock:
+            self._unsent.append((epoch, metrics, get_current_time_millis()))
+            due = time.monotonic() - self._sent_at >= EPOCHS_SENT_EVERY_S
+        if due:
+            self._send_epochs()
+
+    def _send_epochs(self) -> None:
+        with self._lock:
+            steps, self._unsent = self._unsent, []
+            self._sent_at = time.monotonic()
+        if steps:
+            self.log_steps(steps)
 
     @_guarded
-    def log_metrics_file(self, path: Path | str, run_id: str | None = None) -> None:
-        self.log_metrics(run_id, flatten(json.loads(Path(path).read_text())))
-
-    @_guarded
-    def log_artifacts(self, paths: list[Path | str], artifact_path: str | None = None,
-                      run_id: str | None = None) -> None:
-        run_id = run_id or self.run_id
-        if run_id is None:
-            return
+    def log_artifacts(self, paths: list[str], artifact_path: str | None = None) -> None:
+        """Files, and folders under their own name; dot files (leftovers) are left out."""
         for path in map(Path, paths):
             files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else \
                 [path] if path.exists() else []
             for file in files:
                 inner = file.relative_to(path).parent if path.is_dir() else Path()
                 if any(part.startswith(".") for part in (*inner.parts, file.name)):
-                    continue              # .gitignore files and leftovers are not artifacts
-                where = Path(artifact_path or "", path.name if path.is_dir() else "", inner)
-                self.client.log_artifact(run_id, str(file), where.as_posix().strip(".") or None)
+                    continue
+                where_ = Path(artifact_path or "", path.name if path.is_dir() else "", inner)
+                self.client.log_artifact(self.run_id, str(file), where_.as_posix().strip(".") or None)
 
     @_guarded
-    def log_png(self, run_id: str | None, data: bytes, artifact_file: str) -> None:
+    def log_dict(self, data: object, artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, data, artifact_file)
+
+    @_guarded
+    def log_png(self, data: bytes, artifact_file: str) -> None:
         """PNG bytes (seqlm.figures.png) as the run's artifact `artifact_file`."""
-        if run_id is None:
-            return
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder, artifact_file)
             path.write_bytes(data)
-            self.client.log_artifact(run_id, str(path))
+            self.client.log_artifact(self.run_id, str(path))
 
     @_guarded
-    def log_dataset(self, frame: pd.DataFrame, source: str, name: str, context: str,
-                    run_id: str | None = None, digest: str | None = None,
+    def log_dataset(self, name: str, source: str, digest: str, context: str,
                     tags: dict[str, str] | None = None) -> None:
-        run_id = run_id or self.run_id
-        if run_id is None:
-            return
+        """A dataset by name, source and digest, without reading its data again."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
         with warnings.catch_warnings():
-            # A relative path is ambiguous to MLflow's source registry, and integer columns get a
-            # hint about missing values; neither applies to these files.
+            # A relative path is ambiguous to MLflow's source registry; a local file it is.
             warnings.simplefilter("ignore", UserWarning)
-            dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest)
-            entity = dataset._to_mlflow_entity()
+            entity = MetaDataset(resolve_dataset_source(source), name=name,
+                                 digest=digest[:16])._to_mlflow_entity()
         input_tags = {"mlflow.data.context": context, **(tags or {})}
-        self.client.log_inputs(run_id, datasets=[mlflow.entities.DatasetInput(
-            entity, tags=[mlflow.entities.InputTag(k, v) for k, v in input_tags.items()])])
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(
+            entity, tags=[InputTag(k, v) for k, v in input_tags.items()])])
 
-    @_guarded
-    def log_language_model(self, run_id: str | None, model_dir: Path, model_name: str,
-                           val_perplexity: float, val_digest: str, rescore: Rescore,
-                           description: str = "") -> str | None:
-        """Log the model (weights + vocabulary) as a pyfunc that generates text, register it and
-        move the `champion` alias to it only if it beats the current champion on the same
-        validation text (`val_digest`): a champion measured on other text (another corpus,
-        split or version of the data) is scored on this one with `rescore` first. Returns the
-        version."""
-        if run_id is None:
-            return None
-        from seqlm.mlflow_model import log_char_lm
-        registered = f"{self.params.corpus_name}-{model_name.replace('_', '-')}"
-        weights = file_digest(model_dir / "model.pt")
-        known = self.version_with_weights(registered, weights)
-        if known is not None:                  # e.g. the same weights trained again
-            return str(known.version)
-        # log_model needs an active run; MLflow's active run is thread-local, and this is the
-        # flow's thread, which has none of its own.
-        with mlflow.start_run(run_id=run_id):
-            info = log_char_lm(model_dir, registered, model_name)
-        version = str(info.registered_model_version)
-        self.client.update_registered_model(registered, description=(
-            f"Character-level {model_name} language model of the {self.params.corpus_name} "
-            "corpus (Dive into Deep Learning, chapter 8), trained by the seqlm pipeline. Each "
-            "version holds the weights of its best-validation epoch; the alias `champion` is "
-            "the version with the lowest validation perplexity on the same validation text."))
-        if description:
-            self.client.update_model_version(registered, version, description=description)
-        self.client.set_model_version_tag(registered, version, "weights_sha256", weights)
-        # repr round-trips exactly: an equal model never takes the alias from the champion.
-        self.client.set_model_version_tag(registered, version, "val_perplexity",
-                                          repr(float(val_perplexity)))
-        self.client.set_model_version_tag(registered, version, "val_digest", val_digest)
-        champion = self._champion_perplexity(registered, val_digest, rescore)
-        if champion is None or val_perplexity < champion:
-            self.client.set_registered_model_alias(registered, "champion", version)
-            log.info("%s v%s is the new champion (val perplexity %.3f, %s)", registered,
-                     version, val_perplexity,
-                     "the first" if champion is None else f"was {champion:.3f}")
-        else:
-            log.info("%s v%s (val perplexity %.3f) does not beat the champion (%.3f): alias "
-                     "kept", registered, version, val_perplexity, champion)
-        return version
 
-    def _champion_perplexity(self, registered: str, val_digest: str, rescore: Rescore,
-                             ) -> float | None:
-        """The champion's validation perplexity on the text of `val_digest`; None when there is
-        no champion."""
-        try:
-            current = self.client.get_model_version_by_alias(registered, "champion")
-        except mlflow.exceptions.MlflowException:
-            return None
-        value = current.tags.get("val_perplexity")
-        if value is not None and current.tags.get("val_digest") == val_digest:
-            return float(value)
-        loaded = mlflow.pyfunc.load_model(f"models:/{registered}/{current.version}")
-        champion = loaded.unwrap_python_model()
-        score = rescore(champion.model, champion.vocab)
-        log.info("%s champion v%s was measured on other validation text; on this run's it "
-                 "scores %.3f", registered, current.version, score)
-        return score
+@contextlib.contextmanager
+def system_metrics(run: Run) -> Iterator[None]:
+    """CPU, memory (and GPU) usage sampled into the run's System metrics tab meanwhile."""
+    if run.run_id is None:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
-        items = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v))
-                 for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[i:i + 100], synchronous=True)
+    class Monitor(SystemMetricsMonitor):
+        """MLflow's monitor publishes only after a full sampling interval, so a run that ends
+        sooner (a short training) kept an empty System metrics tab: this one then publishes
+        what it sampled."""
+        published = False
+
+        def publish_metrics(self, metrics: dict) -> None:
+            super().publish_metrics(metrics)
+            self.published = True
+
+        def finish(self) -> None:
+            started = self._process is not None
+            super().finish()
+            if started and not self.published:
+                try:
+                    self.collect_metrics()
+                    self.publish_metrics(self.aggregate_metrics())
+                    self.mlflow_logger.flush()
+                except Exception as exc:  # noqa: BLE001 - as MLflow's own loop: never fail
+                    log.warning("System metrics of run %s not logged: %s", self._run_id, exc)
+
+    # It says "started", "skip GPU", "stopping", "terminated" at INFO for every run: lines that
+    # tell a person nothing; its warnings still show.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    monitor = Monitor(run.run_id, sampling_interval=1, samples_before_logging=1)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
+@contextlib.contextmanager
+def training_run(params: Params, name: str, section: dict[str, Any]) -> Iterator[Run]:
+    """The run of one training, open while it trains: FINISHED when the block ends, KILLED when
+    it is interrupted, FAILED when it raises. Nested in the pipeline's run when a pipeline flow
+    runs the training; a run of its own under `seqlm stage` (`dvc repro`)."""
+    from seqlm.runtime.interrupt import Interrupted
+    run = Run(params, name)
+    flow_run = flow_run_id()
+    run.open({**source_tags(params, "pipeline" if flow_run else "seqlm stage"),
+              "worker": where(), **({"prefect.flow_run_id": flow_run} if flow_run else {})},
+             nest_in=flow_run)
+    run.log_params(section)
+    try:
+        with system_metrics(run):
+            yield run
+    except (KeyboardInterrupt, Interrupted):
+        run.finish("KILLED")
+        raise
+    except BaseException:
+        run.finish("FAILED")
+        raise
+    run.finish()
+
+
+def register_language_model(run: Run, model_dir: Path, model: str, val_perplexity: float,
+                            val_digest: str, rescore: Rescore, description: str) -> str | None:
+    """Log the model (weights + vocabulary) in `run` as a pyfunc that generates text, register
+    it as `<corpus>-<model>` and move the alias `champion` to it only if it beats the current
+    champion on the same validation text (`val_digest`): a champion measured on other text
+    (another corpus, split or version of the data) is scored on this one with `rescore` first.
+    The same weights registered before are not registered again. Returns the version."""
+    return _register(run, model_dir, model, val_perplexity, val_digest, rescore, description)
+
+
+@_guarded
+def _register(run: Run, model_dir: Path, model: str, val_perplexity: float, val_digest: str,
+              rescore: Rescore, description: str) -> str | None:
+    import mlflow
+    from seqlm.mlflow_model import log_char_lm
+    if run.run_id is None:
+        return None
+    client, name = run.client, registered_name(run.params, model)
+    weights = file_digest(model_dir / "model.pt")
+    for version in client.search_model_versions(f"name='{name}'"):
+        if version.tags.get("weights_sha256") == weights:
+            return str(version.version)
+    # log_model needs an active run, and MLflow's active run is thread-local.
+    with mlflow.start_run(run_id=run.run_id):
+        info = log_char_lm(model_dir, name, model)
+    version = str(info.registered_model_version)
+    client.update_registered_model(name, description=(
+        f"Character-level {model} language model of the {run.params.corpus_name} corpus (Dive "
+        "into Deep Learning, chapter 8), trained by the seqlm pipeline. Each version holds the "
+        "weights of its best-validation epoch; the alias `champion` is the version with the "
+        "lowest validation perplexity on the same validation text."))
+    client.update_model_version(name, version, description=description)
+    client.set_model_version_tag(name, version, "weights_sha256", weights)
+    # repr round-trips exactly: an equal model never takes the alias from the champion.
+    client.set_model_version_tag(name, version, "val_perplexity", repr(float(val_perplexity)))
+    client.set_model_version_tag(name, version, "val_digest", val_digest)
+    champion = _champion_perplexity(client, name, val_digest, rescore)
+    if champion is None or val_perplexity < champion:
+        client.set_registered_model_alias(name, CHAMPION, version)
+        log.info("%s v%s is the new champion (val perplexity %.3f, %s)", name, version,
+                 val_perplexity, "the first" if champion is None else f"was {champion:.3f}")
+    else:
+        log.info("%s v%s (val perplexity %.3f) does not beat the champion (%.3f): alias kept",
+                 name, version, val_perplexity, champion)
+    return version
+
+
+def _champion_perplexity(client: Any, name: str, val_digest: str, rescore: Rescore,
+                         ) -> float | None:
+    """The champion's validation perplexity on the text of `val_digest`; None without one."""
+    import mlflow
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+    except mlflow.exceptions.MlflowException:
+        return None
+    value = current.tags.get("val_perplexity")
+    if value is not None and current.tags.get("val_digest") == val_digest:
+        return float(value)
+    champion = mlflow.pyfunc.load_model(f"models:/{name}/{current.version}").unwrap_python_model()
+    score = rescore(champion.model, champion.vocab)
+    log.info("%s champion v%s was measured on other validation text; on this run's it scores "
+             "%.3f", name, current.version, score)
+    return score
+
+
+def log_record(run: Run, record: dict[str, Any], cached: bool) -> None:
+    """What a stage returned, into the pipeline's run: its metrics and datasets always, its
+    artifacts when it ran (a cached stage's are in the run that made them)."""
+    for dataset in record.get("datasets", []):
+        run.log_dataset(**dataset)
+    if record.get("metrics"):
+        run.log_metrics(record["metrics"])
+    if not cached:
+        for artifact_path, paths in record.get("artifacts", {}).items():
+            run.log_artifacts(paths, artifact_path or None)
+
+
+def close_runs_of(flow_run: str, uri: str, reason: str) -> list[str]:
+    """Close, as FAILED with the reason, the MLflow runs a Prefect flow run left RUNNING (its
+    process was killed, or the store failed before they could be closed). Returns their names."""
+    from mlflow import MlflowClient
+    client = MlflowClient(uri)
+    closed = []
+    for run in client.search_runs(
+            [e.experiment_id for e in client.search_experiments()],
+            filter_string=f"tags.`prefect.flow_run_id` = '{flow_run}' and "
+                          "attributes.status = 'RUNNING'"):
+        client.set_tag(run.info.run_id, "failure_reason", reason)
+        client.set_terminated(run.info.run_id, "FAILED")
+        closed.append(run.info.run_name)
+    return closed

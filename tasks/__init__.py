@@ -6,8 +6,8 @@ from prefect import Task
 from seqlm.params import Params
 
 
-def stage_task(name: str, params: Params) -> Task:
-    """The Prefect task that runs stage `name`, configured from params where that matters."""
+def task_of(name: str, params: Params) -> Task:
+    """The Prefect task of stage `name`, configured from params where that matters."""
     from tasks.download import configured_download
     from tasks.evaluate import evaluate
     from tasks.ngrams import ngrams

@@ -9,29 +9,34 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
-from prefect import task
-
+from seqlm import protocol
 from seqlm import stages as S
 from seqlm.figures import save_png
 from seqlm.generate import load_trained, predict
 from seqlm.io import publish, write_csv, write_json
-from seqlm import protocol
 from seqlm.models import MODEL_NAMES
 from seqlm.ngram_lm import KneserNeyLM, unigram_log_probs, unigram_perplexity
 from seqlm.params import Params
+from seqlm.runtime.preflight import check_preprocessed
+from seqlm.runtime.records import Record, stage_task
+from seqlm.runtime.threads import use_cpu_threads
 from seqlm.text import Vocab
-from seqlm.threads import use_cpu_threads
+from seqlm.tracking import flatten
 from seqlm.train import split_of, token_nll
 
 CPU = torch.device("cpu")
+STAGE = S.STAGE_BY_NAME["evaluate"]
 
 
-@task(name="evaluate")
-def evaluate(params: Params) -> list[Path]:
+@stage_task("evaluate")
+def evaluate(params: Params) -> Record:
     """Every language model and baseline scored by the same protocol (seqlm.protocol) on the same
-    validation tokens, the AR model's k-step errors, and what the models generate."""
+    validation tokens, the AR model's k-step errors, and what the models generate. Returns the
+    metrics, the summary (markdown and rows) and the reports for the pipeline's MLflow run."""
     lm, ev = params.train_lm, params.evaluate
+    check_preprocessed(params)
     use_cpu_threads(params)
+    paths = STAGE.at(params)
     vocab = Vocab.load(S.VOCAB["char"])
     corpus = np.load(S.CORPUS["char"])
     split = split_of(corpus, params)
@@ -43,7 +48,7 @@ def evaluate(params: Params) -> list[Path]:
     samples: dict[str, dict[str, dict[str, str]]] = {}
     curves: dict[str, pd.DataFrame] = {}
     for name in lm.models:
-        model_dir = Path(S.LM_DIR.replace("${item}", name))
+        model_dir = Path(S.STAGE_BY_NAME["train_lm"].at(params, name).outs.model)
         # Scored on the CPU: evaluation is a few thousand tokens, and the numbers then do not
         # depend on which device trained the model.
         model, model_vocab, meta = load_trained(model_dir, device="cpu")
@@ -69,29 +74,29 @@ def evaluate(params: Params) -> list[Path]:
     rows.append(_baseline("unigram", unigram_perplexity(train_ids, train_ids, len(vocab)),
                           unigram_log_probs(train_ids, text, len(vocab), first)))
     table = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
-    ar = json.loads((Path(S.REPORTS) / "train_ar.json").read_text())
+    ar = json.loads(Path(paths.deps.ar_errors).read_text())
     kstep = pd.read_csv(Path(S.AR_DIR) / "kstep.csv")
 
+    metrics = _metrics(table)
+    summary = _summary_markdown(table, split, kstep, ar, samples)
     with publish() as outputs:                  # every report or none
-        metrics = outputs.folder(S.METRICS)     # models no longer in the list leave with it
-        for name, values in _metrics(table).items():
-            write_json(metrics / f"{name}.json", values)
-        plots = outputs.folder(S.PLOTS)
+        folder = outputs.folder(paths.metrics.metrics)   # models no longer listed leave with it
+        for name, values in metrics.items():
+            write_json(folder / f"{name}.json", values)
+        plots = outputs.folder(paths.plots.plots)
         for metric in ("val_perplexity", "train_perplexity"):
             write_csv(plots / f"{metric}.csv", _per_epoch(curves, metric, table))
         write_csv(plots / "kstep.csv", kstep[["k", "mse"]])
         save_png(plots / "comparison.png", lambda: comparison_figure(curves, table))
-        write_csv(outputs.file(f"{S.REPORTS}/summary.csv"), table)
-        write_json(outputs.file(f"{S.REPORTS}/samples.json"), samples)
-        with open(outputs.file(f"{S.REPORTS}/summary.md"), "w", encoding="utf-8") as handle:
-            handle.write(_summary_markdown(table, split, kstep, ar, samples))
-    return [*(Path(S.METRICS) / f"{name}.json" for name in table["model"]),
-            *(Path(S.PLOTS) / name for name in PLOT_FILES),
-            *(Path(S.REPORTS) / name for name in REPORT_FILES)]
+        write_csv(outputs.file(paths.outs.table), table)
+        write_json(outputs.file(paths.outs.samples), samples)
+        with open(outputs.file(paths.outs.summary), "w", encoding="utf-8") as handle:
+            handle.write(summary)
+    rows = json.loads(table.to_json(orient="records"))      # NaN -> null: plain JSON
+    return {"metrics": flatten(metrics), "summary": summary, "table": rows,
+            "artifacts": {"": [S.REPORTS]}}
 
 
-REPORT_FILES = ("summary.csv", "samples.json", "summary.md")
-PLOT_FILES = ("val_perplexity.csv", "train_perplexity.csv", "kstep.csv", "comparison.png")
 SUMMARY_COLUMNS = ["model", "epochs", "best_epoch", "train_perplexity", "final_val_perplexity",
                    "val_perplexity", "scored_tokens"]
 

@@ -10,13 +10,16 @@ n-grams, and both ways write the same bytes.
 """
 from __future__ import annotations
 
+import logging
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture, wait
 
 from seqlm.io import publish, write_json
 from seqlm.ngrams import (ZIPF_MIN_COUNT, NgramError, NgramTable, check_key_fits, count_ngrams,
@@ -24,6 +27,8 @@ from seqlm.ngrams import (ZIPF_MIN_COUNT, NgramError, NgramTable, check_key_fits
                           reduce_partials, save_partial, save_ranked, shard_bounds,
                           split_partitions, write_parquet, zipf_exponent)
 from seqlm.params import Params
+from seqlm.runtime.preflight import check_preprocessed
+from seqlm.runtime.records import Record, stage_task
 from seqlm.stages import CORPUS, NGRAMS, STAGE_BY_NAME, VOCAB
 from seqlm.text import TOKENIZERS, Vocab
 
@@ -32,6 +37,8 @@ ZIPF_MAX_N = 3                     # the seed plots unigrams, bigrams and trigra
 SHARDS = Path(".seqlm/ngram-shards")  # the map's and reduce's files (git-ignored, shared tree)
 Partitions = dict[str, list[str]]  # level -> the folders of its reduced partitions
 MAX_SHARD_TASKS = 10_000           # per level: a task run each, in the Prefect server and UI
+STAGE = STAGE_BY_NAME["ngrams"]
+log = logging.getLogger("seqlm.ngrams")
 
 
 def table_path(level: str, n: int) -> Path:
@@ -61,7 +68,7 @@ def partition_path(level: str, partition: int) -> str:
     return str(SHARDS / f"{level}-partition-{partition}")
 
 
-@task(name="ngrams_shard", cache_policy=NO_CACHE)
+@task(name="ngrams_shard", cache_policy=NO_CACHE, persist_result=False)
 def ngrams_shard(params: Params, level: str, start: int, stop: int) -> str:
     """Count the n-grams that start at tokens start..stop-1 of the `level` corpus (read from the
     file: the task reads its shard only) and write them, cut into partitions, to partial_path();
@@ -76,7 +83,7 @@ def ngrams_shard(params: Params, level: str, start: int, stop: int) -> str:
                             partial_path(level, start, stop)))
 
 
-@task(name="ngrams_reduce", cache_policy=NO_CACHE)
+@task(name="ngrams_reduce", cache_policy=NO_CACHE, persist_result=False)
 def ngrams_reduce(level: str, partition: int, partials: list[str]) -> str:
     """Merge partition `partition` of the shards' `partials` (in any order) and write it ranked
     to partition_path(); returns that folder. Memory: the partition's distinct n-grams."""
@@ -87,11 +94,13 @@ def ngrams_reduce(level: str, partition: int, partials: list[str]) -> str:
     return folder
 
 
-@task(name="ngrams")
-def ngrams(params: Params, partitions: Partitions | None = None) -> list[Path]:
-    """Count (or, given the reduce tasks' `partitions`, merge) and write the stage's outputs."""
+@stage_task("ngrams")
+def ngrams(params: Params, partitions: Partitions | None = None) -> Record:
+    """Count (or, given the reduce tasks' `partitions`, merge) and write the stage's outputs;
+    returns the Zipf exponents and table sizes, and the tables for the pipeline's MLflow run."""
     p = params.ngrams
-    metrics_path = Path(STAGE_BY_NAME["ngrams"].paths(params)["reports"][0])
+    check_preprocessed(params)
+    metrics_path = STAGE.at(params).reports.zipf
     vocabs = {level: Vocab.load(_existing(VOCAB[level])) for level in TOKENIZERS}
     for level, vocab in vocabs.items():      # refuse before counting or writing anything
         try:
@@ -99,7 +108,6 @@ def ngrams(params: Params, partitions: Partitions | None = None) -> list[Path]:
         except NgramError as exc:
             raise NgramError(f"ngrams.max_n = {p.max_n}: {level} level: {exc}") from None
 
-    written: list[Path] = []
     metrics: dict[str, float | int] = {}
     plotted: dict[str, dict[int, np.ndarray]] = {}
     # Each table is written as soon as it is counted (memory holds one level's tables at a
@@ -115,7 +123,6 @@ def ngrams(params: Params, partitions: Partitions | None = None) -> list[Path]:
                 metrics[f"{level}_{n}_distinct"] = write_parquet(
                     _keep_counts(pieces, counts, everything=n <= ZIPF_MAX_N), vocab.idx_to_token,
                     folder / table_path(level, n).name)
-                written.append(table_path(level, n))
                 ranked_counts = np.concatenate(counts) if counts else np.empty(0, np.int64)
                 alpha = zipf_exponent(ranked_counts)
                 if alpha is not None:        # absent when fewer than two n-grams occur twice
@@ -126,7 +133,28 @@ def ngrams(params: Params, partitions: Partitions | None = None) -> list[Path]:
         write_json(outputs.file(metrics_path), metrics)
     if partitions is not None:
         shutil.rmtree(SHARDS, ignore_errors=True)      # merged and published: no longer needed
-    return [*written, Path(ZIPF_PLOT), metrics_path]
+    return {"metrics": metrics, "artifacts": {"": [NGRAMS]}}
+
+
+def submit_sharded(params: Params, upstream: list[PrefectFuture]) -> PrefectFuture:
+    """The stage as a map and a reduce (ngrams.shard_tokens set): one `ngrams_shard` task per
+    shard of each corpus and one `ngrams_reduce` task per partition, spread over the task
+    runner's workers; the reduce futures are the `ngrams` task's `partitions`, so the UI draws
+    the map, the reduce and the merge. The plan needs the corpus's size: it waits for
+    `upstream` (preprocess)."""
+    wait(upstream)
+    shutil.rmtree(SHARDS, ignore_errors=True)         # files a killed run left behind
+    plan, count = shard_plan(params), params.ngrams.partitions
+    reduced = {}
+    for level, bounds in plan.items():
+        shards = [ngrams_shard.with_options(name=f"ngrams_shard[{level}:{start}]").submit(
+                      params, level, start, stop, wait_for=upstream) for start, stop in bounds]
+        reduced[level] = [ngrams_reduce.with_options(name=f"ngrams_reduce[{level}:{part}]").submit(
+                              level, part, shards) for part in range(count)]
+    log.info("ngrams: %s shard tasks of %d tokens, %d reduce tasks per level", " + ".join(
+        f"{len(bounds)} {level}" for level, bounds in plan.items()), params.ngrams.shard_tokens,
+        count)
+    return ngrams.submit(params, partitions=reduced, wait_for=upstream)
 
 
 def _ranked_tables(level: str, vocab: Vocab, params: Params, partitions: Partitions | None

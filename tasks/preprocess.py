@@ -8,19 +8,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
-
-from seqlm.io import publish
+from seqlm.io import file_digest, publish
 from seqlm.params import Params
 from seqlm.protocol import SplitError, split_of
+from seqlm.runtime.records import Record, stage_task
 from seqlm.stages import CORPUS, LINES, PROCESSED, STAGE_BY_NAME, VOCAB
 from seqlm.text import TOKENIZERS, Vocab, count_tokens, write_corpus
 
+STAGE = STAGE_BY_NAME["preprocess"]
 
-@task(name="preprocess")
-def preprocess(params: Params) -> list[Path]:
+
+@stage_task("preprocess")
+def preprocess(params: Params) -> Record:
     p = params.preprocess
-    raw = STAGE_BY_NAME["preprocess"].paths(params)["deps"][0]
+    raw = STAGE.at(params).deps.corpus
     freqs = count_tokens(raw)
     try:
         split_of(sum(freqs["char"].values()), p.train_tokens, p.val_tokens)
@@ -37,5 +38,7 @@ def preprocess(params: Params) -> list[Path]:
         write_corpus(raw, vocabs, staged(LINES), {level: staged(CORPUS[level]) for level in vocabs})
         for level, vocab in vocabs.items():
             vocab.save(staged(VOCAB[level]))
-    return [Path(LINES), *(Path(path) for level in vocabs for path in (VOCAB[level],
-                                                                       CORPUS[level]))]
+    sha256 = file_digest(raw)
+    return {"datasets": [{"name": params.corpus_name, "source": raw, "digest": sha256,
+                          "context": "corpus", "tags": {"sha256": sha256}}],
+            "artifacts": {"vocab": list(VOCAB.values())}}

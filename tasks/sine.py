@@ -1,22 +1,22 @@
 """sine: the synthetic series of D2L 8.1, x_t = sin(0.01 t) + noise, t = 1..T."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import task
 
 from seqlm.autoregress import sine_series
 from seqlm.io import atomic_path
 from seqlm.params import Params
-from seqlm.stages import SINE
+from seqlm.runtime.records import Record, stage_task
+from seqlm.stages import STAGE_BY_NAME
+
+STAGE = STAGE_BY_NAME["sine"]
 
 
-@task(name="sine")
-def sine(params: Params) -> list[Path]:
+@stage_task("sine")
+def sine(params: Params) -> Record:
     t, x = sine_series(params.sine.T, params.sine.noise_std, params.seed)
     table = pa.table({"t": pa.array(t.numpy(), pa.int64()), "x": pa.array(x.numpy(), pa.float32())})
-    with atomic_path(SINE) as tmp:
+    with atomic_path(STAGE.at(params).outs.series) as tmp:
         pq.write_table(table, tmp, compression="zstd")
-    return [Path(SINE)]
+    return {}

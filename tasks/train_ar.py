@@ -12,16 +12,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from matplotlib.figure import Figure
-from prefect import task
-
 from seqlm import autoregress as ar
+from seqlm import tracking
 from seqlm.figures import save_png
-from seqlm.io import atomic_path, publish, save_torch, write_csv, write_json
+from seqlm.io import atomic_path, file_digest, publish, save_torch, write_csv, write_json
 from seqlm.params import Params
-from seqlm.stages import AR_DIR, SINE, STAGE_BY_NAME, Stage
-from seqlm.threads import use_cpu_threads
+from seqlm.runtime.records import Record, stage_task
+from seqlm.runtime.threads import use_cpu_threads
+from seqlm.stages import STAGE_BY_NAME
 
 FORMATS = ("-", "m--", "g-.", "r:")   # d2l.plot's default line formats
+STAGE = STAGE_BY_NAME["train_ar"]
 
 
 def _read_series(path: str) -> tuple[np.ndarray, torch.Tensor]:
@@ -63,15 +64,33 @@ def _write_parquet(path: Path, frame: pd.DataFrame) -> Path:
     return path
 
 
-@task(name="train_ar")
-def train_ar(params: Params, on_epoch: ar.OnEpoch | None = None) -> list[Path]:
+@stage_task("train_ar")
+def train_ar(params: Params) -> Record:
+    """Train the MLP, write models/ar and reports/train_ar.json, and log the training as the
+    MLflow run `ar_mlp`."""
+    paths = STAGE.at(params)
+    series = paths.deps.series
+    t, x = _read_series(series)
+    ar.check_sizes(len(x), params.train_ar.tau, params.train_ar.n_train, params.train_ar.k_steps,
+                   series)
+    section = {"seed": params.seed, **params.train_ar.model_dump(mode="json")}
+    with tracking.training_run(params, "ar_mlp", section) as run:
+        run.log_metrics(fit(params, t, x, run.log_epoch))
+        run.log_dataset("sine", series, file_digest(series), "training")
+        run.log_artifacts([paths.outs.model], "")          # under ar/
+    return {"mlflow_run": run.run_id, "tracked": run.error is None,
+            "tracking_error": run.error}
+
+
+def fit(params: Params, t: np.ndarray, x: torch.Tensor, on_epoch: ar.OnEpoch | None = None,
+        ) -> dict[str, float]:
+    """The chapter's MLP on the series (t, x): trained, its predictions and errors computed,
+    then every output written together. Returns the errors (reports/train_ar.json)."""
     # CPU always: a 4→10→1 MLP does microseconds of arithmetic per step, so on a GPU every
     # step would be bound by kernel launches and host syncs, not compute.
     p = params.train_ar
     use_cpu_threads(params)
-    t, x = _read_series(SINE)
     T, tau, max_steps = len(x), p.tau, max(p.k_steps)
-    ar.check_sizes(T, tau, p.n_train, p.k_steps, SINE)
 
     generator = torch.Generator().manual_seed(params.seed)
     features, labels = ar.windows(x, tau)
@@ -93,9 +112,10 @@ def train_ar(params: Params, on_epoch: ar.OnEpoch | None = None) -> list[Path]:
     x_np, onestep_np, multistep_np = x.numpy(), onestep.numpy(), multistep.numpy()
     report = {"train_loss": history[-1], "multistep_mse": multistep_mse}
     report.update({f"kstep_mse_{k}": mse for k, mse in kstep_mse.items()})
-    metrics_path = Path(STAGE.paths(params)["reports"][0])
+    paths = STAGE.at(params)
+    metrics_path = Path(paths.reports.errors)
     with publish() as outputs:
-        out = outputs.folder(AR_DIR)
+        out = outputs.folder(paths.outs.model)
         save_torch(out / "model.pt", {"state_dict": net.state_dict(),
                                       "config": {"tau": tau, "hidden": p.hidden},
                                       "params": {"seed": params.seed,
@@ -118,9 +138,4 @@ def train_ar(params: Params, on_epoch: ar.OnEpoch | None = None) -> list[Path]:
         _plot(out / "kstep.png", [(kt[k], kpreds[:, k - 1].numpy()) for k in p.k_steps],
               [f"{k}-step preds" for k in p.k_steps], (tau + 1, T))
         write_json(outputs.file(metrics_path), report)
-    return [Path(AR_DIR) / name for name in AR_FILES] + [metrics_path]
-
-
-AR_FILES = ("model.pt", "history.csv", "predictions.parquet", "kstep.csv", "kstep_preds.parquet",
-            "onestep.png", "multistep.png", "kstep.png")
-STAGE: Stage = STAGE_BY_NAME["train_ar"]
+    return report

@@ -1,60 +1,134 @@
-"""train_lm: train one character language model and write models/<model>/."""
+"""train_lm: train one character language model, write models/<model>/, log and register it."""
 from __future__ import annotations
 
-import platform
 import contextlib
+import hashlib
+import platform
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from prefect import task
+from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from seqlm.generate import HISTORY_FILE, META_FILE, MODEL_FILE, VOCAB_FILE
+from seqlm import protocol, tracking
+from seqlm.figures import png
+from seqlm.generate import HISTORY_FILE, META_FILE, MODEL_FILE, VOCAB_FILE, predict
 from seqlm.io import publish, save_torch, write_csv, write_json
 from seqlm.models import check_model_name
-from seqlm.own_process import train_in_own_process
 from seqlm.params import Params
-from seqlm.stages import CORPUS, STAGE_BY_NAME, VOCAB, Stage
+from seqlm.runtime.own_process import train_in_own_process
+from seqlm.runtime.preflight import check_preprocessed
+from seqlm.runtime.records import Record, stage_task
+from seqlm.runtime.threads import side_by_side
+from seqlm.stages import CORPUS, STAGE_BY_NAME, VOCAB
 from seqlm.text import Vocab
-from seqlm.threads import side_by_side
-from seqlm.train import CHECKPOINTS, HISTORY_COLUMNS, EpochCallback, TrainResult, train
+from seqlm.train import (CHECKPOINTS, HISTORY_COLUMNS, EpochCallback, TrainResult, model_of,
+                         perplexity, split_of, train)
+
+STAGE = STAGE_BY_NAME["train_lm"]
+CPU = torch.device("cpu")
 
 
-@task(name="train_lm", tags=["training"])
-def train_lm(params: Params, model: str,
-             on_epoch: EpochCallback | None = None) -> list[Path]:
+@stage_task("train_lm")
+def train_lm(params: Params, model: str) -> Record:
     """Train `model` (resuming its checkpoint in checkpoints/<model>/ when one holds the same
-    run) and write model.pt (the best epoch's weights), vocab.parquet, history.csv and
-    meta.json into models/<model>/."""
+    run), write model.pt (the best epoch's weights), vocab.parquet, history.csv and meta.json
+    into models/<model>/, and log the training as its MLflow run, registering the kept model."""
     check_model_name(model)
-    for path in (CORPUS["char"], VOCAB["char"]):
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: not found (run the preprocess stage first)")
+    check_preprocessed(params)
     corpus = np.load(CORPUS["char"])
     vocab = Vocab.load(VOCAB["char"])
-    with progress_bar(model, params.train_lm.epochs, on_epoch) as report:
-        result = trainer(params)(model, corpus, vocab, params,
-                                 checkpoint_dir=CHECKPOINTS / model, on_epoch=report)
-    out = Path(STAGE.paths(params, item=model)["outs"][0])
-    return write_model_dir(out, result, vocab, params)
+    out = Path(STAGE.at(params, model).outs.model)
+    with tracking.training_run(params, model, _logged_params(params, model)) as run:
+        with progress_bar(model, params.train_lm.epochs) as bar:
+            def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+                bar(epoch, metrics)
+                run.log_epoch(epoch, metrics)
+            result = trainer(params)(model, corpus, vocab, params,
+                                     checkpoint_dir=CHECKPOINTS / model, on_epoch=on_epoch)
+        meta = write_model_dir(out, result, vocab, params)
+        kept = model_of(result.config)
+        kept.load_state_dict(result.best_state)
+        samples = continuations(kept, vocab, params)
+        _log_training(run, params, corpus, result, meta, samples, out)
+        version = tracking.register_language_model(
+            run, out, model, meta["best_val_perplexity"], meta["validation_digest"],
+            rescorer(corpus, vocab, params), _version_description(meta, samples))
+    return {"mlflow_run": run.run_id, "model_version": version, "tracked": run.error is None,
+            "tracking_error": run.error}
 
 
 def trainer(params: Params) -> Callable[..., TrainResult]:
     """seqlm.train.train, or, for trainings side by side on the local runner, the same in a
-    process of its own (seqlm.own_process); on Dask each already runs in a worker process."""
+    process of its own (seqlm.runtime.own_process); on Dask each runs in a worker process."""
     if params.execution.task_runner == "local" and side_by_side(params):
         return train_in_own_process
     return train
 
 
+def _logged_params(params: Params, model: str) -> dict:
+    lm = params.train_lm
+    return {"model": model, "seed": params.seed, "hidden_size": lm.hidden_size(model),
+            **tracking.flatten(params.preprocess.model_dump(mode="json"), "preprocess."),
+            **{k: v for k, v in lm.model_dump(mode="json").items()
+               if k not in ("models", "hidden", "hidden_scratch")}}
+
+
+def continuations(model: torch.nn.Module, vocab: Vocab, params: Params,
+                  ) -> dict[str, dict[str, str]]:
+    """Greedy and seeded sampled continuations of evaluate.prefixes by `model`."""
+    ev = params.evaluate
+    return {prefix: {"greedy": predict(prefix, ev.num_chars, model, vocab, CPU),
+                     "sampled": predict(prefix, ev.num_chars, model, vocab, CPU,
+                                        temperature=ev.temperature, top_k=ev.top_k,
+                                        seed=params.seed)}
+            for prefix in ev.prefixes}
+
+
+def rescorer(corpus: np.ndarray, vocab: Vocab, params: Params) -> tracking.Rescore:
+    """A model's validation perplexity on this run's validation text, read through the model's
+    own vocabulary (characters it does not know are <unk> to it): how a champion measured on
+    other text is compared."""
+    split = split_of(corpus, params)
+    chars = vocab.to_tokens(protocol.validation_text(corpus, split).tolist())
+
+    def rescore(model: torch.nn.Module, model_vocab: Vocab) -> float:
+        return perplexity(model, np.asarray(model_vocab[chars], dtype=np.int64),
+                          split.val_start - split.context_start, CPU)
+    return rescore
+
+
+def _log_training(run: tracking.Run, params: Params, corpus: np.ndarray, result: TrainResult,
+                  meta: dict, samples: dict, out: Path) -> None:
+    """What the training measured, in its MLflow run (the epochs went there as they ended)."""
+    metrics = {k: round(v, 4) for k, v in meta.items()
+               if k.startswith(("final_", "best_")) and k != "best_epoch"}
+    metrics["best_epoch"] = meta["best_epoch"]
+    timed = [row for row in result.history[result.resumed_from:] if "tokens_per_s" in row]
+    if timed:
+        metrics["mean_tokens_per_s"] = round(float(np.mean([r["tokens_per_s"] for r in timed])))
+        metrics["train_wall_s"] = round(float(np.sum([r["seconds"] for r in timed])), 1)
+    run.log_metrics(metrics)
+    run.set_tags({"device": str(result.device), "stopped_early": str(result.stopped_early),
+                  "resumed_from_epoch": str(result.resumed_from)})
+    split = split_of(corpus, params)
+    for context, part in zip(("training", "validation"), protocol.train_val(corpus, split)):
+        run.log_dataset(f"{params.corpus_name}-chars-{context}", CORPUS["char"],
+                        hashlib.sha256(np.ascontiguousarray(part).tobytes()).hexdigest(), context)
+    run.log_dict(samples, "samples.json")
+    run.log_artifacts([str(out / HISTORY_FILE), str(out / META_FILE)])
+    history = pd.DataFrame(result.history)
+    run.log_png(png(lambda: perplexity_figure(history, meta["model"])), "perplexity.png")
+
+
 @contextlib.contextmanager
-def progress_bar(model: str, epochs: int, on_epoch: EpochCallback | None,
-                 ) -> Iterator[EpochCallback]:
-    """A live progress bar in the terminal (epoch, train/val perplexity, tokens/s, ETA) around
-    `on_epoch`; none when the output is not a terminal (logs, CI)."""
+def progress_bar(model: str, epochs: int) -> Iterator[EpochCallback]:
+    """A live progress bar in the terminal (epoch, train/val perplexity, tokens/s, ETA); none
+    when the output is not a terminal (logs, CI, a Prefect worker: the training logs a line at
+    every checkpoint there)."""
     bar = tqdm(total=epochs, desc=f"train_lm[{model}]", unit="epoch", disable=None,
                dynamic_ncols=True, leave=True)
     first = True
@@ -72,25 +146,42 @@ def progress_bar(model: str, epochs: int, on_epoch: EpochCallback | None,
                         val_ppl=f"{metrics['val_perplexity']:.3f}",
                         tok_s=f"{metrics['tokens_per_s']:,.0f}", refresh=False)
         bar.update(epoch - bar.n)                # redraws, with this epoch's numbers
-        if on_epoch is not None:
-            on_epoch(epoch, metrics)
     try:
         yield report
     finally:
         bar.close()
 
 
-def write_model_dir(out: Path, result: TrainResult, vocab: Vocab, params: Params) -> list[Path]:
+def write_model_dir(out: Path, result: TrainResult, vocab: Vocab, params: Params) -> dict:
     """models/<model>/: the best-validation epoch's weights, the vocabulary, the per-epoch
     history and meta.json, published together (a failed write leaves the previous folder).
     Only what the same params, code and machine reproduce byte for byte: timings and resume
-    points go to MLflow and the logs."""
+    points go to MLflow and the logs. Returns meta.json's content."""
     config = result.config
     build = {k: config[k] for k in ("vocab_size", "hidden", "num_layers", "dropout")}
     build["name"] = config["model"]
     last, best = result.history[-1], result.best
     # On the CPU, so that a GPU-trained model loads anywhere.
     state_dict = {k: v.detach().cpu() for k, v in result.best_state.items()}
+    meta = {
+        "model": config["model"],
+        **{k: build[k] for k in ("vocab_size", "hidden", "num_layers")},
+        "vocab_fingerprint": vocab.fingerprint(),
+        "device": str(result.device), "torch": torch.__version__,
+        "python": platform.python_version(),
+        "epochs": int(last["epoch"]), "stopped_early": result.stopped_early,
+        "final_train_perplexity": last["train_perplexity"],
+        "final_val_perplexity": last["val_perplexity"],
+        "best_epoch": int(best["epoch"]),
+        "best_train_perplexity": best["train_perplexity"],
+        "best_val_perplexity": best["val_perplexity"],
+        "validation_digest": result.validation_digest,
+        "params": {"seed": params.seed,
+                   "preprocess": params.preprocess.model_dump(
+                       mode="json", include={"train_tokens", "val_tokens"}),
+                   "train_lm": params.train_lm.model_dump(mode="json")},
+        "run_config": config,
+    }
     with publish() as outputs:
         folder = outputs.folder(out)
         save_torch(folder / MODEL_FILE, {"state_dict": state_dict, "config": build,
@@ -98,26 +189,29 @@ def write_model_dir(out: Path, result: TrainResult, vocab: Vocab, params: Params
         vocab.save(folder / VOCAB_FILE)          # the folder is self-contained
         write_csv(folder / HISTORY_FILE,
                   pd.DataFrame(result.history, columns=list(HISTORY_COLUMNS)))
-        write_json(folder / META_FILE, {
-            "model": config["model"],
-            **{k: build[k] for k in ("vocab_size", "hidden", "num_layers")},
-            "vocab_fingerprint": vocab.fingerprint(),
-            "device": str(result.device), "torch": torch.__version__,
-            "python": platform.python_version(),
-            "epochs": int(last["epoch"]), "stopped_early": result.stopped_early,
-            "final_train_perplexity": last["train_perplexity"],
-            "final_val_perplexity": last["val_perplexity"],
-            "best_epoch": int(best["epoch"]),
-            "best_train_perplexity": best["train_perplexity"],
-            "best_val_perplexity": best["val_perplexity"],
-            "validation_digest": result.validation_digest,
-            "params": {"seed": params.seed,
-                       "preprocess": params.preprocess.model_dump(
-                           mode="json", include={"train_tokens", "val_tokens"}),
-                       "train_lm": params.train_lm.model_dump(mode="json")},
-            "run_config": config,
-        })
-    return [out / name for name in (MODEL_FILE, VOCAB_FILE, HISTORY_FILE, META_FILE)]
+        write_json(folder / META_FILE, meta)
+    return meta
 
 
-STAGE: Stage = STAGE_BY_NAME["train_lm"]
+def _version_description(meta: dict, samples: dict[str, dict[str, str]]) -> str:
+    lines = [f"Best epoch {meta['best_epoch']} of {meta['epochs']}: validation perplexity "
+             f"{meta['best_val_perplexity']:.3f} (final epoch: train "
+             f"{meta['final_train_perplexity']:.3f}, validation "
+             f"{meta['final_val_perplexity']:.3f}).", "", "Continuations:"]
+    for texts in samples.values():
+        lines.append(f"- greedy: `{texts['greedy']}`")
+        lines.append(f"- sampled: `{texts['sampled']}`")
+    return "\n".join(lines)
+
+
+def perplexity_figure(history: pd.DataFrame, title: str) -> Figure:
+    """Training and validation perplexity per epoch (d2l's animator plot, log scale)."""
+    figure = Figure(figsize=(6, 3))
+    axes = figure.subplots()
+    axes.plot(history["epoch"], history["train_perplexity"], label="train")
+    axes.plot(history["epoch"], history["val_perplexity"], "--", label="validation")
+    axes.set(xlabel="epoch", ylabel="perplexity", yscale="log", title=title)
+    axes.grid(True)
+    axes.legend()
+    figure.tight_layout()
+    return figure

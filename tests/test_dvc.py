@@ -147,7 +147,7 @@ def test_flow_run_and_dvc_repro_agree_byte_for_byte(tmp_path):
 def test_dvc_repro_during_a_run_is_refused_before_it_deletes_anything(repo, monkeypatch):
     """`seqlm run` holds DVC's repository lock: a `dvc repro` meanwhile fails at once, before
     it removes any stage output."""
-    from seqlm.workspace import workspace_lock
+    from seqlm.runtime.workspace import workspace_lock
     root, env = repo
     _run([sys.executable, "-m", "seqlm.cli", "stage", "download"], root, env)
     corpus = (root / "data/raw/timemachine.txt").read_bytes()

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from seqlm.figures import png
-from seqlm.stage_logging import perplexity_figure
+from tasks.train_lm import perplexity_figure
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

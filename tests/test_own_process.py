@@ -1,4 +1,4 @@
-"""A training in a process of its own (seqlm.own_process): the same training, callbacks, logs,
+"""A training in a process of its own (seqlm.runtime.own_process): the same training, callbacks, logs,
 errors and stops as in a thread, and no process left behind."""
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import time
 import psutil
 import pytest
 
-from seqlm import interrupt
-from seqlm.own_process import ChildTraceback, train_in_own_process
-from seqlm.threads import cores
+from seqlm.runtime import interrupt
+from seqlm.runtime.own_process import ChildTraceback, train_in_own_process
+from seqlm.runtime.threads import cores
 from seqlm.train import HISTORY_COLUMNS, TrainingError, train
 from tasks.train_lm import trainer
 from test_train import assert_same_weights, char_corpus, make_params, weights
@@ -110,7 +110,7 @@ def test_a_child_that_dies_is_an_error_naming_the_training(data):
 
 
 CHILD_OF_A_KILLED_PROCESS = """
-from seqlm.own_process import train_in_own_process
+from seqlm.runtime.own_process import train_in_own_process
 from test_train import char_corpus, make_params
 import multiprocessing
 

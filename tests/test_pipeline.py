@@ -26,7 +26,7 @@ from seqlm import protocol
 from seqlm.generate import load_trained, predict
 from seqlm.params import load_params
 from seqlm.text import Vocab
-from seqlm.threads import training_slots
+from seqlm.runtime.threads import training_slots
 from seqlm.train import perplexity
 from seqlm.tracking import TrackingError
 

@@ -10,7 +10,7 @@ import torch
 
 from conftest import write_params
 from seqlm.params import Params, load_params
-from seqlm.preflight import PreflightError, check_corpus, check_machine
+from seqlm.runtime.preflight import PreflightError, check_corpus, check_machine
 from seqlm.text import Vocab
 
 

@@ -1,4 +1,5 @@
-"""The temporary Prefect server of `seqlm run`, owned by the run.
+"""The Prefect servers the CLI starts: the temporary one of `seqlm run`, owned by the run, and
+the lasting one of `seqlm schedule`.
 
 Prefect starts one by itself when PREFECT_API_URL is unset, but in the terminal's process
 group: Ctrl-C kills it at the same instant as the run, which then cannot record its end, and
@@ -15,23 +16,26 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
+from typing import Any
 
-from seqlm import interrupt
+from seqlm.runtime import interrupt
 
 STARTUP_TIMEOUT_S = 120      # 6-13 s on 2 idle cores; a busy machine can take much longer
 started_pid: int | None = None   # the server this process started, for the run's record
+LASTING_LOG = Path(".seqlm/prefect-server.log")   # what `seqlm schedule`'s server prints
 
 
 class ServerError(RuntimeError):
     """The temporary Prefect server did not start."""
 
 
-def spawn(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+def spawn(args: list[str], env: dict[str, str] | None = None, **popen: Any) -> subprocess.Popen:
     """A server process of this one: in a session of its own (the terminal's Ctrl-C reaches this
     process only, which then stops the server itself) and ended by the kernel if this process
     dies."""
     return subprocess.Popen(args, env=env, start_new_session=True,
-                            preexec_fn=interrupt.die_with_parent)
+                            preexec_fn=interrupt.die_with_parent, **popen)
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -110,3 +114,29 @@ def wait_for_server() -> None:
                               "running `prefect server start`")
         time.sleep(0.05)
     _starting = None
+
+
+def start_lasting_server(port: int) -> subprocess.Popen | None:
+    """`prefect server start` on 127.0.0.1:port, with its UI, for `seqlm schedule`, unless a
+    server answers there already (then None). Asks nothing and writes no profile (a terminal
+    would otherwise get Prefect's interactive profile question), and its UI calls the API on
+    the same port. ServerError if it does not answer within STARTUP_TIMEOUT_S."""
+    api_url = f"http://127.0.0.1:{port}/api"
+    if _healthy(api_url):
+        return None
+    env = {**os.environ, "PREFECT_CLI_PROMPT": "false", "PREFECT_SERVER_API_HOST": "127.0.0.1",
+           "PREFECT_SERVER_API_PORT": str(port), "PREFECT_UI_API_URL": api_url}
+    env.pop("PREFECT_API_URL", None)
+    LASTING_LOG.parent.mkdir(parents=True, exist_ok=True)
+    with open(LASTING_LOG, "ab") as output:
+        process = spawn([sys.executable, "-m", "prefect", "--no-prompt", "server", "start",
+                         "--host", "127.0.0.1", "--port", str(port)], env, stdout=output,
+                        stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while not _healthy(api_url):
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop(process)
+            raise ServerError(f"the Prefect server did not start on 127.0.0.1:{port} (exit code "
+                              f"{process.poll()}); its output is in {LASTING_LOG}")
+        time.sleep(0.2)
+    return process

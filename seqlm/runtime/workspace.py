@@ -102,17 +102,12 @@ class RunRecord:
 
     def __init__(self) -> None:
         self.data: dict[str, Any] = {"pid": os.getpid(), "started": _now(), "finished": False,
-                                     "mlflow_uri": None, "mlflow_runs": [],
-                                     "flow_run_id": None, "server_pid": None,
-                                     "concurrency_tag": None}
+                                     "mlflow_uri": None, "flow_run_id": None,
+                                     "server_pid": None, "concurrency_tag": None}
         self._save()
 
     def set(self, **values: Any) -> None:
         self.data.update(values)
-        self._save()
-
-    def add_mlflow_run(self, run_id: str) -> None:
-        self.data["mlflow_runs"].append(run_id)
         self._save()
 
     def finish(self) -> None:
@@ -122,28 +117,37 @@ class RunRecord:
         write_json(RECORD, self.data)
 
 
-def unfinished_run() -> dict[str, Any] | None:
-    """The record of an earlier run that never ended (killed); call while holding the lock."""
+def last_run() -> dict[str, Any] | None:
+    """The record of the run before this one (call while holding the lock)."""
     try:
         data = json.loads(RECORD.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return None if data.get("finished") or data.get("pid") == os.getpid() else data
+    return None if data.get("pid") == os.getpid() and not data.get("finished") else data
 
 
-def close_unfinished(record: dict[str, Any], log: Any) -> None:
-    """Close what a killed run left open: its MLflow runs (FAILED, with the reason), its
-    orphaned temporary Prefect server, its training-slot limit and its Prefect flow run
-    (Crashed). Each part is best effort: a store that is gone is reported, not raised."""
-    reason = (f"the pipeline process (pid {record.get('pid')}, started {record.get('started')}) "
-              f"was killed before it ended; closed by the next run at {_now()}")
-    log.warning("an earlier run was killed before it ended: %s; closing what it left open",
-                holder_of(record))
-    for step in (_close_mlflow_runs, _stop_orphan_server, _close_prefect_run):
+def close_previous(record: dict[str, Any], log: Any) -> None:
+    """Close what the run before this one left open. Killed (it never marked its record
+    finished): its orphaned temporary Prefect server, its training-slot limit, its Prefect flow
+    run (Crashed) and its MLflow runs (FAILED, with the reason). Finished: MLflow runs it could
+    not close (its store failed meanwhile). Each part is best effort: a store that is gone is
+    reported, not raised."""
+    if record.get("finished"):
+        reason = (f"the pipeline run (pid {record.get('pid')}, started {record.get('started')}) "
+                  f"ended without closing this run; closed by the next run at {_now()}")
+        steps = (_close_mlflow_runs,)
+    else:
+        reason = (f"the pipeline process (pid {record.get('pid')}, started "
+                  f"{record.get('started')}) was killed before it ended; closed by the next run "
+                  f"at {_now()}")
+        log.warning("an earlier run was killed before it ended: %s; closing what it left open",
+                    holder_of(record))
+        steps = (_close_mlflow_runs, _stop_orphan_server, _close_prefect_run)
+    for step in steps:
         try:
             step(record, reason, log)
         except Exception as exc:  # noqa: BLE001 - cleanup of one store must not stop the run
-            log.warning("could not close the killed run's %s: %s", step.__name__[1:],
+            log.warning("could not close the earlier run's %s: %s", step.__name__[1:],
                         " ".join(str(exc).split())[:200])
 
 
@@ -152,18 +156,11 @@ def holder_of(record: dict[str, Any]) -> str:
 
 
 def _close_mlflow_runs(record: dict[str, Any], reason: str, log: Any) -> None:
-    if not record.get("mlflow_uri") or not record.get("mlflow_runs"):
+    if not record.get("mlflow_uri") or not record.get("flow_run_id"):
         return
-    from mlflow import MlflowClient
-    client = MlflowClient(record["mlflow_uri"])
-    for run_id in record["mlflow_runs"]:
-        run = client.get_run(run_id)
-        if run.info.status == "RUNNING":
-            client.set_tag(run_id, "failure_reason", reason)
-            client.set_terminated(run_id, "FAILED")
-            log.warning("MLflow run %s (%s) closed as FAILED", run.info.run_name, run_id)
-
-
+    from seqlm.tracking import close_runs_of
+    for name in close_runs_of(record["flow_run_id"], record["mlflow_uri"], reason):
+        log.warning("MLflow run %s of the earlier run closed as FAILED", name)
 def _stop_orphan_server(record: dict[str, Any], reason: str, log: Any) -> None:
     import psutil
     pid = record.get("server_pid")

@@ -1,0 +1,104 @@
+"""What a pipeline run holds while its stages run, taken and given back in one place, whatever
+started the flow (`seqlm run`, `seqlm schedule`, a Prefect worker): the workspace, the signal
+handlers, the checks of the machine and the MLflow store, the clean-up after a killed run, the
+run's training slots and its MLflow parent run."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from prefect import get_client
+from prefect.context import FlowRunContext
+from prefect.exceptions import ObjectNotFound
+
+from seqlm import tracking
+from seqlm.params import Params
+from seqlm.runtime import interrupt, server
+from seqlm.runtime.preflight import check_machine
+from seqlm.runtime.threads import training_slots
+from seqlm.runtime.workspace import RunRecord, close_previous, last_run, workspace_lock
+
+log = logging.getLogger("seqlm.pipeline")
+
+
+@dataclass
+class Session:
+    parent: tracking.Run          # the pipeline's MLflow run
+    training_tag: str | None      # the tag of the run's training slots (None on Dask)
+
+
+@contextlib.contextmanager
+def pipeline_session(params: Params, record_dvc: bool) -> Iterator[Session]:
+    """Hold the workspace (and DVC's lock), check what can be checked before any stage runs,
+    close what a killed run left open, and open the run's MLflow parent run and training
+    slots; on the way out close them FINISHED, or KILLED / FAILED with the stages told to stop."""
+    with workspace_lock("seqlm run", dvc=record_dvc), interrupt.stop_on_signals():
+        tracking.check_store()          # an unusable store fails now, not after the stages
+        check_machine(params)
+        previous = last_run()
+        record = RunRecord()
+        if previous is not None:
+            close_previous(previous, log)
+        flow_run = FlowRunContext.get().flow_run
+        flow_run_id = str(flow_run.id)
+        tag = None if params.execution.task_runner == "dask" else \
+            open_training_slots(flow_run_id, training_slots(params))   # on Dask: GPU resources
+        record.set(flow_run_id=flow_run_id, server_pid=server.started_pid, concurrency_tag=tag,
+                   mlflow_uri=tracking.tracking_uri())
+        parent = tracking.Run(params, flow_run.name)
+        parent.open({**tracking.source_tags(params, "pipeline"), **tracking.PIPELINE_TAG,
+                     "prefect.flow_run_id": flow_run_id,
+                     "prefect.flow_run_url": prefect_run_url(flow_run_id)})
+        parent.log_params(tracking.flatten(params.model_dump(mode="json")))
+        link_mlflow_run(parent)
+        try:
+            yield Session(parent, tag)
+        except BaseException as exc:
+            interrupt.STOP.set()        # stages still running stop within a batch
+            parent.finish("KILLED" if isinstance(exc, (KeyboardInterrupt, interrupt.Interrupted))
+                          else "FAILED")
+            raise
+        else:
+            parent.finish()
+        finally:
+            if tag:
+                close_training_slots(tag)
+            record.finish()
+
+
+def open_training_slots(flow_run_id: str, slots: int) -> str:
+    """A concurrency limit owned by this run for its training tasks (tag `training-<run id>`):
+    `slots` trainings at a time (seqlm.runtime.threads.training_slots). Prefect's limits outlive
+    a killed process's slots; owned by the run, this one is deleted when the run ends, and a
+    killed run's by the next run: no slot is ever held for a run that is gone."""
+    tag = f"training-{flow_run_id}"
+    with get_client(sync_client=True) as client:
+        client.create_concurrency_limit(tag=tag, concurrency_limit=slots)
+    return tag
+
+
+def close_training_slots(tag: str) -> None:
+    with get_client(sync_client=True) as client, contextlib.suppress(ObjectNotFound):
+        client.delete_concurrency_limit_by_tag(tag)
+
+
+def prefect_run_url(flow_run_id: str) -> str:
+    """The flow run in the Prefect UI: the server's own, or for a temporary server the UI of
+    `prefect server start`, which reads the same database."""
+    from prefect.settings import PREFECT_UI_URL
+    ui = None if server.started_pid else PREFECT_UI_URL.value()
+    return f"{(ui or 'http://127.0.0.1:4200').rstrip('/')}/runs/flow-run/{flow_run_id}"
+
+
+def link_mlflow_run(run: tracking.Run) -> None:
+    url = run.url()
+    if url is None:
+        return
+    from prefect.artifacts import create_markdown_artifact
+    create_markdown_artifact(
+        key="mlflow-run", description="The MLflow run of this pipeline run",
+        markdown=f"MLflow run [{run.run_id}]({url}) in experiment "
+                 f"`{run.params.tracking.experiment}` of `{run.uri}`")
+    log.info("MLflow run: %s", url)
