@@ -132,7 +132,7 @@ STAGES: tuple[Stage, ...] = (
           outs={"model": AR_DIR}, reports={"errors": f"{REPORTS}/train_ar.json"}),
     Stage("train_lm", code=("tasks/train_lm.py", "seqlm/models.py", "seqlm/train.py",
                             "seqlm/loaders.py", "seqlm/protocol.py", "seqlm/generate.py",
-                            "seqlm/text.py", "seqlm/runtime/threads.py"),
+                            "seqlm/text.py", "seqlm/runtime/threads.py", "seqlm/figures.py"),
           params=("seed", "preprocess.train_tokens", "preprocess.val_tokens", *LM_TRAINING_KEYS),
           deps={"processed": PROCESSED}, outs={"model": LM_DIR}, foreach="train_lm.models"),
     Stage("evaluate", code=("tasks/evaluate.py", "seqlm/ngram_lm.py", "seqlm/ngrams.py",

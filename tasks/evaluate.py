@@ -17,7 +17,6 @@ from seqlm.io import publish, write_csv, write_json
 from seqlm.models import MODEL_NAMES
 from seqlm.ngram_lm import KneserNeyLM, unigram_log_probs, unigram_perplexity
 from seqlm.params import Params
-from seqlm.runtime.preflight import check_preprocessed
 from seqlm.runtime.records import Record, stage_task
 from seqlm.runtime.threads import use_cpu_threads
 from seqlm.text import Vocab
@@ -34,7 +33,6 @@ def evaluate(params: Params) -> Record:
     validation tokens, the AR model's k-step errors, and what the models generate. Returns the
     metrics, the summary (markdown and rows) and the reports for the pipeline's MLflow run."""
     lm, ev = params.train_lm, params.evaluate
-    check_preprocessed(params)
     use_cpu_threads(params)
     paths = STAGE.at(params)
     vocab = Vocab.load(S.VOCAB["char"])

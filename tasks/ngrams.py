@@ -27,7 +27,6 @@ from seqlm.ngrams import (ZIPF_MIN_COUNT, NgramError, NgramTable, check_key_fits
                           reduce_partials, save_partial, save_ranked, shard_bounds,
                           split_partitions, write_parquet, zipf_exponent)
 from seqlm.params import Params
-from seqlm.runtime.preflight import check_preprocessed
 from seqlm.runtime.records import Record, stage_task
 from seqlm.stages import CORPUS, NGRAMS, STAGE_BY_NAME, VOCAB
 from seqlm.text import TOKENIZERS, Vocab
@@ -99,7 +98,6 @@ def ngrams(params: Params, partitions: Partitions | None = None) -> Record:
     """Count (or, given the reduce tasks' `partitions`, merge) and write the stage's outputs;
     returns the Zipf exponents and table sizes, and the tables for the pipeline's MLflow run."""
     p = params.ngrams
-    check_preprocessed(params)
     metrics_path = STAGE.at(params).reports.zipf
     vocabs = {level: Vocab.load(_existing(VOCAB[level])) for level in TOKENIZERS}
     for level, vocab in vocabs.items():      # refuse before counting or writing anything

@@ -22,6 +22,8 @@ from prefect import flow
 
 from seqlm.download import AllSourcesFailed
 from seqlm.params import Params, load_params
+from seqlm.runtime.records import outputs_digest
+from seqlm.stages import STAGE_BY_NAME
 from tasks.download import configured_download, download
 from conftest import write_params
 
@@ -29,6 +31,13 @@ OUT = Path("data/raw/timemachine.txt")
 SHA256 = Path("data/raw/timemachine.txt.sha256")
 OUTS = [OUT, SHA256]
 MIRROR = Path("data/mirror/timemachine.txt")
+
+
+def written(record: dict) -> list[Path]:
+    """The files a download's record stands for: its digest is that of OUTS on disk."""
+    assert record["stage"] == "download"
+    assert record["outputs"] == outputs_digest(STAGE_BY_NAME["download"], load_params(), None)
+    return OUTS
 
 
 class Drop(bytes):
@@ -137,14 +146,14 @@ def test_http_fetch_then_cached(workdir: Path, server: Server) -> None:
     server.plans["/tm.txt"] = [corpus]
     params = params_with(workdir, sources=[server.url("/tm.txt")])
 
-    assert download.fn(params) == OUTS
+    assert written(download.fn(params)) == OUTS
     assert OUT.read_bytes() == corpus
     assert sha1(OUT.read_bytes()) == params.download.checksum
     # the record beside it is what `sha256sum -c` reads
     assert SHA256.read_text() == f"{hashlib.sha256(corpus).hexdigest()}  timemachine.txt\n"
     mtime = OUT.stat().st_mtime_ns
 
-    assert download.fn(params) == OUTS
+    assert written(download.fn(params)) == OUTS
     assert server.hits["/tm.txt"] == 1  # the cached file was not fetched again
     assert OUT.stat().st_mtime_ns == mtime
     assert leftovers(OUT.parent) == []
@@ -156,7 +165,7 @@ def test_good_cached_file_is_not_touched(workdir: Path) -> None:
     mtime = OUT.stat().st_mtime_ns
     # The only source is unreachable: success proves nothing was fetched.
     params = params_with(workdir, sources=[closed_port_url()])
-    assert download.fn(params) == OUTS
+    assert written(download.fn(params)) == OUTS
     assert OUT.stat().st_mtime_ns == mtime
     assert leftovers(OUT.parent) == []
 
@@ -172,7 +181,7 @@ def test_without_a_checksum_every_run_fetches_and_records_the_content(
     records = []
     with caplog.at_level("INFO", logger="seqlm.download"):
         for _ in range(3):
-            assert download.fn(params) == OUTS
+            assert written(download.fn(params)) == OUTS
             records.append((OUT.read_bytes(), SHA256.read_text()))
     assert server.hits["/tm.txt"] == 3
     assert records[0] == records[1] and records[0][0] == v1
@@ -212,7 +221,7 @@ def test_dropped_connection_fails_retriably_and_leaves_nothing(workdir: Path,
 
 def test_404_then_local_mirror(workdir: Path, server: Server) -> None:
     params = params_with(workdir, sources=[server.url("/missing.txt"), str(MIRROR)])
-    assert download.fn(params) == OUTS
+    assert written(download.fn(params)) == OUTS
     assert server.hits["/missing.txt"] == 1
     assert OUT.read_bytes() == MIRROR.read_bytes()
 
@@ -240,7 +249,7 @@ def test_sha256_and_file_url(workdir: Path) -> None:
     params = params_with(workdir, sources=[MIRROR.resolve().as_uri()],
                          checksum=hashlib.sha256(corpus).hexdigest())
     assert params.download.algorithm == "sha256"
-    assert download.fn(params) == OUTS
+    assert written(download.fn(params)) == OUTS
     assert OUT.read_bytes() == corpus
 
 
@@ -275,7 +284,7 @@ def test_prefect_retries_a_dropped_connection(prefect_server: None, workdir: Pat
     server.plans["/tm.txt"] = [Drop(corpus), corpus]
     params = params_with(workdir, sources=[server.url("/tm.txt")], retries=2)
 
-    assert run_configured(params) == OUTS
+    assert written(run_configured(params)) == OUTS
     assert server.hits["/tm.txt"] == 2
     assert OUT.read_bytes() == corpus
     assert leftovers(OUT.parent) == []

@@ -88,9 +88,13 @@ def left_behind(workdir: Path) -> list[str]:
 
 
 def closed_runs(env: dict[str, str], record: dict) -> dict[str, str]:
-    """{run name: status} of the MLflow runs a run opened; the parent is named "parent"."""
+    """{run name: run} of the MLflow runs a pipeline run opened (tagged with its Prefect flow
+    run, wherever its stages ran); the parent is named "parent"."""
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    runs = [client.get_run(run_id) for run_id in record["mlflow_runs"]]
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string=f"tags.`prefect.flow_run_id` = '{record['flow_run_id']}'")
+    assert runs, record
     return {("parent" if "mlflow.parentRunId" not in r.data.tags else r.info.run_name): r
             for r in runs}
 

@@ -27,7 +27,7 @@ def test_figures_drawn_in_threads_at_once_all_draw(tmp_path: Path) -> None:
     def draw() -> None:
         try:
             start.wait()                        # every thread parses the labels at once
-            drawn.append(png(lambda: perplexity_figure(history, "rnn")))
+            drawn.append(png(lambda: perplexity_figure(pd.read_csv(history), "rnn")))
         except Exception as exc:  # noqa: BLE001 - collected, asserted below
             errors.append(exc)
     interval = sys.getswitchinterval()

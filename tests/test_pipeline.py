@@ -224,14 +224,14 @@ def test_an_unreachable_mlflow_store_fails_in_seconds_before_any_stage(
 def test_a_store_failing_mid_run_keeps_every_artifact(workdir, prefect_server, monkeypatch):
     """The store answers at start-up, then fails on every call: the stages still write their
     artifacts and the run ends with the error and how to fix the URI."""
-    from seqlm.tracking import Tracker
+    from seqlm.tracking import Run
     write_params(workdir, **SMALL)
     write_params(workdir, train_lm={"models": ["rnn"]})
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
 
     def broken_store(self, *args, **kwargs):
         raise ConnectionError("the store went away")
-    monkeypatch.setattr(Tracker, "_log_params", broken_store)
+    monkeypatch.setattr(Run, "log_params", broken_store)
     with pytest.raises(TrackingError, match="failed .*ConnectionError: the store went away.* all "
                                             "pipeline artifacts were written. Fix MLFLOW_TRACKING_URI"):
         pipeline(params_file="params.yaml", record_dvc=False)

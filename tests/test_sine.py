@@ -15,8 +15,8 @@ from conftest import write_params
 
 def test_series_format_and_values(workdir: Path) -> None:
     params = load_params()
-    assert sine.fn(params) == [Path(SINE)]
-    assert STAGE_BY_NAME["sine"].paths(params)["outs"] == [SINE]
+    assert sine.fn(params)["stage"] == "sine"
+    assert list(STAGE_BY_NAME["sine"].at(params).outs.values()) == [SINE]
     meta = pq.ParquetFile(SINE).metadata
     assert all(meta.row_group(0).column(i).compression == "ZSTD" for i in range(2))
     table = pq.read_table(SINE)

@@ -8,10 +8,9 @@ from typing import get_args
 
 import yaml
 
-from flows.pipeline import upstream
 from seqlm.params import ModelName, load_params
-from seqlm.stages import BASELINE_CURVES, CURVES_TEMPLATE, STAGES, render_dvc_yaml
-from tasks import stage_task
+from seqlm.stages import BASELINE_CURVES, CURVES_TEMPLATE, STAGES, nodes, render_dvc_yaml
+from tasks import task_of
 
 from conftest import REPO
 
@@ -36,18 +35,20 @@ def test_dvc_yaml_declares_every_stage_with_its_paths():
     assert list(dvc) == [s.name for s in STAGES]
     for stage in STAGES:
         body = dvc[stage.name]["do"] if stage.foreach else dvc[stage.name]
-        uncached = [{path: {"cache": False}} for path in stage.plots + stage.reports]
-        assert body["deps"] == list(stage.deps) and body["outs"] == [*stage.outs, *uncached]
+        uncached = [{path: {"cache": False}}
+                    for path in (*stage.plots.values(), *stage.reports.values())]
+        assert body["deps"] == [*stage.deps.values(), *stage.code]
+        assert body["outs"] == [*stage.outs.values(), *uncached]
         assert body["cmd"].split()[:3] == ["seqlm", "stage", stage.name]
 
 
-# Plumbing every stage shares: paths, params schema, atomic writes. Not results-bearing code.
 # What runs a stage without deciding its outputs: how params are read, files written, stages
-# named, a run interrupted.
-# Code that moves or guards a stage's computation but does not decide its outputs (own_process:
-# where a training runs; tested to give the same bits as in a thread).
-PLUMBING = {"seqlm/params.py", "seqlm/io.py", "seqlm/stages.py", "seqlm/interrupt.py",
-            "seqlm/own_process.py"}
+# named and recorded, a run interrupted or checked up front, where a training runs (own_process:
+# tested to give the same bits as in a thread), and what goes to MLflow. Its own imports are
+# not followed.
+PLUMBING = {"seqlm/params.py", "seqlm/io.py", "seqlm/stages.py", "seqlm/tracking.py",
+            "seqlm/mlflow_model.py", "seqlm/runtime/interrupt.py", "seqlm/runtime/own_process.py",
+            "seqlm/runtime/records.py", "seqlm/runtime/preflight.py"}
 
 
 def _seqlm_imports(path: Path, seen: set[str]) -> set[str]:
@@ -62,34 +63,41 @@ def _seqlm_imports(path: Path, seen: set[str]) -> set[str]:
             file = name.replace(".", "/") + ".py"
             if file not in seen and (REPO / file).exists():
                 seen.add(file)
-                _seqlm_imports(REPO / file, seen)
+                if file not in PLUMBING:
+                    _seqlm_imports(REPO / file, seen)
     return seen
 
 
 def test_every_stage_has_a_task_and_declares_the_code_it_runs():
     params = load_params(REPO / "params.yaml")
     for stage in STAGES:
-        task = stage_task(stage.name, params)
+        task = task_of(stage.name, params)
         assert task.name == stage.name
         first = next(iter(inspect.signature(task.fn).parameters.values()))
         assert first.name == "params"
         module = f"tasks/{task.fn.__module__.split('.')[-1]}.py"
         code = {module} | _seqlm_imports(REPO / module, set())
-        missing = code - PLUMBING - set(stage.deps)
+        missing = code - PLUMBING - set(stage.code)
         assert not missing, f"stage {stage.name} runs {sorted(missing)} but does not declare it"
 
 
 def test_flow_edges_are_the_spec_dag():
     params = load_params(REPO / "params.yaml")
-    edges = {(s.name, item): sorted(name for name, _ in upstream(s, item, params))
-             for s in STAGES for item in s.items(params)}
+    edges = {node.label: sorted(node.upstream) for node in nodes(params)}
     assert edges == {
-        ("download", None): [],
-        ("preprocess", None): ["download"],
-        ("ngrams", None): ["preprocess"],
-        ("sine", None): [],
-        ("train_ar", None): ["sine"],
-        ("train_lm", "rnn_scratch"): ["preprocess"],
-        ("train_lm", "rnn"): ["preprocess"],
-        ("evaluate", None): ["preprocess", "train_ar", "train_lm", "train_lm"],
+        "download": [],
+        "preprocess": ["download"],
+        "ngrams": ["preprocess"],
+        "sine": [],
+        "train_ar": ["sine"],
+        "train_lm[rnn_scratch]": ["preprocess"],
+        "train_lm[rnn]": ["preprocess"],
+        "evaluate": ["preprocess", "train_ar", "train_lm[rnn]", "train_lm[rnn_scratch]"],
     }
+
+
+def test_a_path_is_read_by_its_name():
+    params = load_params(REPO / "params.yaml")
+    paths = STAGES[-2].at(params, "gru")
+    assert paths.outs.model == paths.outs["model"] == "models/gru"
+    assert STAGES[1].at(params).deps.corpus == "data/raw/timemachine.txt"

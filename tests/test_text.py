@@ -76,8 +76,11 @@ def test_unusable_corpus_is_refused(tmp_path, content, message):
 def test_preprocess_stage_writes_its_declared_outputs(workdir):
     (workdir / "data" / "raw").mkdir()
     (workdir / "data" / "raw" / "timemachine.txt").write_bytes(CORPUS.read_bytes())
-    written = preprocess.fn(load_params())
-    assert sorted(map(str, written)) == sorted([S.LINES, *S.VOCAB.values(), *S.CORPUS.values()])
+    record = preprocess.fn(load_params())
+    written = sorted(str(p.relative_to(workdir)) for p in (workdir / S.PROCESSED).iterdir())
+    assert written == sorted([S.LINES, *S.VOCAB.values(), *S.CORPUS.values()])
+    [dataset] = record["datasets"]               # what the pipeline's MLflow run logs
+    assert dataset["name"] == "timemachine" and dataset["source"] == "data/raw/timemachine.txt"
     ids = np.load(S.CORPUS["char"])
     assert ids.dtype == np.int32 and len(ids) == 170_580
     words = np.load(S.CORPUS["word"])

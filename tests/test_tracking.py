@@ -7,7 +7,8 @@ from mlflow import MlflowClient
 
 from seqlm.models import TorchRNN
 from seqlm.params import load_params
-from seqlm.tracking import Tracker
+from seqlm import tracking
+from seqlm.tracking import Run
 from tasks.download import download
 from tasks.preprocess import preprocess
 from tasks.train_lm import train_lm
@@ -27,9 +28,8 @@ def trained_rnn(workdir: Path) -> Path:
 
 def test_champion_alias_moves_only_to_a_better_model(trained_rnn, workdir):
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    tracker = Tracker(load_params(), uri=uri)
-    tracker.start()
     client = MlflowClient(uri)
+    errors = []
     rescored: list[tuple[type, int]] = []
     champion_on_new_text = 7.0
 
@@ -42,9 +42,12 @@ def test_champion_alias_moves_only_to_a_better_model(trained_rnn, workdir):
             saved = torch.load(trained_rnn / "model.pt", weights_only=True)
             saved["state_dict"] = {k: v + 0.01 for k, v in saved["state_dict"].items()}
             torch.save(saved, trained_rnn / "model.pt")
-        run_id = tracker.child_run("rnn", {"hidden": 8})
-        return int(tracker.log_language_model(run_id, trained_rnn, "rnn", val_perplexity,
-                                              digest, rescore))
+        run = Run(load_params(), "rnn", uri=uri)
+        run.open({})
+        version = tracking.register_language_model(run, trained_rnn, "rnn", val_perplexity,
+                                                   digest, rescore, "a test version")
+        errors.append(run.error)
+        return int(version)
 
     def champion() -> int:
         return int(client.get_model_version_by_alias("timemachine-rnn", "champion").version)
@@ -66,7 +69,7 @@ def test_champion_alias_moves_only_to_a_better_model(trained_rnn, workdir):
     assert register(6.5, digest="text-B") == 6
     assert champion() == 6 and len(rescored) == 2
     assert client.get_model_version("timemachine-rnn", "6").tags["val_digest"] == "text-B"
-    assert tracker.error is None
+    assert set(errors) == {None}
 
 
 def test_registered_names_follow_the_corpus(workdir):
@@ -80,11 +83,12 @@ def test_registered_names_follow_the_corpus(workdir):
 
 def test_failing_store_is_remembered_not_raised(workdir):
     (workdir / "blocker").write_text("a file where the store's folder should be")
-    tracker = Tracker(load_params(), uri=f"sqlite:///{workdir / 'blocker' / 'm.db'}")
-    assert tracker.start() is None
-    assert tracker.error is not None
-    tracker.log_metrics(None, {"x": 1.0})   # no-ops once disabled
-    assert tracker.run_id is None
+    run = Run(load_params(), "pipeline", uri=f"sqlite:///{workdir / 'blocker' / 'm.db'}")
+    assert run.open({}) is None
+    assert run.error is not None
+    run.log_metrics({"x": 1.0})             # no-ops once disabled
+    run.finish()
+    assert run.run_id is None
 
 
 def test_a_run_shorter_than_one_sampling_interval_still_gets_system_metrics(workdir):
@@ -92,11 +96,11 @@ def test_a_run_shorter_than_one_sampling_interval_still_gets_system_metrics(work
     # left the run's System metrics tab empty (seen on a 3-epoch run in CI)
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     write_params(workdir)
-    tracker = Tracker(load_params(), uri=uri)
-    tracker.start()
-    run_id = tracker.child_run("rnn", {"hidden": 8})
-    tracker.system_metrics(run_id).finish()
-    tracker.end_child(run_id)
-    metrics = MlflowClient(uri).get_run(run_id).data.metrics
+    run = Run(load_params(), "rnn", uri=uri)
+    run.open({})
+    with tracking.system_metrics(run):
+        pass
+    run.finish()
+    metrics = MlflowClient(uri).get_run(run.run_id).data.metrics
     assert "system/cpu_utilization_percentage" in metrics and \
         "system/system_memory_usage_megabytes" in metrics, metrics

@@ -471,11 +471,14 @@ def test_train_lm_task_writes_a_self_contained_model_folder(workdir: Path, data)
     (workdir / "data" / "processed").mkdir(parents=True)
     np.save(workdir / "data" / "processed" / "corpus_char.npy", corpus)
     vocab.save(workdir / "data" / "processed" / "vocab_char.parquet")
+    vocab.save(workdir / "data" / "processed" / "vocab_word.parquet")   # read by the checks only
     params = make_params(hidden=32, epochs=3, checkpoint_every=2)
-    written = train_lm.fn(params, "gru")
+    record = train_lm.fn(params, "gru")
     out = workdir / "models" / "gru"
-    assert sorted(p.name for p in written) == ["history.csv", "meta.json", "model.pt", "vocab.parquet"]
-    assert all((workdir / p).is_file() for p in written)
+    written = sorted(out.iterdir())
+    assert [p.name for p in written] == ["history.csv", "meta.json", "model.pt", "vocab.parquet"]
+    assert record["stage"] == "train_lm[gru]" and record["tracked"] is True
+    assert record["model_version"] == "1"          # registered in the store of the workspace
     history = pd.read_csv(out / "history.csv")
     # only what a re-run reproduces: no timings
     assert list(history.columns) == ["epoch", "train_perplexity", "val_perplexity"]

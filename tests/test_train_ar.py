@@ -17,7 +17,7 @@ from seqlm.io import file_digest
 from seqlm.params import load_params
 from seqlm.stages import AR_DIR, SINE, STAGE_BY_NAME
 from tasks.sine import sine
-from tasks.train_ar import train_ar
+from tasks.train_ar import _read_series, fit, train_ar
 from conftest import REPO, write_params
 
 REPORT = "reports/train_ar.json"
@@ -26,9 +26,16 @@ FILES = ("model.pt", "history.csv", "predictions.parquet", "kstep.csv", "kstep_p
 
 
 def run(on_epoch=None) -> list[Path]:
+    """The sine and train_ar stages; with `on_epoch`, the training itself (tasks.train_ar.fit),
+    which reports each epoch to it. Returns the files of the stage's outputs."""
     params = load_params()
     sine.fn(params)
-    return train_ar.fn(params, on_epoch=on_epoch)
+    if on_epoch is None:
+        train_ar.fn(params)
+    else:
+        fit(params, *_read_series(SINE), on_epoch)
+    return [path for path in [*(Path(AR_DIR, name) for name in FILES), Path(REPORT)]
+            if path.exists()]
 
 
 def load_net(path: Path) -> torch.nn.Module:
@@ -67,8 +74,8 @@ def test_defaults_match_the_seed_and_write_the_declared_outputs(default_run: Def
     # All randomness comes from seeded generators: the process-wide RNG is left alone.
     assert default_run.global_rng_untouched
     root = default_run.root
-    declared = STAGE_BY_NAME["train_ar"].paths(load_params(root / "params.yaml"))
-    assert declared["outs"] == [AR_DIR] and declared["reports"] == [REPORT]
+    declared = STAGE_BY_NAME["train_ar"].at(load_params(root / "params.yaml"))
+    assert list(declared.outs.values()) == [AR_DIR] and list(declared.reports.values()) == [REPORT]
     assert sorted(default_run.written) == sorted([Path(AR_DIR, name) for name in FILES] + [Path(REPORT)])
     assert all((root / path).stat().st_size > 0 for path in default_run.written)
     assert not list((root / AR_DIR).glob("*.tmp"))

@@ -73,6 +73,9 @@ def _available_memory(device: str) -> float:
 def check_preprocessed(params: Params) -> None:
     """check_corpus on what the preprocess stage wrote."""
     from seqlm.stages import CORPUS, VOCAB
+    for path in (CORPUS["char"], *VOCAB.values()):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: not found (run the preprocess stage first)")
     check_corpus(params, np.load(CORPUS["char"], mmap_mode="r"),
                  {level: Vocab.load(path) for level, path in VOCAB.items()})
 
