@@ -18,6 +18,7 @@ from prefect.futures import PrefectFuture, as_completed, wait
 
 from seqlm import tracking
 from seqlm.params import PARAMS_FILE, Params, load_params
+from seqlm.runtime import interrupt
 from seqlm.runtime.runners import local_runner, one_gpu_each, task_runner_for
 from seqlm.runtime.session import Session, pipeline_session
 from seqlm.runtime.workspace import dvc_lock_released
@@ -47,8 +48,15 @@ def pipeline(params_file: str = str(PARAMS_FILE), record_dvc: bool = True) -> di
         return pipeline.with_options(task_runner=task_runner_for(params))(
             params_file=params_file, record_dvc=record_dvc)
     with pipeline_session(params, record_dvc) as session:
-        futures = submit_stages(params, session)
-        records = {label: _finished(future, session) for label, future in _completed(futures)}
+        futures: dict[str, PrefectFuture] = {}
+        try:
+            submit_stages(params, session, futures)
+            records = {label: _finished(future, session) for label, future in _completed(futures)}
+        except BaseException:
+            # A failed stage or Ctrl-C: the stages still running stop within a batch (their
+            # last checkpoints kept) before the run ends.
+            interrupt.stop_and_wait(list(futures.values()))
+            raise
         _report(params, session, records, futures)
         if record_dvc:
             _record_in_dvc(params_file)
@@ -58,17 +66,14 @@ def pipeline(params_file: str = str(PARAMS_FILE), record_dvc: bool = True) -> di
             f"MLflow store {tracking.tracking_uri()!r} failed ({next(e for e in errors if e)}); "
             f"all pipeline artifacts were written. {tracking.FIX_URI} and re-run: unchanged "
             "stages are skipped.")
-    return {label: future.state.name for label, future in futures.items()}
+    return {node.label: futures[node.label].state.name for node in nodes(params)}
 
 
-def submit_stages(params: Params, session: Session) -> dict[str, PrefectFuture]:
-    """Every stage task, with its upstream futures, in the graph's order."""
+def submit_stages(params: Params, session: Session, futures: dict[str, PrefectFuture]) -> None:
+    """Every stage task, with its upstream futures, into `futures` by label."""
     dask = params.execution.task_runner == "dask"
     sharded = params.ngrams.shard_tokens is not None
-    futures: dict[str, PrefectFuture] = {}
-    # The sharded n-gram count plans its shards from the corpus: it waits for preprocess, so it
-    # is submitted after every other stage (nothing reads the n-grams).
-    for node in sorted(nodes(params), key=lambda n: sharded and n.stage.name == "ngrams"):
+    for node in sorted(nodes(params), key=lambda n: submitted_late(n.stage.name, sharded)):
         upstream = [futures[label] for label in node.upstream]
         if sharded and node.stage.name == "ngrams":
             futures[node.label] = submit_sharded(params, upstream)
@@ -85,7 +90,16 @@ def submit_stages(params: Params, session: Session) -> dict[str, PrefectFuture]:
         args = (params, node.item) if node.item is not None else (params,)
         with one_gpu_each(dask and training):
             futures[node.label] = task.submit(*args, wait_for=upstream)
-    return futures
+
+
+def submitted_late(stage: str, sharded: bool) -> int:
+    """When a stage is submitted, after the ones it reads: the trainings (the longest tasks)
+    right after their inputs, so that they get the first workers free; the sharded n-gram count
+    last, as it plans its shards from the corpus and waits for preprocess (nothing reads the
+    n-grams)."""
+    if sharded and stage == "ngrams":
+        return 2
+    return 0 if stage in ("download", "preprocess", "train_lm") else 1
 
 
 def _completed(futures: dict[str, PrefectFuture]):
@@ -113,7 +127,7 @@ def _report(params: Params, session: Session, records: dict[str, dict],
     create_table_artifact(table=evaluation["table"], key="perplexity-summary",
                           description="Train/validation perplexity of each language model "
                                       "beside the character n-gram baselines")
-    cached = [label for label in futures if futures[label].state.name == "Cached"]
+    cached = [node.label for node in nodes(params) if futures[node.label].state.name == "Cached"]
     if cached:
         session.parent.set_tags({
             "cached_stages": ", ".join(cached),

@@ -193,11 +193,17 @@ class Run:
                           f"tags.`{key}` = '{value}'")
         return found[0].info.run_id if found else None
 
-    @_guarded
     def finish(self, status: str = "FINISHED") -> None:
-        if self.run_id is not None:
-            self._send_epochs()
+        """End the run with `status`; tried even after an earlier call failed, so that a store
+        that failed once does not leave the run RUNNING (a run it cannot end is ended by the
+        next pipeline run)."""
+        if self.run_id is None:
+            return
+        self._send_epochs()
+        try:
             self.client.set_terminated(self.run_id, status)
+        except Exception as exc:  # noqa: BLE001 - as every call here: never fail a stage
+            self.error = self.error or f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
 
     def url(self) -> str | None:
         """The run in the MLflow UI (`mlflow ui` on its default port for a local store)."""
@@ -288,8 +294,13 @@ class Run:
             entity = MetaDataset(resolve_dataset_source(source), name=name,
                                  digest=digest[:16])._to_mlflow_entity()
         input_tags = {"mlflow.data.context": context, **(tags or {})}
-        self.client.log_inputs(self.run_id, datasets=[DatasetInput(
-            entity, tags=[InputTag(k, v) for k, v in input_tags.items()])])
+        dataset = DatasetInput(entity, tags=[InputTag(k, v) for k, v in input_tags.items()])
+        try:
+            self.client.log_inputs(self.run_id, datasets=[dataset])
+        except Exception:  # noqa: BLE001 - see below; a second failure is the store's
+            # Trainings side by side log the same dataset at once, and the store's "get or
+            # create" of a dataset races (a UNIQUE constraint fails): the second try finds it.
+            self.client.log_inputs(self.run_id, datasets=[dataset])
 
 
 @contextlib.contextmanager

@@ -1,5 +1,7 @@
 """prefect.yaml the Prefect way: a real server, a process work pool, `prefect deploy`, a worker
-subprocess, and a triggered run of the deployment that completes."""
+subprocess; and one pipeline whatever starts it: a deployment run by the worker and `seqlm run`
+share the stages' record (each reports the other's stages cached and trains nothing), and the
+worker's flow runs carry the pipeline's own log lines."""
 from __future__ import annotations
 
 import json
@@ -11,10 +13,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
 
-from test_dvc import make_repo
+from test_dvc import make_repo, training_runs
 
 pytestmark = pytest.mark.slow
+STAGES = {"download", "preprocess", "ngrams", "sine", "train_ar", "train_lm[rnn]", "evaluate"}
 
 
 def free_port() -> int:
@@ -30,7 +34,24 @@ def api(url: str, body: dict | None = None) -> object:
         return json.loads(response.read())
 
 
-def test_a_deployment_runs_through_a_process_worker(tmp_path: Path):
+def wait_healthy(url: str, log: Path, seconds: float = 180) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            return
+        except OSError:
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(1)
+
+
+def stage_states(url: str, flow_run_id: str) -> dict[str, str]:
+    """{stage: state name} of a flow run's stage task runs (task run names are `label-xyz`)."""
+    runs = api(f"{url}/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
+    return {run["name"].rsplit("-", 1)[0]: run["state_name"] for run in runs}
+
+
+def test_a_deployment_and_seqlm_run_share_one_record_of_the_stages(tmp_path: Path):
     root, env = make_repo(tmp_path / "repo", tmp_path)
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
@@ -42,15 +63,9 @@ def test_a_deployment_runs_through_a_process_worker(tmp_path: Path):
     procs = [subprocess.Popen([*prefect, "server", "start", "--host", "127.0.0.1", "--port",
                                str(port)], env=server_env, stdout=open(logs / "server.log", "w"),
                               stderr=subprocess.STDOUT, start_new_session=True)]
+    mlflow = MlflowClient(env["MLFLOW_TRACKING_URI"])
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, (logs / "server.log").read_text()[-2000:]
-                time.sleep(1)
+        wait_healthy(url, logs / "server.log")
 
         def cli(*args: str) -> str:
             result = subprocess.run([*prefect, *args], cwd=root, env=env, capture_output=True,
@@ -65,17 +80,46 @@ def test_a_deployment_runs_through_a_process_worker(tmp_path: Path):
         procs.append(subprocess.Popen([*prefect, "worker", "start", "--pool", "seqlm"], cwd=root,
                                       env=env, stdout=open(logs / "worker.log", "w"),
                                       stderr=subprocess.STDOUT, start_new_session=True))
-        flow_run = api(f"{url}/deployments/{deployment['id']}/create_flow_run", {})
-        deadline = time.monotonic() + 400
-        while True:
-            state = json.loads(
-                urllib.request.urlopen(f"{url}/flow_runs/{flow_run['id']}", timeout=10).read())
-            if state["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
-                break
-            assert time.monotonic() < deadline, (logs / "worker.log").read_text()[-3000:]
-            time.sleep(2)
-        assert state["state_type"] == "COMPLETED", (logs / "worker.log").read_text()[-3000:]
+
+        def run_deployment() -> str:
+            flow_run = api(f"{url}/deployments/{deployment['id']}/create_flow_run", {})
+            deadline = time.monotonic() + 400
+            while True:
+                state = json.loads(urllib.request.urlopen(f"{url}/flow_runs/{flow_run['id']}",
+                                                          timeout=10).read())
+                if state["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                    break
+                assert time.monotonic() < deadline, (logs / "worker.log").read_text()[-3000:]
+                time.sleep(2)
+            assert state["state_type"] == "COMPLETED", (logs / "worker.log").read_text()[-3000:]
+            return flow_run["id"]
+
+        # 1. the deployment, on a fresh clone: every stage runs
+        first = run_deployment()
         assert (root / "reports/summary.md").exists() and (root / "models/rnn/model.pt").exists()
+        assert stage_states(url, first) == {label: "Completed" for label in STAGES}
+        trained = training_runs(mlflow)
+        assert {r.info.run_name for r in trained} == {"ar_mlp", "rnn"}
+        # the pipeline's own lines (training progress, the champion) are in the run's logs
+        logs_of_run = [entry["message"] for entry in api(
+            f"{url}/logs/filter", {"logs": {"flow_run_id": {"any_": [first]}}, "limit": 200})]
+        assert any(line.startswith("rnn epoch 2: train ppl") for line in logs_of_run), logs_of_run
+        assert any("is the new champion" in line for line in logs_of_run), logs_of_run
+
+        # 2. `seqlm run` in the same clone: everything the deployment made is up to date
+        result = subprocess.run([sys.executable, "-m", "seqlm.cli", "run"], cwd=root, env=env,
+                                capture_output=True, text=True, timeout=400)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        states = dict(line.split() for line in result.stdout.splitlines()
+                      if line.split()[-1:] in (["Cached"], ["Completed"]))
+        assert states == {label: "Cached" for label in STAGES}, result.stdout
+        assert len(training_runs(mlflow)) == len(trained)
+
+        # 3. the deployment again, after `seqlm run`: all cached, nothing trained or registered
+        third = run_deployment()
+        assert stage_states(url, third) == {label: "Cached" for label in STAGES}
+        assert len(training_runs(mlflow)) == len(trained)
+        assert [v.version for v in mlflow.search_model_versions("name='timemachine-rnn'")] == ["1"]
     finally:
         for proc in procs[::-1]:
             proc.terminate()

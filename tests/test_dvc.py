@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import vl_convert
 import yaml
+from mlflow import MlflowClient
 
 from conftest import REPO, write_params
 from seqlm.params import load_params
@@ -34,7 +35,7 @@ def pipeline_outputs() -> list[str]:
     written = ["dvc.lock"]
     for stage in STAGES:
         for item in stage.items(params):
-            written += stage.written(params, item)
+            written += stage.at(params, item).written()
     return written
 
 
@@ -67,6 +68,12 @@ def make_repo(root: Path, tmp_path: Path) -> tuple[Path, dict]:
     _run(["git", "add", "-A"], root, env)
     _run(["git", "commit", "-qm", "init"], root, env)
     return root, env
+
+
+def training_runs(client: MlflowClient) -> list:
+    experiment = client.get_experiment_by_name("seqlm")
+    return [r for r in client.search_runs([experiment.experiment_id])
+            if not r.data.tags.get("seqlm.run") == "pipeline"] if experiment else []
 
 
 @pytest.fixture
@@ -132,6 +139,16 @@ def test_flow_run_and_dvc_repro_agree_byte_for_byte(tmp_path):
              for o in body.get("outs", [])} for stages in (lock, other_lock)]
     assert len(outs[0]) >= 10 and outs[0] == outs[1]
     assert other_lock == lock
+    # what `dvc repro` ran, `seqlm run` knows is up to date: one record for both doors
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    trainings = training_runs(client)
+    assert {r.info.run_name for r in trainings} == {"ar_mlp", "rnn"}   # logged by the stages
+    out = _run([sys.executable, "-m", "seqlm.cli", "run"], other, env)
+    states = dict(line.split() for line in out.splitlines() if line.split()[-1:] in (
+        ["Cached"], ["Completed"]))
+    assert set(states.values()) == {"Cached"} and len(states) == 7, out
+    assert len(training_runs(client)) == len(trainings)
+    assert (other / "dvc.lock").read_text() == (root / "dvc.lock").read_text()
 
     # an experiment runs the stage its param changes, and only that one
     assert "up to date" in _dvc(other, env, "status")

@@ -224,19 +224,34 @@ def test_an_unreachable_mlflow_store_fails_in_seconds_before_any_stage(
 def test_a_store_failing_mid_run_keeps_every_artifact(workdir, prefect_server, monkeypatch):
     """The store answers at start-up, then fails on every call: the stages still write their
     artifacts and the run ends with the error and how to fix the URI."""
-    from seqlm.tracking import Run
     write_params(workdir, **SMALL)
     write_params(workdir, train_lm={"models": ["rnn"]})
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
 
     def broken_store(self, *args, **kwargs):
         raise ConnectionError("the store went away")
-    monkeypatch.setattr(Run, "log_params", broken_store)
+    monkeypatch.setattr(MlflowClient, "log_batch", broken_store)
+    monkeypatch.setattr(MlflowClient, "set_terminated", broken_store)   # runs cannot be ended
     with pytest.raises(TrackingError, match="failed .*ConnectionError: the store went away.* all "
                                             "pipeline artifacts were written. Fix MLFLOW_TRACKING_URI"):
         pipeline(params_file="params.yaml", record_dvc=False)
     assert (workdir / "reports/summary.md").exists()
     assert (workdir / "models/rnn/model.pt").exists()
+    # the store is back: the next run logs and registers the trainings whose logging failed
+    # (their records say so), and reuses every other stage
+    monkeypatch.undo()
+    monkeypatch.chdir(workdir)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
+    states = pipeline(params_file="params.yaml", record_dvc=False)
+    assert states["train_lm[rnn]"] == states["train_ar"] == "Completed"
+    assert states["ngrams"] == states["preprocess"] == "Cached"
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    assert int(client.get_model_version_by_alias("timemachine-rnn", "champion").version) == 1
+    runs = client.search_runs([client.get_experiment_by_name("seqlm").experiment_id])
+    # the failed run's MLflow runs, left RUNNING, are closed by the next run, with the reason
+    failed = [r for r in runs if r.info.status == "FAILED"]
+    assert {r.info.status for r in runs} == {"FINISHED", "FAILED"} and len(failed) == 3
+    assert all("ended without closing this run" in r.data.tags["failure_reason"] for r in failed)
 
 
 TINY = dict(SMALL, train_lm={"epochs": 2, "hidden": 16, "checkpoint_every": 2, "models": ["rnn"]})

@@ -61,3 +61,17 @@ def die_with_parent() -> None:
 def exit_code() -> int:
     """The shell's convention: 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM)."""
     return 128 + (received[-1] if received else signal.SIGINT)
+
+
+STOP_WAIT_S = 60             # for the stages still running to stop, after a run failed
+
+
+def stop_and_wait(futures: list) -> None:
+    """Ask every running stage to stop (STOP) and wait for them, up to STOP_WAIT_S: a failed or
+    interrupted run ends with nothing of its own still computing."""
+    from prefect.futures import wait
+    STOP.set()
+    try:
+        wait(futures, timeout=STOP_WAIT_S)
+    finally:
+        STOP.clear()

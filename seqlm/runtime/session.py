@@ -56,7 +56,6 @@ def pipeline_session(params: Params, record_dvc: bool) -> Iterator[Session]:
         try:
             yield Session(parent, tag)
         except BaseException as exc:
-            interrupt.STOP.set()        # stages still running stop within a batch
             parent.finish("KILLED" if isinstance(exc, (KeyboardInterrupt, interrupt.Interrupted))
                           else "FAILED")
             raise
