@@ -20,7 +20,7 @@ from seqlm.params import PARAMS_FILE, ParamsError, load_params
 # Registered at import, before the exit handlers of what the commands start (the temporary
 # server's stop, MLflow's and Prefect's), so it runs after them: the objects left are then out of
 # the collector's reach and the interpreter's final collections no longer walk torch's, MLflow's
-# and Prefect's heaps (1.7 s of a 9-second re-run with nothing changed). Streams and files are
+# and Prefect's heaps (seconds of a re-run with nothing changed: bench/). Streams and files are
 # still flushed and closed at exit; the memory goes back to the system with the process.
 atexit.register(gc.freeze)
 
@@ -87,7 +87,8 @@ def run(params: ParamsOption = PARAMS_FILE,
         server.wait_for_server()
         # Heartbeats let a lasting server mark a flow run whose process died as crashed. A
         # temporary server dies with this process (the next run closes a killed one, see
-        # seqlm.runtime.workspace), and stopping the heartbeat thread took up to 1 s at every run's end.
+        # seqlm.runtime.workspace), and the heartbeat thread, which sleeps in 1 s steps, held up
+        # every run's end.
         heartbeats = {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None} if server.started_pid else {}
         with temporary_settings(updates=heartbeats):
             states = pipeline(params_file=str(params), record_dvc=dvc)
@@ -150,13 +151,15 @@ def schedule(cron: Annotated[str, typer.Option(help="cron schedule (UTC)")] = "0
         typer.echo(f"Prefect UI: http://127.0.0.1:{port}  schedule: {cron} (Ctrl-C stops)")
         from flows.pipeline import pipeline
         with interrupt.stop_on_signals():
-            pipeline.serve(name="scheduled", cron=cron, parameters={"params_file": str(params)},
-                           pause_on_shutdown=False, print_starting_message=False)
-    except KeyboardInterrupt:
-        typer.echo("stopped serving; the schedule stays active for the next start")
+            # Prefect's serve ends on Ctrl-C by itself (or raises it, when it comes mid-step).
+            with contextlib.suppress(KeyboardInterrupt):
+                pipeline.serve(name="scheduled", cron=cron,
+                               parameters={"params_file": str(params)}, pause_on_shutdown=False,
+                               print_starting_message=False)
     finally:
         if process is not None:
             server.stop(process)
+    typer.echo("stopped serving; the schedule stays active for the next start")
 
 
 @app.command()

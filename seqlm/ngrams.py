@@ -438,7 +438,7 @@ def _max_chunk(base: int) -> int:
 
 def _count_dense(keys: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(keys, counts, first positions) of the distinct values of `keys` < size, by array
-    indexing: a few ns per window where a sort costs ~20."""
+    indexing: linear where a sort is n log n."""
     counts = np.bincount(keys, minlength=size)
     first = np.full(size, len(keys), dtype=np.int64)
     np.minimum.at(first, keys, np.arange(len(keys), dtype=np.int64))

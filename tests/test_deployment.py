@@ -119,7 +119,7 @@ def test_a_deployment_and_seqlm_run_share_one_record_of_the_stages(tmp_path: Pat
         third = run_deployment()
         assert stage_states(url, third) == {label: "Cached" for label in STAGES}
         assert len(training_runs(mlflow)) == len(trained)
-        assert [v.version for v in mlflow.search_model_versions("name='timemachine-rnn'")] == ["1"]
+        assert [int(v.version) for v in mlflow.search_model_versions("name='timemachine-rnn'")] == [1]
     finally:
         for proc in procs[::-1]:
             proc.terminate()

@@ -215,6 +215,8 @@ def small_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     params["download"]["sources"] = ["data/mirror/timemachine.txt"]
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     monkeypatch.chdir(root)
+    # the trainings' MLflow store beside the disk: its open database would keep it mounted
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
 
     def fill() -> None:
         if mounted:                        # leave a few KiB: the first big write fails

@@ -21,7 +21,7 @@ from typing import Any
 
 from seqlm.runtime import interrupt
 
-STARTUP_TIMEOUT_S = 120      # 6-13 s on 2 idle cores; a busy machine can take much longer
+STARTUP_TIMEOUT_S = 120      # seconds on idle cores; a busy machine can take much longer
 started_pid: int | None = None   # the server this process started, for the run's record
 LASTING_LOG = Path(".seqlm/prefect-server.log")   # what `seqlm schedule`'s server prints
 
@@ -133,10 +133,13 @@ def start_lasting_server(port: int) -> subprocess.Popen | None:
                          "--host", "127.0.0.1", "--port", str(port)], env, stdout=output,
                         stderr=subprocess.STDOUT)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while not _healthy(api_url):
-        if process.poll() is not None or time.monotonic() > deadline:
-            stop(process)
-            raise ServerError(f"the Prefect server did not start on 127.0.0.1:{port} (exit code "
-                              f"{process.poll()}); its output is in {LASTING_LOG}")
-        time.sleep(0.2)
+    try:
+        while not _healthy(api_url):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise ServerError(f"the Prefect server did not start on 127.0.0.1:{port} (exit "
+                                  f"code {process.poll()}); its output is in {LASTING_LOG}")
+            time.sleep(0.2)
+    except BaseException:                # Ctrl-C meanwhile too
+        stop(process)
+        raise
     return process

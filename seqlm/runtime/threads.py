@@ -60,8 +60,8 @@ def keep_freed_memory() -> None:
     """Let glibc keep freed blocks of up to 32 MB in the process (up to 256 MB in all) instead
     of handing them back to the kernel. torch frees and allocates the same MB-sized tensors every
     step (states, gradients, validation inputs); each one returned to the kernel page-faults
-    again when it is next written: ~9,000 faults and ~7% of a scratch-RNN epoch on the CPU. The
-    same numbers, only faster; elsewhere than glibc, nothing changes."""
+    again when it is next written (thousands of faults an epoch, bench/README.md). The same
+    numbers, only faster; elsewhere than glibc, nothing changes."""
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     if mallopt is None:
         return
@@ -74,8 +74,8 @@ def yields_cores(model: str, params: Params) -> bool:
     """Whether a training on the CPU runs at a lower priority: when trainings run side by side,
     all but the one with the most work per epoch (layers x gates x hidden^2; the first of
     equals) do. The run ends when that one ends, and with every thread at the same priority
-    it got ~60% of a core beside the others (default run: `rnn_scratch` 400 instead of 250 ms
-    an epoch while `rnn` trained); now it keeps its core and the others fill what is left.
+    it got only part of a core beside the others; now it keeps its core and the others fill
+    what is left.
     Priorities change who waits, not what is computed."""
     p = params.train_lm
     if not side_by_side(params):
