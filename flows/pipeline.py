@@ -60,6 +60,7 @@ def pipeline(params_file: str = str(PARAMS_FILE), record_dvc: bool = True) -> di
         _report(params, session, records, futures)
         if record_dvc:
             _record_in_dvc(params_file)
+        tracking.log_lock(session.parent)
     errors = [session.parent.error, *(r.get("tracking_error") for r in records.values())]
     if any(errors):
         raise tracking.TrackingError(
@@ -79,17 +80,19 @@ def submit_stages(params: Params, session: Session, futures: dict[str, PrefectFu
             futures[node.label] = submit_sharded(params, upstream)
             continue
         training = node.stage.name == "train_lm"
+        wait_for: list = upstream
         if training and dask:
-            # Dask places a task beside the results it depends on and never moves one that
-            # asks for a resource: submitted with preprocess still running, every training
-            # would queue on preprocess's worker.
+            # Dask runs a task beside the results it depends on and never moves one that asks
+            # for a resource: with preprocess's future as a dependency every training would
+            # queue on preprocess's worker. Its final state draws the same edge in Prefect.
             wait(upstream)
+            wait_for = [future.state for future in upstream]
         task = task_of(node.stage.name, params).with_options(
             name=node.label, tags=[session.training_tag] if training and session.training_tag
             else [])
         args = (params, node.item) if node.item is not None else (params,)
         with one_gpu_each(dask and training):
-            futures[node.label] = task.submit(*args, wait_for=upstream)
+            futures[node.label] = task.submit(*args, wait_for=wait_for)
 
 
 def submitted_late(stage: str, sharded: bool) -> int:
@@ -111,10 +114,7 @@ def _completed(futures: dict[str, PrefectFuture]):
 
 def _finished(future: PrefectFuture, session: Session) -> dict:
     record = future.result()                       # a failed stage raises here
-    cached = future.state.name == "Cached"
-    if cached:
-        log.info("stage %s unchanged: skipped (cached)", record["stage"])
-    tracking.log_record(session.parent, record, cached)
+    tracking.log_record(session.parent, record, cached=future.state.name == "Cached")
     return record
 
 

@@ -444,6 +444,13 @@ def log_record(run: Run, record: dict[str, Any], cached: bool) -> None:
             run.log_artifacts(paths, artifact_path or None)
 
 
+def log_lock(run: Run, lock: Path = Path("dvc.lock")) -> None:
+    """dvc.lock (the DVC hashes of every dep and out, in one file) and its md5 on the run."""
+    if lock.exists():
+        run.log_artifacts([str(lock)])
+        run.set_tags({"dvc_lock_md5": file_digest(lock, "md5")})
+
+
 def close_runs_of(flow_run: str, uri: str, reason: str) -> list[str]:
     """Close, as FAILED with the reason, the MLflow runs a Prefect flow run left RUNNING (its
     process was killed, or the store failed before they could be closed). Returns their names."""

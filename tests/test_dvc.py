@@ -149,6 +149,10 @@ def test_flow_run_and_dvc_repro_agree_byte_for_byte(tmp_path):
     assert set(states.values()) == {"Cached"} and len(states) == 7, out
     assert len(training_runs(client)) == len(trainings)
     assert (other / "dvc.lock").read_text() == (root / "dvc.lock").read_text()
+    [parent] = [r for r in client.search_runs([client.get_experiment_by_name("seqlm")
+                                               .experiment_id]) if r.data.tags.get("seqlm.run")]
+    assert "dvc.lock" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert len(parent.data.tags["dvc_lock_md5"]) == 32
 
     # an experiment runs the stage its param changes, and only that one
     assert "up to date" in _dvc(other, env, "status")
