@@ -50,7 +50,7 @@ def pipeline(params_file: str = str(PARAMS_FILE), record_dvc: bool = True) -> di
     with pipeline_session(params, record_dvc) as session:
         futures: dict[str, PrefectFuture] = {}
         try:
-            submit_stages(params, session, futures)
+            submit_stages(params, futures)
             records = {label: _finished(future, session) for label, future in _completed(futures)}
         except BaseException:
             # A failed stage or Ctrl-C: the stages still running stop within a batch (their
@@ -70,7 +70,7 @@ def pipeline(params_file: str = str(PARAMS_FILE), record_dvc: bool = True) -> di
     return {node.label: futures[node.label].state.name for node in nodes(params)}
 
 
-def submit_stages(params: Params, session: Session, futures: dict[str, PrefectFuture]) -> None:
+def submit_stages(params: Params, futures: dict[str, PrefectFuture]) -> None:
     """Every stage task, with its upstream futures, into `futures` by label."""
     dask = params.execution.task_runner == "dask"
     sharded = params.ngrams.shard_tokens is not None
@@ -87,9 +87,7 @@ def submit_stages(params: Params, session: Session, futures: dict[str, PrefectFu
             # queue on preprocess's worker. Its final state draws the same edge in Prefect.
             wait(upstream)
             wait_for = [future.state for future in upstream]
-        task = task_of(node.stage.name, params).with_options(
-            name=node.label, tags=[session.training_tag] if training and session.training_tag
-            else [])
+        task = task_of(node.stage.name, params).with_options(name=node.label)
         args = (params, node.item) if node.item is not None else (params,)
         with one_gpu_each(dask and training):
             futures[node.label] = task.submit(*args, wait_for=wait_for)

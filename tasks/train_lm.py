@@ -22,6 +22,7 @@ from seqlm.params import Params
 from seqlm.runtime.own_process import train_in_own_process
 from seqlm.runtime.preflight import check_preprocessed
 from seqlm.runtime.records import Record, stage_task
+from seqlm.runtime.session import training_slot
 from seqlm.runtime.threads import side_by_side
 from seqlm.stages import CORPUS, STAGE_BY_NAME, VOCAB
 from seqlm.text import Vocab
@@ -42,7 +43,8 @@ def train_lm(params: Params, model: str) -> Record:
     corpus = np.load(CORPUS["char"])
     vocab = Vocab.load(VOCAB["char"])
     out = Path(STAGE.at(params, model).outs.model)
-    with tracking.training_run(params, model, _logged_params(params, model)) as run:
+    with training_slot(params), \
+            tracking.training_run(params, model, _logged_params(params, model)) as run:
         with progress_bar(model, params.train_lm.epochs) as bar:
             def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
                 bar(epoch, metrics)

@@ -321,3 +321,25 @@ def test_a_second_corpus_by_params_alone_trains_its_own_models(small_pipeline, w
     assert client.get_model_version_by_alias("timemachine-rnn", "champion").version == \
         champion.version
     assert len(list((workdir / "checkpoints/rnn").glob("*.pt"))) == 2   # both kept
+
+
+def test_trainings_take_the_runs_slots_one_at_a_time_when_there_is_one(small_pipeline, workdir):
+    """train_lm.cpu_threads = every core: one training slot, so the trainings run one after the
+    other (the short stages do not wait for them); the slots are gone with the run."""
+    from seqlm.runtime.threads import cores
+    write_params(workdir, train_lm={"cpu_threads": cores(), "models": ["rnn", "gru"]})
+    assert training_slots(load_params()) == 1
+    states = pipeline(params_file="params.yaml", record_dvc=False)
+    assert set(states.values()) == {"Completed"}
+    client = MlflowClient(small_pipeline)
+    runs = client.search_runs([client.get_experiment_by_name("seqlm").experiment_id])
+    flow_run = next(r for r in runs if r.data.tags.get("seqlm.run")).data.tags["prefect.flow_run_id"]
+    with get_client(sync_client=True) as prefect:
+        trainings = sorted((r.start_time, r.end_time) for r in prefect.read_task_runs(
+            task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="train_lm["),
+                                          flow_run_id=TaskRunFilterFlowRunId(any_=[flow_run]))))
+        limits = [limit.name for limit in prefect.read_global_concurrency_limits()]
+    trained = sorted((r.info.start_time, r.info.end_time) for r in runs
+                     if r.info.run_name in ("rnn", "gru"))
+    assert len(trainings) == 2 and trained[0][1] <= trained[1][0], trained   # one at a time
+    assert f"training-{flow_run}" not in limits

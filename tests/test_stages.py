@@ -48,7 +48,7 @@ def test_dvc_yaml_declares_every_stage_with_its_paths():
 # not followed.
 PLUMBING = {"seqlm/params.py", "seqlm/io.py", "seqlm/stages.py", "seqlm/tracking.py",
             "seqlm/mlflow_model.py", "seqlm/runtime/interrupt.py", "seqlm/runtime/own_process.py",
-            "seqlm/runtime/records.py", "seqlm/runtime/preflight.py"}
+            "seqlm/runtime/records.py", "seqlm/runtime/preflight.py", "seqlm/runtime/session.py"}
 
 
 def _seqlm_imports(path: Path, seen: set[str]) -> set[str]:

@@ -3,7 +3,9 @@
 In threads of one process, trainings share its interpreter lock with each other and with all
 the flow does in Python meanwhile (Prefect's bookkeeping, MLflow logging, the other stages):
 each gives it up and waits for it again around every torch call, so the longest training ran
-slower beside the other than alone; in a process of its own it keeps its core.
+slower beside the other than alone; in a process of its own it keeps its core. (Prefect's
+ProcessPoolTaskRunner would put every stage of the flow in a process of its own, each importing
+torch and MLflow again; only the trainings side by side gain from one.)
 
 The task stays where it was: the child sends each epoch's metrics and its log records to the
 task's thread, which hands them to the callback (progress bar, MLflow) and to the task's

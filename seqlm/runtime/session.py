@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from prefect import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
 from prefect.context import FlowRunContext
 from prefect.exceptions import ObjectNotFound
 
@@ -26,7 +28,6 @@ log = logging.getLogger("seqlm.pipeline")
 @dataclass
 class Session:
     parent: tracking.Run          # the pipeline's MLflow run
-    training_tag: str | None      # the tag of the run's training slots (None on Dask)
 
 
 @contextlib.contextmanager
@@ -43,9 +44,9 @@ def pipeline_session(params: Params, record_dvc: bool) -> Iterator[Session]:
             close_previous(previous, log)
         flow_run = FlowRunContext.get().flow_run
         flow_run_id = str(flow_run.id)
-        tag = None if params.execution.task_runner == "dask" else \
+        limit = None if params.execution.task_runner == "dask" else \
             open_training_slots(flow_run_id, training_slots(params))   # on Dask: GPU resources
-        record.set(flow_run_id=flow_run_id, server_pid=server.started_pid, concurrency_tag=tag,
+        record.set(flow_run_id=flow_run_id, server_pid=server.started_pid, training_limit=limit,
                    mlflow_uri=tracking.tracking_uri())
         parent = tracking.Run(params, flow_run.name)
         parent.open({**tracking.source_tags(params, "pipeline"), **tracking.PIPELINE_TAG,
@@ -54,7 +55,7 @@ def pipeline_session(params: Params, record_dvc: bool) -> Iterator[Session]:
         parent.log_params(tracking.flatten(params.model_dump(mode="json")))
         link_mlflow_run(parent)
         try:
-            yield Session(parent, tag)
+            yield Session(parent)
         except BaseException as exc:
             parent.finish("KILLED" if isinstance(exc, (KeyboardInterrupt, interrupt.Interrupted))
                           else "FAILED")
@@ -62,25 +63,42 @@ def pipeline_session(params: Params, record_dvc: bool) -> Iterator[Session]:
         else:
             parent.finish()
         finally:
-            if tag:
-                close_training_slots(tag)
+            if limit:
+                close_training_slots(limit)
             record.finish()
 
 
+def training_limit(flow_run_id: str) -> str:
+    return f"training-{flow_run_id}"
+
+
 def open_training_slots(flow_run_id: str, slots: int) -> str:
-    """A concurrency limit owned by this run for its training tasks (tag `training-<run id>`):
-    `slots` trainings at a time (seqlm.runtime.threads.training_slots). Prefect's limits outlive
-    a killed process's slots; owned by the run, this one is deleted when the run ends, and a
-    killed run's by the next run: no slot is ever held for a run that is gone."""
-    tag = f"training-{flow_run_id}"
+    """A global concurrency limit owned by this run for its trainings: `slots` at a time
+    (seqlm.runtime.threads.training_slots). Prefect's limits outlive a killed process's slots;
+    owned by the run, this one is deleted when the run ends, and a killed run's by the next run:
+    no slot is ever held for a run that is gone."""
+    name = training_limit(flow_run_id)
     with get_client(sync_client=True) as client:
-        client.create_concurrency_limit(tag=tag, concurrency_limit=slots)
-    return tag
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
+    return name
 
 
-def close_training_slots(tag: str) -> None:
+def close_training_slots(name: str) -> None:
     with get_client(sync_client=True) as client, contextlib.suppress(ObjectNotFound):
-        client.delete_concurrency_limit_by_tag(tag)
+        client.delete_global_concurrency_limit_by_name(name)
+
+
+@contextlib.contextmanager
+def training_slot(params: Params) -> Iterator[None]:
+    """One of the pipeline run's training slots, held while a training trains (a cached
+    training takes none). Outside a pipeline run (`seqlm stage`) and on Dask (one `GPU`
+    resource per training) there are none to take."""
+    flow_run = tracking.flow_run_id()
+    if flow_run is None or params.execution.task_runner == "dask":
+        yield
+        return
+    with concurrency(training_limit(flow_run), occupy=1):
+        yield
 
 
 def prefect_run_url(flow_run_id: str) -> str:

@@ -103,7 +103,7 @@ class RunRecord:
     def __init__(self) -> None:
         self.data: dict[str, Any] = {"pid": os.getpid(), "started": _now(), "finished": False,
                                      "mlflow_uri": None, "flow_run_id": None,
-                                     "server_pid": None, "concurrency_tag": None}
+                                     "server_pid": None, "training_limit": None}
         self._save()
 
     def set(self, **values: Any) -> None:
@@ -182,9 +182,9 @@ def _close_prefect_run(record: dict[str, Any], reason: str, log: Any) -> None:
     from prefect.exceptions import ObjectNotFound
     from prefect.states import Crashed
     with get_client(sync_client=True) as client:
-        if record.get("concurrency_tag"):
+        if record.get("training_limit"):
             with contextlib.suppress(ObjectNotFound):
-                client.delete_concurrency_limit_by_tag(record["concurrency_tag"])
+                client.delete_global_concurrency_limit_by_name(record["training_limit"])
         if record.get("flow_run_id"):
             with contextlib.suppress(ObjectNotFound):
                 run = client.read_flow_run(record["flow_run_id"])
