@@ -18,7 +18,7 @@ from prefect.futures import PrefectFuture, as_completed, wait
 
 from seqlm import tracking
 from seqlm.params import PARAMS_FILE, Params, load_params
-from seqlm.runtime import interrupt
+from seqlm import interrupt
 from seqlm.runtime.runners import local_runner, one_gpu_each, task_runner_for
 from seqlm.runtime.session import Session, pipeline_session
 from seqlm.runtime.workspace import dvc_lock_released

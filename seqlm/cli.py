@@ -42,7 +42,7 @@ def _one_line_errors() -> Iterator[None]:
     """A failing stage ends the command with its own one-line message, not a traceback (the
     Prefect run logs keep the traceback). SEQLM_TRACEBACK=1 lets the exception through.
     Ctrl-C / SIGTERM end it with one line and the shell's exit code for the signal."""
-    from seqlm.runtime import interrupt
+    from seqlm import interrupt
     try:
         with interrupt.stop_on_signals():
             yield
@@ -142,7 +142,8 @@ def schedule(cron: Annotated[str, typer.Option(help="cron schedule (UTC)")] = "0
     """Start a Prefect server on 127.0.0.1 (unless one answers there) and serve the pipeline on
     a cron schedule. Ctrl-C stops both; the schedule stays active for the next start."""
     _params(params)
-    from seqlm.runtime import interrupt, server
+    from seqlm import interrupt
+    from seqlm.runtime import server
     api_url = f"http://127.0.0.1:{port}/api"
     with _one_line_errors():
         process = server.start_lasting_server(port)

@@ -348,7 +348,7 @@ def training_run(params: Params, name: str, section: dict[str, Any]) -> Iterator
     """The run of one training, open while it trains: FINISHED when the block ends, KILLED when
     it is interrupted, FAILED when it raises. Nested in the pipeline's run when a pipeline flow
     runs the training; a run of its own under `seqlm stage` (`dvc repro`)."""
-    from seqlm.runtime.interrupt import Interrupted
+    from seqlm.interrupt import Interrupted
     run = Run(params, name)
     flow_run = flow_run_id()
     run.open({**source_tags(params, "pipeline" if flow_run else "seqlm stage"),

@@ -18,14 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqlm import loaders, models, protocol
-from seqlm.runtime import interrupt
+from seqlm import interrupt, loaders, models, protocol
 from seqlm.io import file_digest, save_torch
 from seqlm.loaders import BATCHES_PER_EPOCH, LOADERS, LoaderSizeError
 from seqlm.models import build_model, check_model_name, detach_state
 from seqlm.params import Params, TrainLmParams
 from seqlm.text import Vocab
-from seqlm.runtime.threads import cores, in_background, lower_priority, use_cpu_threads, yields_cores
+from seqlm.threads import cores, in_background, lower_priority, use_cpu_threads, yields_cores
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = Path("checkpoints")        # outside the DVC outs: `dvc repro` deletes outs first
@@ -180,7 +179,7 @@ def train(name: str, corpus: np.ndarray, vocab: Vocab, params: Params, *,
     `on_epoch(epoch, metrics)` sees every epoch of the history, restored ones included, in order.
     `overlap`: validate each epoch on a thread of its own while the next one trains (the same
     numbers); None: where that is possible and pays (validation_can_overlap). On the CPU beside a
-    longer training, it runs in a thread of lower priority (seqlm.runtime.threads.yields_cores)."""
+    longer training, it runs in a thread of lower priority (seqlm.threads.yields_cores)."""
     args = (name, corpus, vocab, params, checkpoint_dir, on_epoch, overlap)
     if resolve_device(params.train_lm.device).type == "cpu" and yields_cores(name, params):
         return in_background(_train, *args)

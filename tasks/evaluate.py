@@ -18,7 +18,7 @@ from seqlm.models import MODEL_NAMES
 from seqlm.ngram_lm import KneserNeyLM, unigram_log_probs, unigram_perplexity
 from seqlm.params import Params
 from seqlm.runtime.records import Record, stage_task
-from seqlm.runtime.threads import use_cpu_threads
+from seqlm.threads import use_cpu_threads
 from seqlm.text import Vocab
 from seqlm.tracking import flatten
 from seqlm.train import split_of, token_nll

@@ -18,7 +18,7 @@ from seqlm.figures import save_png
 from seqlm.io import atomic_path, file_digest, publish, save_torch, write_csv, write_json
 from seqlm.params import Params
 from seqlm.runtime.records import Record, stage_task
-from seqlm.runtime.threads import use_cpu_threads
+from seqlm.threads import use_cpu_threads
 from seqlm.stages import STAGE_BY_NAME
 
 FORMATS = ("-", "m--", "g-.", "r:")   # d2l.plot's default line formats

@@ -23,7 +23,7 @@ from seqlm.runtime.own_process import train_in_own_process
 from seqlm.runtime.preflight import check_preprocessed
 from seqlm.runtime.records import Record, stage_task
 from seqlm.runtime.session import training_slot
-from seqlm.runtime.threads import side_by_side
+from seqlm.threads import side_by_side
 from seqlm.stages import CORPUS, STAGE_BY_NAME, VOCAB
 from seqlm.text import Vocab
 from seqlm.train import (CHECKPOINTS, HISTORY_COLUMNS, EpochCallback, TrainResult, model_of,

@@ -13,9 +13,9 @@ import time
 import psutil
 import pytest
 
-from seqlm.runtime import interrupt
+from seqlm import interrupt
 from seqlm.runtime.own_process import ChildTraceback, train_in_own_process
-from seqlm.runtime.threads import cores
+from seqlm.threads import cores
 from seqlm.train import HISTORY_COLUMNS, TrainingError, train
 from tasks.train_lm import trainer
 from test_train import assert_same_weights, char_corpus, make_params, weights

@@ -26,7 +26,7 @@ from seqlm import protocol
 from seqlm.generate import load_trained, predict
 from seqlm.params import load_params
 from seqlm.text import Vocab
-from seqlm.runtime.threads import training_slots
+from seqlm.threads import training_slots
 from seqlm.train import perplexity
 from seqlm.tracking import TrackingError
 
@@ -326,7 +326,7 @@ def test_a_second_corpus_by_params_alone_trains_its_own_models(small_pipeline, w
 def test_trainings_take_the_runs_slots_one_at_a_time_when_there_is_one(small_pipeline, workdir):
     """train_lm.cpu_threads = every core: one training slot, so the trainings run one after the
     other (the short stages do not wait for them); the slots are gone with the run."""
-    from seqlm.runtime.threads import cores
+    from seqlm.threads import cores
     write_params(workdir, train_lm={"cpu_threads": cores(), "models": ["rnn", "gru"]})
     assert training_slots(load_params()) == 1
     states = pipeline(params_file="params.yaml", record_dvc=False)

@@ -47,7 +47,7 @@ def test_dvc_yaml_declares_every_stage_with_its_paths():
 # tested to give the same bits as in a thread), and what goes to MLflow. Its own imports are
 # not followed.
 PLUMBING = {"seqlm/params.py", "seqlm/io.py", "seqlm/stages.py", "seqlm/tracking.py",
-            "seqlm/mlflow_model.py", "seqlm/runtime/interrupt.py", "seqlm/runtime/own_process.py",
+            "seqlm/mlflow_model.py", "seqlm/interrupt.py", "seqlm/runtime/own_process.py",
             "seqlm/runtime/records.py", "seqlm/runtime/preflight.py", "seqlm/runtime/session.py"}
 
 

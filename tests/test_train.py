@@ -19,7 +19,7 @@ import torch
 from seqlm.generate import load_trained, predict
 from seqlm.loaders import LoaderSizeError
 from seqlm.params import Params, TrainLmParams, load_params
-from seqlm.runtime.threads import training_slots, yields_cores
+from seqlm.threads import training_slots, yields_cores
 from seqlm.text import Vocab, read_lines, tokenize
 from seqlm import protocol
 from seqlm.train import (TrainingError, clip_gradients, perplexity, run_config,

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from seqlm.runtime import interrupt
+from seqlm import interrupt
 from seqlm.params import Params
 from seqlm.text import Vocab
 from seqlm.train import EpochCallback, TrainingError, TrainResult, model_of, train

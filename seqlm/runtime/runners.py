@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from seqlm.params import ModelName, Params
-from seqlm.runtime.threads import cores
+from seqlm.threads import cores
 from seqlm.stages import STAGES
 
 # A thread for every stage task of a run, so that a short stage never waits for a training to

@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from seqlm.runtime import interrupt
+from seqlm import interrupt
 
 STARTUP_TIMEOUT_S = 120      # seconds on idle cores; a busy machine can take much longer
 started_pid: int | None = None   # the server this process started, for the run's record

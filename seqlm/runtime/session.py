@@ -17,9 +17,10 @@ from prefect.exceptions import ObjectNotFound
 
 from seqlm import tracking
 from seqlm.params import Params
-from seqlm.runtime import interrupt, server
+from seqlm import interrupt
+from seqlm.runtime import server
 from seqlm.runtime.preflight import check_machine
-from seqlm.runtime.threads import training_slots
+from seqlm.threads import training_slots
 from seqlm.runtime.workspace import RunRecord, close_previous, last_run, workspace_lock
 
 log = logging.getLogger("seqlm.pipeline")
@@ -74,7 +75,7 @@ def training_limit(flow_run_id: str) -> str:
 
 def open_training_slots(flow_run_id: str, slots: int) -> str:
     """A global concurrency limit owned by this run for its trainings: `slots` at a time
-    (seqlm.runtime.threads.training_slots). Prefect's limits outlive a killed process's slots;
+    (seqlm.threads.training_slots). Prefect's limits outlive a killed process's slots;
     owned by the run, this one is deleted when the run ends, and a killed run's by the next run:
     no slot is ever held for a run that is gone."""
     name = training_limit(flow_run_id)
