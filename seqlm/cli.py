@@ -106,16 +106,18 @@ def stage(name: Annotated[str, typer.Argument(
     from seqlm.stages import STAGE_BY_NAME
     if name not in STAGE_BY_NAME:
         _fail(f"unknown stage {name!r}: expected one of {', '.join(STAGE_BY_NAME)}")
-    stage_ = STAGE_BY_NAME[name]
-    if (item is not None) != bool(stage_.foreach):
-        _fail(f"stage {name} takes {'one item (' + stage_.foreach + ')' if stage_.foreach else 'no item'}")
+    graph_stage = STAGE_BY_NAME[name]
+    if item is not None and not graph_stage.foreach:
+        _fail(f"stage {name} takes no item, got {item!r}")
+    if item is None and graph_stage.foreach:
+        _fail(f"stage {name} needs an item: one of {graph_stage.foreach}")
     loaded = _params(params)
     from seqlm.runtime.records import run_alone
     from seqlm.runtime.workspace import workspace_lock
     from tasks import task_of
     with _one_line_errors(), workspace_lock(f"seqlm stage {name}"):
         run_alone(task_of(name, loaded), loaded, item)
-    for path in stage_.at(loaded, item).written():
+    for path in graph_stage.at(loaded, item).written():
         typer.echo(path)
 
 

@@ -30,3 +30,15 @@ def test_the_exit_does_not_walk_the_heap_again():
     plain = subprocess.run([sys.executable, "-c", SCRIPT.replace("import seqlm.cli", "")],
                            capture_output=True, text=True, check=True)
     assert "collected at exit" in plain.stdout
+
+
+def test_seqlm_stage_names_a_missing_or_extra_item(workdir):
+    from typer.testing import CliRunner
+    from seqlm.cli import app
+    missing = CliRunner().invoke(app, ["stage", "train_lm"])
+    assert missing.exit_code == 2 and "stage train_lm needs an item: one of train_lm.models" in \
+        missing.output
+    extra = CliRunner().invoke(app, ["stage", "sine", "rnn"])
+    assert extra.exit_code == 2 and "stage sine takes no item, got 'rnn'" in extra.output
+    unknown = CliRunner().invoke(app, ["stage", "train"])
+    assert unknown.exit_code == 2 and "unknown stage 'train'" in unknown.output
