@@ -74,8 +74,9 @@ def table(summary: pd.DataFrame, timings: pd.DataFrame) -> str:
     for row in frame.to_dict("records"):
         lines.append(" | ".join([
             f"| {row['model']}", num(row["epochs"], ".0f"), num(row["best_epoch"], ".0f"),
-            num(row["train_perplexity"], ".3f"), num(row["final_val_perplexity"], ".2f"),
-            num(row["val_perplexity"], ".3f"), num(row["train_wall_s"], ".0f"),
+            num(row["train_ppl"] if pd.isna(row["train_ppl_last"]) else row["train_ppl_last"],
+                ".3f"), num(row["val_ppl_last"], ".2f"),
+            num(row["val_ppl_best"], ".3f"), num(row["train_wall_s"], ".0f"),
             num(row["tokens_per_s"], ",.0f")]) + " |")
     return "\n".join(lines)
 

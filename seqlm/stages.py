@@ -129,7 +129,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("train_ar", code=("tasks/train_ar.py", "seqlm/autoregress.py",
                             "seqlm/threads.py", "seqlm/figures.py"),
           params=("seed", "train_ar", "train_lm.cpu_threads"), deps={"series": SINE},
-          outs={"model": AR_DIR}, reports={"errors": f"{REPORTS}/train_ar.json"}),
+          outs={"model": AR_DIR}, metrics={"errors": f"{REPORTS}/train_ar.json"}),
     Stage("train_lm", code=("tasks/train_lm.py", "seqlm/models.py", "seqlm/train.py",
                             "seqlm/loaders.py", "seqlm/protocol.py", "seqlm/generate.py",
                             "seqlm/text.py", "seqlm/threads.py", "seqlm/figures.py"),

@@ -55,9 +55,9 @@ def evaluate(params: Params) -> Record:
                              f"{S.VOCAB['char']}; re-run train_lm")
         nll = token_nll(model, text, first, CPU)
         rows.append({"model": name, "epochs": meta["epochs"], "best_epoch": meta["best_epoch"],
-                     "train_perplexity": meta["final_train_perplexity"],
-                     "final_val_perplexity": meta["final_val_perplexity"],
-                     "val_perplexity": math.exp(nll.mean()), "scored_tokens": len(nll)})
+                     "train_ppl_last": meta["final_train_perplexity"],
+                     "val_ppl_last": meta["final_val_perplexity"],
+                     "val_ppl_best": math.exp(nll.mean()), "scored_tokens": len(nll)})
         samples[name] = {prefix: {
             "greedy": predict(prefix, ev.num_chars, model, vocab, CPU),
             "sampled": predict(prefix, ev.num_chars, model, vocab, CPU,
@@ -90,33 +90,43 @@ def evaluate(params: Params) -> Record:
         write_json(outputs.file(paths.outs.samples), samples)
         with open(outputs.file(paths.outs.summary), "w", encoding="utf-8") as handle:
             handle.write(summary)
-    rows = json.loads(table.to_json(orient="records"))      # NaN -> null: plain JSON
+    rows = [{k: _significant(k, v) for k, v in row.items() if not pd.isna(v)}
+            for row in table.to_dict("records")]
     return {"metrics": flatten(metrics), "summary": summary, "table": rows,
             "artifacts": {"": [S.REPORTS]}}
 
 
-SUMMARY_COLUMNS = ["model", "epochs", "best_epoch", "train_perplexity", "final_val_perplexity",
-                   "val_perplexity", "scored_tokens"]
+# The metrics' names, the same in reports/metrics (DVC), the MLflow runs and the summary:
+# `_best` is the kept model's (its best-validation epoch), `_last` the final epoch's (the
+# chapter's numbers); a baseline's `train_ppl` is its perplexity on the training text.
+SUMMARY_COLUMNS = ["model", "epochs", "best_epoch", "train_ppl_last", "val_ppl_last",
+                   "train_ppl", "val_ppl_best", "scored_tokens"]
+SIGNIFICANT = 4          # digits of the numbers in tables and metrics files
+
+
+INTEGER_COLUMNS = ("epochs", "best_epoch", "scored_tokens")
+
+
+def _significant(column: str, value: object) -> object:
+    """A table's value as it is written: counts as integers, perplexities to SIGNIFICANT
+    significant digits, names as they are."""
+    if column in INTEGER_COLUMNS:
+        return int(value)
+    return float(f"{value:.{SIGNIFICANT}g}") if isinstance(value, float) else value
 
 
 def _baseline(name: str, train_perplexity: float, log_probs: np.ndarray) -> dict:
-    return {"model": name, "train_perplexity": train_perplexity,
-            "val_perplexity": math.exp(-log_probs.mean()), "scored_tokens": len(log_probs)}
+    return {"model": name, "train_ppl": train_perplexity,
+            "val_ppl_best": math.exp(-log_probs.mean()), "scored_tokens": len(log_probs)}
 
 
 def _metrics(table: pd.DataFrame) -> dict[str, dict]:
-    """reports/metrics/<model>.json, one row each in `dvc metrics show`: the final epoch's train
-    and validation perplexity, the best epoch and the kept model's validation perplexity; for a
-    baseline its train and validation perplexity."""
-    metrics = {}
-    for row in table.to_dict("records"):
-        values = {"train_ppl": round(row["train_perplexity"], 4),
-                  "val_ppl": round(row["val_perplexity"], 4)}
-        if not pd.isna(row["epochs"]):
-            values.update(val_ppl_final=round(row["final_val_perplexity"], 4),
-                          best_epoch=int(row["best_epoch"]))
-        metrics[row["model"]] = values
-    return metrics
+    """reports/metrics/<model>.json, one row each in `dvc metrics show`: the kept model's
+    validation perplexity, its epoch and the final epoch's perplexities; for a baseline its
+    validation and training-text perplexity."""
+    keys = ("best_epoch", "val_ppl_best", "val_ppl_last", "train_ppl_last", "train_ppl")
+    return {row["model"]: {k: _significant(k, row[k]) for k in keys if not pd.isna(row[k])}
+            for row in table.to_dict("records")}
 
 
 def _per_epoch(curves: dict[str, pd.DataFrame], metric: str, table: pd.DataFrame) -> pd.DataFrame:
@@ -129,7 +139,7 @@ def _per_epoch(curves: dict[str, pd.DataFrame], metric: str, table: pd.DataFrame
         values = curves[name].set_index("epoch")[metric] if name in curves else None
         frame[name] = frame["epoch"].map(values) if values is not None else np.nan
     if metric == "val_perplexity":
-        baselines = table[table["epochs"].isna()].set_index("model")["val_perplexity"]
+        baselines = table[table["epochs"].isna()].set_index("model")["val_ppl_best"]
         frame["kneser_ney"] = baselines.filter(like="kneser_ney").min()
         frame["unigram"] = baselines["unigram"]
     return frame
@@ -143,14 +153,14 @@ def comparison_figure(curves: dict[str, pd.DataFrame], table: pd.DataFrame) -> F
     axes = figure.subplots()
     kept = table.set_index("model")
     for name, curve in curves.items():
-        epoch, ppl = kept.loc[name, "best_epoch"], kept.loc[name, "val_perplexity"]
+        epoch, ppl = kept.loc[name, "best_epoch"], kept.loc[name, "val_ppl_best"]
         axes.plot(curve["epoch"], curve["val_perplexity"], marker="o",
                   markevery=np.flatnonzero(curve["epoch"].to_numpy() == epoch).tolist(),
                   label=f"{name} (kept: epoch {epoch:.0f}, {ppl:.2f})")
     baselines = table[table["epochs"].isna()].to_dict("records")
     for row, style in zip(baselines, ["--", ":", "-."]):
-        axes.axhline(row["val_perplexity"], linestyle=style, linewidth=1.2, color="0.35",
-                     label=f"{row['model']} ({row['val_perplexity']:.2f})")
+        axes.axhline(row["val_ppl_best"], linestyle=style, linewidth=1.2, color="0.35",
+                     label=f"{row['model']} ({row['val_ppl_best']:.2f})")
     axes.set(xlabel="epoch", ylabel="validation perplexity", yscale="log",
              title="Every model on the same validation text")
     axes.grid(True, which="both", alpha=0.3)
@@ -160,7 +170,7 @@ def comparison_figure(curves: dict[str, pd.DataFrame], table: pd.DataFrame) -> F
 
 def _summary_markdown(table: pd.DataFrame, split: protocol.Split, kstep: pd.DataFrame, ar: dict,
                       samples: dict[str, dict[str, dict[str, str]]]) -> str:
-    def num(value: object, spec: str) -> str:
+    def num(value: object, spec: str = f".{SIGNIFICANT}g") -> str:
         return "" if pd.isna(value) else format(value, spec)
 
     lines = ["# Evaluation", "",
@@ -168,17 +178,17 @@ def _summary_markdown(table: pd.DataFrame, split: protocol.Split, kstep: pd.Data
              "characters)", "",
              "The kept model of each RNN is its best-validation epoch; the final epoch's "
              "perplexities are the chapter's numbers.", "",
-             "| model | epochs | train ppl (final epoch) | val ppl (final epoch) | best epoch | "
-             "val ppl (kept model) |", "|---|---:|---:|---:|---:|---:|"]
+             "| model | epochs | best epoch | val_ppl_best (kept model) | val_ppl_last | "
+             "train_ppl_last | train_ppl (baseline) |", "|---|---:|---:|---:|---:|---:|---:|"]
     for row in table.to_dict("records"):
         lines.append(f"| {row['model']} | {num(row['epochs'], '.0f')} | "
-                     f"{num(row['train_perplexity'], '.3f')} | "
-                     f"{num(row['final_val_perplexity'], '.3f')} | "
-                     f"{num(row['best_epoch'], '.0f')} | {num(row['val_perplexity'], '.3f')} |")
+                     f"{num(row['best_epoch'], '.0f')} | {num(row['val_ppl_best'])} | "
+                     f"{num(row['val_ppl_last'])} | {num(row['train_ppl_last'])} | "
+                     f"{num(row['train_ppl'])} |")
     lines += ["", "## Sine autoregression (MLP, tau features)", "",
-              f"Training loss after the last epoch: {ar['train_loss']:.6f}", "",
+              f"Training loss after the last epoch: {num(ar['train_loss'])}", "",
               "| k | k-step MSE (held-out) |", "|---:|---:|"]
-    lines += [f"| {int(k)} | {m:.5f} |" for k, m in zip(kstep["k"], kstep["mse"])]
+    lines += [f"| {int(k)} | {num(m)} |" for k, m in zip(kstep["k"], kstep["mse"])]
     lines += ["", "## Greedy continuations", ""]
     for name, by_prefix in samples.items():
         for prefix, texts in by_prefix.items():

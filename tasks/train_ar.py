@@ -113,7 +113,7 @@ def fit(params: Params, t: np.ndarray, x: torch.Tensor, on_epoch: ar.OnEpoch | N
     report = {"train_loss": history[-1], "multistep_mse": multistep_mse}
     report.update({f"kstep_mse_{k}": mse for k, mse in kstep_mse.items()})
     paths = STAGE.at(params)
-    metrics_path = Path(paths.reports.errors)
+    metrics_path = Path(paths.metrics.errors)
     with publish() as outputs:
         out = outputs.folder(paths.outs.model)
         save_torch(out / "model.pt", {"state_dict": net.state_dict(),

@@ -106,9 +106,11 @@ def rescorer(corpus: np.ndarray, vocab: Vocab, params: Params) -> tracking.Resco
 def _log_training(run: tracking.Run, params: Params, corpus: np.ndarray, result: TrainResult,
                   meta: dict, samples: dict, out: Path) -> None:
     """What the training measured, in its MLflow run (the epochs went there as they ended)."""
-    metrics = {k: round(v, 4) for k, v in meta.items()
-               if k.startswith(("final_", "best_")) and k != "best_epoch"}
-    metrics["best_epoch"] = meta["best_epoch"]
+    # the names of reports/metrics and the summary (tasks/evaluate.py)
+    metrics = {"best_epoch": meta["best_epoch"], "val_ppl_best": meta["best_val_perplexity"],
+               "train_ppl_best": meta["best_train_perplexity"],
+               "val_ppl_last": meta["final_val_perplexity"],
+               "train_ppl_last": meta["final_train_perplexity"]}
     timed = [row for row in result.history[result.resumed_from:] if "tokens_per_s" in row]
     if timed:
         metrics["mean_tokens_per_s"] = round(float(np.mean([r["tokens_per_s"] for r in timed])))

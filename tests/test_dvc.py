@@ -105,9 +105,13 @@ def test_flow_run_and_dvc_repro_agree_byte_for_byte(tmp_path):
     metrics = json.loads(_dvc(root, env, "metrics", "show", "--json"))
     data = metrics[""]["data"]
     rnn = data["reports/metrics/rnn.json"]["data"]
-    assert rnn["val_ppl"] > 1 and rnn["best_epoch"] in (1, 2)
+    assert rnn["val_ppl_best"] > 1 and rnn["best_epoch"] in (1, 2)
+    assert set(rnn) == {"best_epoch", "val_ppl_best", "val_ppl_last", "train_ppl_last"}
+    assert set(data["reports/metrics/unigram.json"]["data"]) == {"val_ppl_best", "train_ppl"}
+    # the sine MLP's k-step errors compare across experiments too
     assert set(data) == {f"reports/metrics/{m}.json" for m in ("rnn", "kneser_ney_3gram",
-                                                                "unigram")}
+                                                                "unigram")} | {"reports/train_ar.json"}
+    assert data["reports/train_ar.json"]["data"]["kstep_mse_64"] > 0
     # one row per model and baseline: readable in a 120-column terminal
     table = _dvc(root, env, "metrics", "show")
     assert max(len(line) for line in table.splitlines()) <= 120, table

@@ -54,7 +54,7 @@ def test_the_comparison_tells_every_line_apart_and_marks_the_kept_epochs():
                                 ("gru", [8.0, 7.5, 6.5, 7.0])]}
     table = pd.DataFrame({"model": ["rnn_scratch", "gru", "kneser_ney_3gram", "unigram"],
                           "epochs": [4, 4, None, None], "best_epoch": [2, 3, None, None],
-                          "val_perplexity": [7.0, 6.5, 6.9, 16.9]})
+                          "val_ppl_best": [7.0, 6.5, 6.9, 16.9]})
     lines = comparison_figure(curves, table).axes[0].get_lines()
     styles = [(line.get_color(), line.get_linestyle()) for line in lines]
     assert len(set(styles)) == len(lines) == 4, styles

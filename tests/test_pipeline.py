@@ -77,12 +77,19 @@ def test_pipeline_runs_logs_and_skips_unchanged_stages(small_pipeline, workdir):
     assert parent.data.params["train_lm.epochs"] == "3"
     assert len(parent.data.tags["git_commit"]) > 0 and len(parent.data.tags["params_hash"]) == 16
     assert "word_1_zipf_exponent" in parent.data.metrics
-    assert "gru.val_ppl" in parent.data.metrics and "unigram.val_ppl" in parent.data.metrics
+    assert "gru.val_ppl_best" in parent.data.metrics and "unigram.val_ppl_best" in parent.data.metrics
     assert [d.dataset.name for d in parent.inputs.dataset_inputs] == ["timemachine"]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"ngrams", "reports", "vocab"} <= artifacts
 
     gru = children["gru"]
+    # one name for one number: the training run, the pipeline run, the DVC metrics, the summary
+    dvc_metrics = json.loads((workdir / "reports/metrics/gru.json").read_text())
+    assert set(dvc_metrics) == {"best_epoch", "val_ppl_best", "val_ppl_last", "train_ppl_last"}
+    assert set(dvc_metrics) <= set(gru.data.metrics)
+    assert {f"gru.{k}" for k in dvc_metrics} <= set(parent.data.metrics)
+    assert set(dvc_metrics) <= set(pd.read_csv(workdir / "reports/summary.csv").columns)
+    assert gru.data.metrics["val_ppl_best"] == pytest.approx(dvc_metrics["val_ppl_best"], rel=1e-3)
     history = client.get_metric_history(gru.info.run_id, "val_perplexity")
     assert [m.step for m in history] == [1, 2, 3]
     assert gru.data.tags["device"] == "cpu"
@@ -102,7 +109,7 @@ def test_pipeline_runs_logs_and_skips_unchanged_stages(small_pipeline, workdir):
     history = pd.read_csv(workdir / "models/gru/history.csv")
     summary = pd.read_csv(workdir / "reports/summary.csv").set_index("model")
     assert float(version.tags["val_perplexity"]) == history["val_perplexity"].min() == \
-        summary.loc["gru", "val_perplexity"]
+        summary.loc["gru", "val_ppl_best"]
     assert summary.loc["gru", "best_epoch"] == history["val_perplexity"].idxmin() + 1
     assert summary["scored_tokens"].nunique() == 1                 # one protocol for all
 

@@ -75,7 +75,7 @@ def test_defaults_match_the_seed_and_write_the_declared_outputs(default_run: Def
     assert default_run.global_rng_untouched
     root = default_run.root
     declared = STAGE_BY_NAME["train_ar"].at(load_params(root / "params.yaml"))
-    assert list(declared.outs.values()) == [AR_DIR] and list(declared.reports.values()) == [REPORT]
+    assert list(declared.outs.values()) == [AR_DIR] and list(declared.metrics.values()) == [REPORT]
     assert sorted(default_run.written) == sorted([Path(AR_DIR, name) for name in FILES] + [Path(REPORT)])
     assert all((root / path).stat().st_size > 0 for path in default_run.written)
     assert not list((root / AR_DIR).glob("*.tmp"))
