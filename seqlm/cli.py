@@ -84,6 +84,7 @@ def run(params: ParamsOption = PARAMS_FILE,
         check_store()                       # an unusable MLflow store fails in seconds
         from flows.pipeline import pipeline
         from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+        _outcomes_said_once()
         server.wait_for_server()
         # Heartbeats let a lasting server mark a flow run whose process died as crashed. A
         # temporary server dies with this process (the next run closes a killed one, see
@@ -94,6 +95,19 @@ def run(params: ParamsOption = PARAMS_FILE,
             states = pipeline(params_file=str(params), record_dvc=dvc)
     for stage, state in states.items():
         typer.echo(f"{stage:24s} {state}")
+
+
+def _outcomes_said_once() -> None:
+    """Each stage's outcome is said once in the terminal, by the table `seqlm run` prints at the
+    end; Prefect's "Finished in state" line of every task run stays in the run's logs."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    def not_a_task_runs_end(record: logging.LogRecord) -> bool:
+        return not (record.name == "prefect.task_runs"
+                    and record.getMessage().startswith("Finished in state"))
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler):
+            handler.addFilter(not_a_task_runs_end)
 
 
 @app.command()

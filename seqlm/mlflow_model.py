@@ -50,9 +50,9 @@ SIGNATURE = ModelSignature(
     outputs=Schema([ColSpec("string")]))
 
 
-def log_char_lm(model_dir: Path, registered_name: str, name: str) -> mlflow.models.model.ModelInfo:
-    """Log model_dir (model.pt, vocab.parquet, meta.json) under the active run as `name` and
-    register it. The model is logged from code (seqlm/pyfunc_model.py), not pickled."""
+def log_char_lm(model_dir: Path, name: str) -> mlflow.models.model.ModelInfo:
+    """Log model_dir (model.pt, vocab.parquet, meta.json) under the active run as `name`. The
+    model is logged from code (seqlm/pyfunc_model.py), not pickled."""
     with warnings.catch_warnings():
         # The integer column of the input example draws a hint about missing values; the
         # signature above already declares num_chars, top_k and seed as optional.
@@ -66,5 +66,4 @@ def log_char_lm(model_dir: Path, registered_name: str, name: str) -> mlflow.mode
                               "numpy"],
             signature=SIGNATURE,
             input_example=pd.DataFrame({"prefix": ["time traveller"], "num_chars": [20]}),
-            registered_model_name=registered_name,
         )

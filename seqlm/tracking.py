@@ -33,6 +33,9 @@ from seqlm.params import Params
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# MLflow's warnings reach the terminal and the run logs in Prefect's format (prefect.toml lists
+# `mlflow` among its extra loggers), not in a second format of MLflow's own handler.
+os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 CHAMPION = "champion"
@@ -391,8 +394,16 @@ def _register(run: Run, model_dir: Path, model: str, val_perplexity: float, val_
             return str(version.version)
     # log_model needs an active run, and MLflow's active run is thread-local.
     with mlflow.start_run(run_id=run.run_id):
-        info = log_char_lm(model_dir, name, model)
-    version = str(info.registered_model_version)
+        info = log_char_lm(model_dir, model)
+    # Registered by the client, not by log_model: that prints its own lines to stderr, outside
+    # the log's format.
+    try:
+        client.create_registered_model(name)
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = str(client.create_model_version(name, info.model_uri, run_id=run.run_id,
+                                               model_id=info.model_id).version)
     client.update_registered_model(name, description=(
         f"Character-level {model} language model of the {run.params.corpus_name} corpus (Dive "
         "into Deep Learning, chapter 8), trained by the seqlm pipeline. Each version holds the "

@@ -24,6 +24,7 @@ from seqlm import interrupt
 STARTUP_TIMEOUT_S = 120      # seconds on idle cores; a busy machine can take much longer
 started_pid: int | None = None   # the server this process started, for the run's record
 LASTING_LOG = Path(".seqlm/prefect-server.log")   # what `seqlm schedule`'s server prints
+LASTING_UI = f"http://127.0.0.1:{os.environ.get('PREFECT_SERVER_API_PORT', '4200')}"
 
 
 class ServerError(RuntimeError):
@@ -90,6 +91,10 @@ def start_temporary_server(wait: bool = True) -> str | None:
     started_pid = process.pid
     _starting = (process, api_url)
     os.environ["PREFECT_API_URL"] = api_url
+    # The links Prefect prints ("View at ...") and the run's own point where `prefect server
+    # start` in the repository serves this run's database: the temporary server has no UI and
+    # is gone when the run ends.
+    os.environ.setdefault("PREFECT_UI_URL", LASTING_UI)
     if wait:
         wait_for_server()
     return api_url

@@ -104,10 +104,9 @@ def training_slot(params: Params) -> Iterator[None]:
 
 def prefect_run_url(flow_run_id: str) -> str:
     """The flow run in the Prefect UI: the server's own, or for a temporary server the UI of
-    `prefect server start`, which reads the same database."""
+    `prefect server start`, which reads the same database (seqlm.runtime.server)."""
     from prefect.settings import PREFECT_UI_URL
-    ui = None if server.started_pid else PREFECT_UI_URL.value()
-    return f"{(ui or 'http://127.0.0.1:4200').rstrip('/')}/runs/flow-run/{flow_run_id}"
+    return f"{(PREFECT_UI_URL.value() or server.LASTING_UI).rstrip('/')}/runs/flow-run/{flow_run_id}"
 
 
 def link_mlflow_run(run: tracking.Run) -> None:
