@@ -204,9 +204,9 @@ def _generate(prefix: str, model: str, num_chars: int, temperature: float | None
     if model.startswith(("models:/", "runs:/")):
         import mlflow
         import pandas as pd
-        from seqlm.tracking import tracking_uri
-        mlflow.set_tracking_uri(tracking_uri())
-        loaded = mlflow.pyfunc.load_model(model)
+        from seqlm.tracking import fluent_store, tracking_uri
+        with fluent_store(tracking_uri()):
+            loaded = mlflow.pyfunc.load_model(model)
         settings = {"num_chars": num_chars, "temperature": temperature, "top_k": top_k,
                     "seed": seed}
         # Unset settings are left out: the model's signature makes them optional columns.

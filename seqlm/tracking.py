@@ -53,7 +53,11 @@ class TrackingError(RuntimeError):
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    """MLFLOW_TRACKING_URI, or the workspace's own store, by its absolute path (MLflow keeps one
+    store per URI in a process: a relative one would stay that of the first folder)."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path(DEFAULT_URI.removeprefix('sqlite:///')).resolve()}"
 
 
 FIX_URI = ("Fix MLFLOW_TRACKING_URI (unset it to use sqlite:///mlflow.db in the repository root, "
@@ -169,10 +173,8 @@ class Run:
     @_guarded
     def open(self, tags: dict[str, str], nest_in: str | None = None) -> str:
         """Create the run; nested in the parent run of Prefect flow run `nest_in`, if any."""
-        import mlflow
         from mlflow import MlflowClient
-        mlflow.set_tracking_uri(self.uri)
-        self.client = MlflowClient(self.uri)
+        self.client = MlflowClient(self.uri, registry_uri=self.uri)
         experiment = self.client.get_experiment_by_name(self.params.tracking.experiment)
         if experiment is None:
             self.experiment_id = self.client.create_experiment(self.params.tracking.experiment)
@@ -338,7 +340,8 @@ def system_metrics(run: Run) -> Iterator[None]:
     # It says "started", "skip GPU", "stopping", "terminated" at INFO for every run: lines that
     # tell a person nothing; its warnings still show.
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
-    monitor = Monitor(run.run_id, sampling_interval=1, samples_before_logging=1)
+    monitor = Monitor(run.run_id, sampling_interval=1, samples_before_logging=1,
+                      tracking_uri=run.uri)
     monitor.start()
     try:
         yield
@@ -392,18 +395,20 @@ def _register(run: Run, model_dir: Path, model: str, val_perplexity: float, val_
     for version in client.search_model_versions(f"name='{name}'"):
         if version.tags.get("weights_sha256") == weights:
             return str(version.version)
-    # log_model needs an active run, and MLflow's active run is thread-local.
-    with mlflow.start_run(run_id=run.run_id):
-        info = log_char_lm(model_dir, model)
-    # Registered by the client, not by log_model: that prints its own lines to stderr, outside
-    # the log's format.
-    try:
-        client.create_registered_model(name)
-    except mlflow.exceptions.MlflowException as exc:
-        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    version = str(client.create_model_version(name, info.model_uri, run_id=run.run_id,
-                                               model_id=info.model_id).version)
+    # log_model needs an active run (MLflow's active run is thread-local) of the global store,
+    # and a new version finds its logged model there too.
+    with fluent_store(run.uri):
+        with mlflow.start_run(run_id=run.run_id):
+            info = log_char_lm(model_dir, model)
+        # Registered by the client, not by log_model: that prints its own lines to stderr,
+        # outside the log's format.
+        try:
+            client.create_registered_model(name)
+        except mlflow.exceptions.MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = str(client.create_model_version(name, info.model_uri, run_id=run.run_id,
+                                                   model_id=info.model_id).version)
     client.update_registered_model(name, description=(
         f"Character-level {model} language model of the {run.params.corpus_name} corpus (Dive "
         "into Deep Learning, chapter 8), trained by the seqlm pipeline. Each version holds the "
@@ -425,6 +430,22 @@ def _register(run: Run, model_dir: Path, model: str, val_perplexity: float, val_
     return version
 
 
+@contextlib.contextmanager
+def fluent_store(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (`mlflow.start_run`, `log_model`, `pyfunc.load_model`) on store `uri`
+    meanwhile. Through MLFLOW_TRACKING_URI, put back after: `mlflow.set_tracking_uri` would
+    leave the store set for the rest of the process (and in MLFLOW_TRACKING_URI)."""
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
 def _champion_perplexity(client: Any, name: str, val_digest: str, rescore: Rescore,
                          ) -> float | None:
     """The champion's validation perplexity on the text of `val_digest`; None without one."""
@@ -436,7 +457,9 @@ def _champion_perplexity(client: Any, name: str, val_digest: str, rescore: Resco
     value = current.tags.get("val_perplexity")
     if value is not None and current.tags.get("val_digest") == val_digest:
         return float(value)
-    champion = mlflow.pyfunc.load_model(f"models:/{name}/{current.version}").unwrap_python_model()
+    with fluent_store(client.tracking_uri):
+        champion = mlflow.pyfunc.load_model(
+            f"models:/{name}/{current.version}").unwrap_python_model()
     score = rescore(champion.model, champion.vocab)
     log.info("%s champion v%s was measured on other validation text; on this run's it scores "
              "%.3f", name, current.version, score)

@@ -27,7 +27,7 @@ def trained_rnn(workdir: Path) -> Path:
 
 
 def test_champion_alias_moves_only_to_a_better_model(trained_rnn, workdir):
-    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    uri = f"sqlite:///{workdir / 'registry.db'}"     # not the store the stage registered in
     client = MlflowClient(uri)
     errors = []
     rescored: list[tuple[type, int]] = []
