@@ -180,6 +180,43 @@ def schedule(cron: Annotated[str, typer.Option(help="cron schedule (UTC)")] = "0
 
 
 @app.command()
+def ui(mlflow_port: Annotated[int, typer.Option(help="port of the MLflow UI on 127.0.0.1 (the "
+                                                   "links the pipeline writes say 5000)")] = 5000,
+       prefect_port: Annotated[int, typer.Option(help="port of the Prefect UI on 127.0.0.1 (the "
+                                                    "links the pipeline writes say 4200)")] = 4200,
+       params: ParamsOption = PARAMS_FILE) -> None:
+    """Start the MLflow UI and the Prefect UI on this clone's stores (each unless a server
+    answers on its port already) and print their links. Ctrl-C stops both."""
+    settings = _params(params)
+    from seqlm import interrupt, tracking
+    from seqlm.runtime import server
+    store = tracking.tracking_uri()
+    started = []
+    try:
+        with _one_line_errors():
+            if not store.startswith(("http://", "https://")):
+                started.append(server.start_mlflow_ui(store, mlflow_port))
+                tracking.UI_PORT = mlflow_port
+            started.append(server.start_lasting_server(prefect_port))
+            from mlflow import MlflowClient
+            experiment = MlflowClient(store).get_experiment_by_name(settings.tracking.experiment)
+        route = f"experiments/{experiment.experiment_id}" if experiment else "experiments"
+        typer.echo(f"MLflow runs:     {tracking.ui_url(store, route)}")
+        typer.echo(f"MLflow registry: {tracking.ui_url(store, 'models')}")
+        typer.echo(f"Prefect runs:    http://127.0.0.1:{prefect_port}/runs")
+        typer.echo("Ctrl-C stops " + ("them" if any(started) else "nothing: both were running"))
+        with interrupt.stop_on_signals(), contextlib.suppress(KeyboardInterrupt,
+                                                               interrupt.Interrupted):
+            while all(process is None or process.poll() is None for process in started):
+                time.sleep(0.5)
+            _fail("a UI server stopped; its output is in .seqlm/")
+    finally:
+        for process in filter(None, started):
+            server.stop(process)
+    typer.echo("stopped the UI servers this command started")
+
+
+@app.command()
 def generate(prefix: Annotated[str, typer.Argument(
                  help="text to continue; normalised as the corpus is (lower case, other "
                       "characters become one space)")] = "time traveller",

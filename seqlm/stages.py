@@ -12,11 +12,11 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple, get_args
+from typing import NamedTuple
 
 import yaml
 
-from seqlm.params import ModelName, Params, TrainLmParams
+from seqlm.params import Params, TrainLmParams
 
 RAW = "${download.out}"
 RAW_SHA256 = "${download.out}.sha256"     # `sha256sum -c` format: what the download holds
@@ -196,25 +196,24 @@ def to_dvc_yaml() -> dict:
     return {"stages": stages, "plots": _top_level_plots()}
 
 
-BASELINE_CURVES = ("kneser_ney", "unigram")
 CURVES_TEMPLATE = ".dvc/plots/curves.json"
 
 
 def _top_level_plots() -> list[dict]:
-    """One comparison per metric: every model on one chart (a column per model; the columns of
-    models not trained stay empty, and the `curves` template, CURVES_TEMPLATE, leaves them
-    out), the n-gram baselines as flat lines."""
-    models = list(get_args(ModelName))
+    """One comparison per metric: every model the run trained on one chart (the CSVs are in
+    long form: epoch, model, value; the `curves` template, CURVES_TEMPLATE, draws a line per
+    model), the n-gram baselines, each named with its order, as flat lines."""
     return [
         {f"{PLOTS}/val_perplexity.csv": {
-            "x": "epoch", "y": [*models, *BASELINE_CURVES], "template": "curves",
+            "x": "epoch", "y": "val_perplexity", "template": "curves",
             "title": "Validation perplexity per epoch (lower is better; n-gram baselines flat)",
             "y_label": "validation perplexity"}},
         {f"{PLOTS}/train_perplexity.csv": {
-            "x": "epoch", "y": models, "template": "curves",
+            "x": "epoch", "y": "train_perplexity", "template": "curves",
             "title": "Training perplexity per epoch (the chapter's curves)",
             "y_label": "training perplexity"}},
-        {f"{PLOTS}/kstep.csv": {"x": "k", "y": "mse", "template": "linear",
+        # `simple`: a line and its points, no smoothing slider (`linear` has one).
+        {f"{PLOTS}/kstep.csv": {"x": "k", "y": "mse", "template": "simple",
                                 "title": "Sine MLP: k-step prediction error (held-out MSE)",
                                 "x_label": "k (steps ahead)", "y_label": "MSE"}},
         {f"{PLOTS}/comparison.png": {}},

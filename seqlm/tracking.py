@@ -60,6 +60,21 @@ def tracking_uri() -> str:
     return f"sqlite:///{Path(DEFAULT_URI.removeprefix('sqlite:///')).resolve()}"
 
 
+# MLflow 3.17's UI shows an experiment in its GenAI view (traces, no runs table, no registry)
+# unless the browser once chose otherwise (kept in its local storage); this query parameter opens
+# the model-training view in any browser.
+TRAINING_VIEW = "workflowType=machine_learning"
+UI_PORT = 5000          # `mlflow ui`'s default, and `seqlm ui`'s
+
+
+def ui_url(uri: str, route: str = "") -> str:
+    """Page `route` (`experiments/1`, `models/<name>`) of the MLflow UI of store `uri`, in the
+    model-training view: the server itself for an http store, else `seqlm ui` / `mlflow ui` on
+    this machine."""
+    base = uri if uri.startswith(("http://", "https://")) else f"http://127.0.0.1:{UI_PORT}"
+    return f"{base.rstrip('/')}/#/{route}?{TRAINING_VIEW}"
+
+
 FIX_URI = ("Fix MLFLOW_TRACKING_URI (unset it to use sqlite:///mlflow.db in the repository root, "
            "or point it at a running `mlflow server`)")
 
@@ -177,7 +192,10 @@ class Run:
         self.client = MlflowClient(self.uri, registry_uri=self.uri)
         experiment = self.client.get_experiment_by_name(self.params.tracking.experiment)
         if experiment is None:
-            self.experiment_id = self.client.create_experiment(self.params.tracking.experiment)
+            from seqlm.relative_artifacts import experiment_location
+            name = self.params.tracking.experiment
+            self.experiment_id = self.client.create_experiment(
+                name, artifact_location=experiment_location(name))
             # Without this tag MLflow opens the experiment on its GenAI overview.
             self.client.set_experiment_tag(self.experiment_id, "mlflow.experimentKind",
                                            "custom_model_development")
@@ -211,12 +229,10 @@ class Run:
             self.error = self.error or f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
 
     def url(self) -> str | None:
-        """The run in the MLflow UI (`mlflow ui` on its default port for a local store)."""
+        """The run in the MLflow UI (see `ui_url`)."""
         if self.run_id is None:
             return None
-        base = self.uri if self.uri.startswith(("http://", "https://")) else \
-            "http://127.0.0.1:5000"
-        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        return ui_url(self.uri, f"experiments/{self.experiment_id}/runs/{self.run_id}")
 
     @_guarded
     def log_params(self, params: dict[str, Any]) -> None:
@@ -413,8 +429,10 @@ def _register(run: Run, model_dir: Path, model: str, val_perplexity: float, val_
         f"Character-level {model} language model of the {run.params.corpus_name} corpus (Dive "
         "into Deep Learning, chapter 8), trained by the seqlm pipeline. Each version holds the "
         "weights of its best-validation epoch; the alias `champion` is the version with the "
-        "lowest validation perplexity on the same validation text."))
-    client.update_model_version(name, version, description=description)
+        "lowest validation perplexity on the same validation text. The runs: experiment "
+        f"[{run.params.tracking.experiment}]({ui_url(run.uri, f'experiments/{run.experiment_id}')})."))
+    client.update_model_version(name, version, description=(
+        f"{description}\n\nTrained in MLflow run [{run.name}]({run.url()})."))
     client.set_model_version_tag(name, version, "weights_sha256", weights)
     # repr round-trips exactly: an equal model never takes the alias from the champion.
     client.set_model_version_tag(name, version, "val_perplexity", repr(float(val_perplexity)))

@@ -130,19 +130,20 @@ def _metrics(table: pd.DataFrame) -> dict[str, dict]:
 
 
 def _per_epoch(curves: dict[str, pd.DataFrame], metric: str, table: pd.DataFrame) -> pd.DataFrame:
-    """`metric` per epoch, a column per model (every model name: the ones not trained stay
-    empty, so that the DVC plot declared once draws whatever ran); for validation perplexity
-    the best Kneser-Ney baseline and the unigram as constant columns."""
+    """`metric` per epoch in long form (epoch, model, value), the models this run trained in
+    the order of MODEL_NAMES; for validation perplexity each n-gram baseline too, under its own
+    name (`kneser_ney_3gram`), as a constant over the epochs."""
     epochs = max((len(c) for c in curves.values()), default=0)
-    frame = pd.DataFrame({"epoch": np.arange(1, epochs + 1)})
-    for name in MODEL_NAMES:
-        values = curves[name].set_index("epoch")[metric] if name in curves else None
-        frame[name] = frame["epoch"].map(values) if values is not None else np.nan
+    rows = [frame.assign(model=name)[["epoch", "model", metric]]
+            for name in MODEL_NAMES if name in curves
+            for frame in [curves[name]]]
     if metric == "val_perplexity":
-        baselines = table[table["epochs"].isna()].set_index("model")["val_ppl_best"]
-        frame["kneser_ney"] = baselines.filter(like="kneser_ney").min()
-        frame["unigram"] = baselines["unigram"]
-    return frame
+        baselines = table[table["epochs"].isna()]
+        rows += [pd.DataFrame({"epoch": np.arange(1, epochs + 1), "model": row["model"],
+                               metric: row["val_ppl_best"]})
+                 for row in baselines.to_dict("records")]
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(
+        columns=["epoch", "model", metric])
 
 
 def comparison_figure(curves: dict[str, pd.DataFrame], table: pd.DataFrame) -> Figure:

@@ -24,6 +24,7 @@ from seqlm import interrupt
 STARTUP_TIMEOUT_S = 120      # seconds on idle cores; a busy machine can take much longer
 started_pid: int | None = None   # the server this process started, for the run's record
 LASTING_LOG = Path(".seqlm/prefect-server.log")   # what `seqlm schedule`'s server prints
+MLFLOW_UI_LOG = Path(".seqlm/mlflow-ui.log")       # what `seqlm ui`'s MLflow server prints
 LASTING_UI = f"http://127.0.0.1:{os.environ.get('PREFECT_SERVER_API_PORT', '4200')}"
 
 
@@ -122,27 +123,41 @@ def wait_for_server() -> None:
 
 
 def start_lasting_server(port: int) -> subprocess.Popen | None:
-    """`prefect server start` on 127.0.0.1:port, with its UI, for `seqlm schedule`, unless a
-    server answers there already (then None). Asks nothing and writes no profile (a terminal
-    would otherwise get Prefect's interactive profile question), and its UI calls the API on
-    the same port. ServerError if it does not answer within STARTUP_TIMEOUT_S."""
+    """`prefect server start` on 127.0.0.1:port, with its UI, for `seqlm schedule` and `seqlm
+    ui`, unless a server answers there already (then None). Asks nothing and writes no profile
+    (a terminal would otherwise get Prefect's interactive profile question), and its UI calls
+    the API on the same port. ServerError if it does not answer within STARTUP_TIMEOUT_S."""
     api_url = f"http://127.0.0.1:{port}/api"
-    if _healthy(api_url):
-        return None
     env = {**os.environ, "PREFECT_CLI_PROMPT": "false", "PREFECT_SERVER_API_HOST": "127.0.0.1",
            "PREFECT_SERVER_API_PORT": str(port), "PREFECT_UI_API_URL": api_url}
     env.pop("PREFECT_API_URL", None)
-    LASTING_LOG.parent.mkdir(parents=True, exist_ok=True)
-    with open(LASTING_LOG, "ab") as output:
-        process = spawn([sys.executable, "-m", "prefect", "--no-prompt", "server", "start",
-                         "--host", "127.0.0.1", "--port", str(port)], env, stdout=output,
-                        stderr=subprocess.STDOUT)
+    return _serve([sys.executable, "-m", "prefect", "--no-prompt", "server", "start", "--host",
+                   "127.0.0.1", "--port", str(port)], env, api_url, LASTING_LOG, "Prefect server")
+
+
+def start_mlflow_ui(store: str, port: int) -> subprocess.Popen | None:
+    """`mlflow server` (what `mlflow ui` runs) of tracking store `store` on 127.0.0.1:port,
+    unless a server answers there already (then None); one worker, enough for one person."""
+    return _serve([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store,
+                   "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                  dict(os.environ), f"http://127.0.0.1:{port}", MLFLOW_UI_LOG, "MLflow UI")
+
+
+def _serve(args: list[str], env: dict[str, str], url: str, log: Path,
+           what: str) -> subprocess.Popen | None:
+    """Start the server `args` (output appended to `log`) and wait until `url`/health answers;
+    None if something answers there already."""
+    if _healthy(url):
+        return None
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as output:
+        process = spawn(args, env, stdout=output, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     try:
-        while not _healthy(api_url):
+        while not _healthy(url):
             if process.poll() is not None or time.monotonic() > deadline:
-                raise ServerError(f"the Prefect server did not start on 127.0.0.1:{port} (exit "
-                                  f"code {process.poll()}); its output is in {LASTING_LOG}")
+                raise ServerError(f"the {what} did not start on {url.removesuffix('/api')} "
+                                  f"(exit code {process.poll()}); its output is in {log}")
             time.sleep(0.2)
     except BaseException:                # Ctrl-C meanwhile too
         stop(process)
