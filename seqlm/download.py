@@ -10,7 +10,7 @@ import hashlib
 import logging
 import os
 import ssl
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 from urllib.parse import urlparse
@@ -68,9 +68,13 @@ class AllSourcesFailed(RuntimeError):
         return f"{which} failed for {self.out}: {listed}"
 
 
-def ensure_file(p: DownloadParams, log: Logger = logging.getLogger(__name__)) -> bool:
+def ensure_file(p: DownloadParams, log: Logger = logging.getLogger(__name__),
+                check: Callable[[Path, str], None] | None = None) -> bool:
     """Make `p.out` the file whose digest is `p.checksum`, trying `p.sources` in order, and
     record its sha256 beside it (`<out>.sha256`, the format `sha256sum -c` reads).
+
+    `check(fetched, source)` judges the content before it replaces `p.out`: a ValueError
+    makes that source a failure (the next one is tried) and keeps the previous file.
 
     Without a checksum the source may change: it is fetched every time and the content's sha256
     is recorded. Returns False when a matching file was already there (nothing fetched), True
@@ -94,6 +98,11 @@ def ensure_file(p: DownloadParams, log: Logger = logging.getLogger(__name__)) ->
                 if p.checksum is not None and digest != p.checksum:
                     raise SourceError(
                         f"checksum mismatch ({p.algorithm} {digest}, expected {p.checksum})")
+                if check is not None:
+                    try:
+                        check(tmp, source)
+                    except ValueError as exc:
+                        raise SourceError(f"unusable content: {exc}") from None
         except SourceError as exc:
             log.warning("%s: %s", source, exc.reason)
             failures.append(Failure(source, exc.reason, exc.network))

@@ -49,18 +49,46 @@ class DownloadParams(Section):
             raise ValueError("must be a sha1 (40 hex digits) or sha256 (64 hex digits)")
         return value
 
+    @field_validator("out")
+    @classmethod
+    def _inside_the_repository(cls, value: str) -> str:
+        # DVC tracks only what lies in the repository, and a run must not write elsewhere.
+        path = Path(value)
+        if path.is_absolute() or ".." in path.parts or not path.parts:
+            raise ValueError(f"{value!r} must be a relative path inside the repository, "
+                             "e.g. data/raw/timemachine.txt")
+        return value
+
     @property
     def algorithm(self) -> str:
         return "sha1" if self.checksum is not None and len(self.checksum) == 40 else "sha256"
 
 
+# A validation text shorter than this scores nothing that a person could compare: its
+# perplexity is the exponential of a mean over so few tokens that its noise outweighs the gap
+# between two models (on one character, a 2-epoch model beat a 500-epoch one). Below it a run
+# still trains and registers, but never moves the champion alias (seqlm/tracking.py).
+CHAMPION_MIN_VAL_TOKENS = 1_000
+
+
 class PreprocessParams(Section):
     min_freq: Annotated[int, Field(ge=0)] = 0
-    reserved_tokens: list[str] = []
+    reserved_tokens: list[Annotated[str, Field(min_length=1)]] = []
     # The first train_tokens character ids train, the next val_tokens validate; None trains on
-    # everything before the last val_tokens (a split of the whole corpus).
+    # everything before the last val_tokens (a split of the whole corpus). A perplexity needs
+    # at least one token scored after one of context: 2 at least.
     train_tokens: PositiveInt | None = 10_000
-    val_tokens: PositiveInt = 5_000
+    val_tokens: Annotated[int, Field(ge=2)] = 5_000
+
+    @field_validator("reserved_tokens")
+    @classmethod
+    def _distinct_reserved(cls, value: list[str]) -> list[str]:
+        if "<unk>" in value:
+            raise ValueError("'<unk>' is always index 0; do not reserve it again")
+        twice = sorted({t for t in value if value.count(t) > 1})
+        if twice:
+            raise ValueError(f"lists {', '.join(map(repr, twice))} twice")
+        return value
 
 
 class NgramParams(Section):

@@ -33,7 +33,15 @@ _LOWER_OR_SPACE = bytes(c + 32 if 65 <= c <= 90 else c if 97 <= c <= 122 or c ==
                         for c in range(256))    # A-Z -> a-z, a-z and "\n" kept, the rest " "
 
 
-def clean_chunks(path: Path | str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+def corpus_length(path: Path | str, label: str | None = None) -> int:
+    """The length of the character corpus of a text file (its cleaned lines joined), after the
+    checks preprocess makes (CorpusError naming `label`, else the path): what the download
+    checks before a fetched file replaces the last good one."""
+    return sum(len(piece) - piece.count(b"\n") for piece in clean_chunks(path, label=label))
+
+
+def clean_chunks(path: Path | str, chunk_bytes: int = CHUNK_BYTES,
+                 label: str | None = None) -> Iterator[bytes]:
     """The cleaned lines of a UTF-8 text file, streamed as pieces of whole lines, each line ending
     with b"\n" (seed read_time_machine: every run of characters outside [A-Za-z] becomes one space,
     then strip and lower-case; lines split at "\n", "\r\n" or "\r" as Python's universal
@@ -42,6 +50,7 @@ def clean_chunks(path: Path | str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[b
     Refuses a file a language model cannot learn from, with the same priority as reading it
     whole: empty, then binary (a NUL byte anywhere), then not UTF-8, then no letters.
     """
+    name = label or path
     path = Path(path)
     pending = b""              # the tail of the last chunk: an unfinished line
     offset = 0                 # position of `pending` in the file
@@ -53,9 +62,9 @@ def clean_chunks(path: Path | str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[b
             block = handle.read(chunk_bytes)
             eof = not block
             if eof and handle.tell() == 0:
-                raise CorpusError(f"{path}: corpus is empty")
+                raise CorpusError(f"{name}: corpus is empty")
             if b"\x00" in block:
-                raise CorpusError(f"{path}: corpus is a binary file (contains NUL bytes)")
+                raise CorpusError(f"{name}: corpus is a binary file (contains NUL bytes)")
             if bad_utf8 is not None:       # read on only to tell a binary file apart
                 continue
             data = pending + block
@@ -75,9 +84,9 @@ def clean_chunks(path: Path | str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[b
                 letters = letters or has_letters
                 yield cleaned
     if bad_utf8 is not None:
-        raise CorpusError(f"{path}: corpus is not UTF-8 (invalid byte at offset {bad_utf8})")
+        raise CorpusError(f"{name}: corpus is not UTF-8 (invalid byte at offset {bad_utf8})")
     if not letters:
-        raise CorpusError(f"{path}: corpus has no letters A-Z/a-z, nothing to tokenize")
+        raise CorpusError(f"{name}: corpus has no letters A-Z/a-z, nothing to tokenize")
 
 
 def _clean(piece: bytes) -> tuple[bytes, bool]:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from seqlm.io import file_digest
-from seqlm.params import Params
+from seqlm.params import CHAMPION_MIN_VAL_TOKENS, Params
 
 # MLflow reads these when it makes a request: a tracking server that stops answering mid-run
 # fails in seconds, not after minutes of retries; artifact downloads draw no progress bars.
@@ -437,6 +437,12 @@ def _register(run: Run, model_dir: Path, model: str, val_perplexity: float, val_
     # repr round-trips exactly: an equal model never takes the alias from the champion.
     client.set_model_version_tag(name, version, "val_perplexity", repr(float(val_perplexity)))
     client.set_model_version_tag(name, version, "val_digest", val_digest)
+    val_tokens = run.params.preprocess.val_tokens
+    if val_tokens < CHAMPION_MIN_VAL_TOKENS:
+        log.info("%s v%s is registered but cannot be champion: its validation text has %d "
+                 "tokens, fewer than the %d a comparison needs (preprocess.val_tokens)", name,
+                 version, val_tokens, CHAMPION_MIN_VAL_TOKENS)
+        return version
     champion = _champion_perplexity(client, name, val_digest, rescore)
     if champion is None or val_perplexity < champion:
         client.set_registered_model_alias(name, CHAMPION, version)

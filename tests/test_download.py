@@ -191,6 +191,32 @@ def test_without_a_checksum_every_run_fetches_and_records_the_content(
     assert leftovers(OUT.parent) == []
 
 
+@pytest.mark.parametrize("served, reason", [
+    (b"", "corpus is empty"),
+    (b"\x00\x01\x02binary" * 50, "corpus is a binary file"),
+    ("la machine \xe0 explorer le temps\n".encode("latin-1") * 50, "corpus is not UTF-8"),
+    ("\u65f6\u95f4\u673a\u5668\n".encode() * 50, "corpus has no letters"),
+    (b"one line of text\n", "preprocess.train_tokens + preprocess.val_tokens = 10000 + 5000 "
+                           "exceeds the corpus of 16 tokens"),
+])
+def test_a_bad_fetch_keeps_the_last_good_corpus(workdir: Path, server: Server, served: bytes,
+                                                reason: str) -> None:
+    """A source whose content may change serves something preprocess would refuse: the
+    previous corpus and its record stay, and the run fails with the reason."""
+    good = MIRROR.read_bytes()
+    server.plans["/tm.txt"] = [good, served]
+    params = params_with(workdir, sources=[server.url("/tm.txt")], checksum=None)
+    download.fn(params)
+    before = (OUT.read_bytes(), SHA256.read_text())
+    with pytest.raises(AllSourcesFailed) as info:
+        download.fn(params)
+    message = str(info.value)
+    assert f"{server.url('/tm.txt')}: unusable content: " in message and reason in message
+    assert "\n" not in message and not info.value.retriable
+    assert (OUT.read_bytes(), SHA256.read_text()) == before
+    assert leftovers(OUT.parent) == []
+
+
 def test_checksum_mismatch_never_replaces_the_file(workdir: Path, server: Server) -> None:
     OUT.parent.mkdir(parents=True)
     OUT.write_bytes(b"an older, different file\n")

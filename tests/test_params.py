@@ -51,6 +51,16 @@ def test_repository_params_are_valid():
     (lambda p: p["train_lm"].update(hidden=1e9), "train_lm.hidden = 1000000000.0: Input should be a valid integer"),
     (lambda p: p["preprocess"].update(train_tokens=0), "preprocess.train_tokens = 0"),
     (lambda p: p["train_lm"].update(models=[]), "train_lm.models = []"),
+    (lambda p: p["preprocess"].update(reserved_tokens=["<unk>", "a"]),
+     "preprocess.reserved_tokens = ['<unk>', 'a']: Value error, '<unk>' is always index 0"),
+    (lambda p: p["preprocess"].update(reserved_tokens=["<bos>", "<bos>"]),
+     "preprocess.reserved_tokens = ['<bos>', '<bos>']: Value error, lists '<bos>' twice"),
+    (lambda p: p["preprocess"].update(val_tokens=1), "preprocess.val_tokens = 1: Input should be "
+                                                     "greater than or equal to 2"),
+    (lambda p: p["download"].update(out="../../outside.txt"),
+     "download.out = '../../outside.txt': Value error, '../../outside.txt' must be a relative "
+     "path inside the repository"),
+    (lambda p: p["download"].update(out="/tmp/abs.txt"), "download.out = '/tmp/abs.txt'"),
 ])
 def test_bad_params_name_key_and_value(tmp_path, mutate, expected):
     with pytest.raises(ParamsError) as info:

@@ -35,6 +35,8 @@ def check_machine(params: Params) -> None:
     if out.is_dir():
         raise PreflightError(f"download.out = {params.download.out!r} is a folder; name the file "
                              "to store the corpus in, e.g. data/raw/timemachine.txt")
+    check_dask_address(params.execution.dask_address
+                       if params.execution.task_runner == "dask" else None)
     available = _available_memory(p.device)
     for model in p.models:
         weights, activations = training_memory(params, model)
@@ -47,6 +49,46 @@ def check_machine(params: Params) -> None:
             raise PreflightError(
                 f"{key}: training {model} needs about {need / 2**30:,.1f} GiB, and this machine "
                 f"has {available / 2**30:,.1f} GiB available; lower it")
+
+
+def check_dask_address(address: str | None) -> None:
+    """A scheduler address that nothing answers on fails now, in milliseconds where the port
+    is refused (Dask itself waits 30 s and does not name the key)."""
+    if address is None:
+        return
+    import socket
+    from urllib.parse import urlparse
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    key = f"execution.dask_address = {address!r}"
+    try:
+        port = parsed.port
+    except ValueError:
+        port = None
+    if not parsed.hostname or port is None:
+        raise PreflightError(f"{key}: expected tcp://HOST:PORT (e.g. tcp://127.0.0.1:8786)")
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=5).close()
+    except OSError as exc:
+        raise PreflightError(f"{key}: no Dask scheduler answers there ({exc.strerror or exc}); "
+                             "start `dask scheduler`, or unset it for a local cluster") from None
+
+
+def check_dvc_lock(path: Path = Path("dvc.lock")) -> None:
+    """A damaged dvc.lock (a truncated write, a bad merge) fails now with the fix, not after
+    every stage ran, in `dvc commit`."""
+    import yaml
+    if not path.exists():
+        return
+    try:
+        lock = yaml.safe_load(path.read_text())
+        valid = isinstance(lock, dict) and isinstance(lock.get("stages"), dict)
+        problem = "it has no `stages` mapping"
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        valid, problem = False, " ".join(str(exc).split())
+    if not valid:
+        raise PreflightError(f"{path}: not a valid DVC lock file ({problem}); remove it (the "
+                             "run writes it again from the stages' outputs) or restore it with "
+                             "`git checkout dvc.lock`")
 
 
 def training_memory(params: Params, model: str, vocab_size: int = 100) -> tuple[float, float]:
