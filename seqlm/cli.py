@@ -33,7 +33,16 @@ ParamsOption = Annotated[Path, typer.Option(
 
 
 def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    """End with `error: message`: one line, or on a terminal one message wrapped at its spaces
+    to the terminal's width (never inside a path or a URL, never cut)."""
+    text = f"error: {message}"
+    if sys.stderr.isatty():
+        import shutil
+        import textwrap
+        text = textwrap.fill(text, width=shutil.get_terminal_size().columns,
+                             subsequent_indent="  ", break_long_words=False,
+                             break_on_hyphens=False)
+    typer.secho(text, fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
 
 
@@ -67,8 +76,13 @@ def _params(path: Path):
 def run(params: ParamsOption = PARAMS_FILE,
         dvc: Annotated[bool, typer.Option(
             help="at the end, update dvc.lock and push the artifacts to the DVC remote")] = True,
+        debug: Annotated[bool, typer.Option(
+            help="show Prefect's failure lines and the tracebacks in the terminal too, and end "
+                 "with the exception's traceback")] = False,
         ) -> None:
     """Run the whole pipeline as a Prefect flow; unchanged stages are skipped."""
+    if debug:
+        os.environ["SEQLM_TRACEBACK"] = "1"
     loaded = _params(params)  # a bad params.yaml fails here, before any server starts
     from seqlm.runtime.workspace import workspace_lock
     with _one_line_errors(), workspace_lock("seqlm run", dvc=dvc):   # refused at once if busy
@@ -84,7 +98,7 @@ def run(params: ParamsOption = PARAMS_FILE,
         check_store()                       # an unusable MLflow store fails in seconds
         from flows.pipeline import pipeline
         from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-        _outcomes_said_once()
+        _terminal_says_once(debug)
         server.wait_for_server()
         # Heartbeats let a lasting server mark a flow run whose process died as crashed. A
         # temporary server dies with this process (the next run closes a killed one, see
@@ -97,17 +111,31 @@ def run(params: ParamsOption = PARAMS_FILE,
         typer.echo(f"{stage:24s} {state}")
 
 
-def _outcomes_said_once() -> None:
+# What Prefect's engine says of a failure, each a second (or third) telling of the error that
+# `seqlm run` ends with in one line; they stay in the Prefect run logs.
+_ENGINE_ON_FAILURE = {"prefect.task_runs": ("Finished in state", "Task run failed with exception"),
+                      "prefect.flow_runs": ("Encountered exception during execution",
+                                            "Finished in state Failed")}
+
+
+def _terminal_says_once(debug: bool) -> None:
     """Each stage's outcome is said once in the terminal, by the table `seqlm run` prints at the
-    end; Prefect's "Finished in state" line of every task run stays in the run's logs."""
+    end, and each error once, by its `error:` line; Prefect's "Finished in state" line of every
+    task run, its failure lines and every traceback stay in the run's logs (the API handler,
+    which handles a record before it propagates to the root logger's console). --debug shows
+    them here too."""
     from prefect.logging.handlers import PrefectConsoleHandler
 
-    def not_a_task_runs_end(record: logging.LogRecord) -> bool:
-        return not (record.name == "prefect.task_runs"
-                    and record.getMessage().startswith("Finished in state"))
+    def said_elsewhere(record: logging.LogRecord) -> bool:
+        if debug:
+            return True
+        if record.getMessage().startswith(_ENGINE_ON_FAILURE.get(record.name, ())):
+            return False
+        record.exc_info = record.exc_text = None      # the root console is the last handler
+        return True
     for handler in logging.getLogger().handlers:
         if isinstance(handler, PrefectConsoleHandler):
-            handler.addFilter(not_a_task_runs_end)
+            handler.addFilter(said_elsewhere)
 
 
 @app.command()

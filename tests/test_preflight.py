@@ -10,7 +10,8 @@ import torch
 
 from conftest import write_params
 from seqlm.params import Params, load_params
-from seqlm.runtime.preflight import PreflightError, check_corpus, check_machine
+from seqlm.runtime.preflight import (PreflightError, check_corpus, check_dask_address,
+                                     check_dvc_lock, check_machine)
 from seqlm.text import Vocab
 
 
@@ -24,6 +25,32 @@ def test_cuda_without_a_gpu(workdir):
     with pytest.raises(PreflightError, match=r"^train_lm.device = 'cuda' but torch .* sees no "
                                              "CUDA GPU"):
         check_machine(params_with(workdir, train_lm={"device": "cuda"}))
+
+
+def test_a_dask_address_nothing_answers_on(workdir):
+    import socket
+    with socket.socket() as sock:       # a port just freed: refused at once
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    params = params_with(workdir, execution={"task_runner": "dask",
+                                             "dask_address": f"tcp://127.0.0.1:{port}"})
+    with pytest.raises(PreflightError, match=rf"^execution.dask_address = 'tcp://127.0.0.1:"
+                                             rf"{port}': no Dask scheduler answers there "
+                                             r"\(Connection refused\); start `dask scheduler`"):
+        check_machine(params)
+    with pytest.raises(PreflightError, match=r"^execution.dask_address = 'nowhere': expected "
+                                             r"tcp://HOST:PORT"):
+        check_dask_address("nowhere")
+
+
+@pytest.mark.parametrize("text", ["schema: '2.0'\nstages:\n  download:\n    cmd: [x", "", "- a\n"])
+def test_a_damaged_dvc_lock(tmp_path, text):
+    lock = tmp_path / "dvc.lock"
+    lock.write_text(text)
+    with pytest.raises(PreflightError, match=rf"^{lock}: not a valid DVC lock file .*; remove it "
+                                             r"\(the run writes it again"):
+        check_dvc_lock(lock)
+    check_dvc_lock(tmp_path / "absent.lock")
 
 
 def test_download_out_naming_a_folder(workdir):

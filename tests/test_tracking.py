@@ -69,6 +69,10 @@ def test_champion_alias_moves_only_to_a_better_model(trained_rnn, workdir):
     assert register(6.5, digest="text-B") == 6
     assert champion() == 6 and len(rescored) == 2
     assert client.get_model_version("timemachine-rnn", "6").tags["val_digest"] == "text-B"
+    # a validation text too short to mean anything decides nothing: registered, alias kept
+    write_params(workdir, preprocess={"val_tokens": 999})
+    assert register(1.0, digest="text-C") == 7
+    assert champion() == 6
     assert set(errors) == {None}
 
 

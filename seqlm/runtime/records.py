@@ -38,9 +38,19 @@ from seqlm.stages import STAGE_BY_NAME, Stage
 
 RECORDS = Path(".seqlm/records")   # relative to the workspace root, like every stage path
 VALUES = RECORDS / "values"        # the records' values; RECORDS holds their metadata
-# Plain JSON both ways: no encoder that writes, and no decoder that imports, a class by name.
-SERIALIZER = JSONSerializer(object_encoder=None, object_decoder=None)
+# Plain JSON both ways: no decoder that imports a class by name, and an encoder that writes
+# only what a failed stage leaves (Prefect persists the exception of a failed task run, under a
+# key of its own): its type and message, as plain data.
+SERIALIZER = JSONSerializer(object_encoder="seqlm.runtime.records.plain_error",
+                            object_decoder=None)
 Record = dict[str, Any]
+
+
+def plain_error(value: Any) -> dict[str, str]:
+    """JSON of an exception: {"error": its type, "message": its text}; nothing else encodes."""
+    if isinstance(value, BaseException):
+        return {"error": type(value).__name__, "message": str(value)}
+    raise TypeError(f"a stage record holds plain JSON only, not {type(value).__name__}")
 log = logging.getLogger(__name__)
 
 
