@@ -252,9 +252,17 @@ def _train(name: str, corpus: np.ndarray, vocab: Vocab, params: Params,
         if on_epoch is not None:
             on_epoch(int(row["epoch"]), _metrics(row))
         if ckpt_path is not None and checkpoint_due(row["epoch"], p, stopped):
+            # The model is the product and a checkpoint a convenience: one that cannot be
+            # written (a full disk) is a warning, and training goes on to publish the model.
+            try:
+                save_checkpoint(ckpt_path, model, optimizer, dropout_rng, int(row["epoch"]),
+                                history, best_state, config)
+            except OSError as exc:
+                log.warning("%s epoch %d: checkpoint not written (%s); training goes on, and a "
+                            "run stopped now resumes from epoch %d", name, int(row["epoch"]),
+                            exc, saved)
+                return
             saved = int(row["epoch"])
-            save_checkpoint(ckpt_path, model, optimizer, dropout_rng, saved, history, best_state,
-                            config)
             best = best_row(history)
             log.info("%s epoch %d: train ppl %.3f, val ppl %.3f (best %.3f at epoch %d), "
                      "%.0f tokens/s; checkpoint %s", name, saved, row["train_perplexity"],

@@ -286,3 +286,40 @@ def test_a_full_disk_keeps_every_previous_preprocess_output(small_disk):
         preprocess.fn(load_params())
     assert snapshot(root / "data/processed") == before
     assert sorted(p.name for p in (root / "data").iterdir()) == ["mirror", "processed", "raw"]
+
+
+def test_a_checkpoint_that_cannot_be_written_still_publishes_the_model(workdir, tmp_path,
+                                                                         monkeypatch, caplog):
+    """checkpoints/ on a full disk (a 64 KiB tmpfs when root; elsewhere its writes fail with
+    ENOSPC), models/ with room: the training ends, warns, and publishes its model."""
+    from tasks.download import download
+    from tasks.preprocess import preprocess
+    from tasks.train_lm import train_lm
+    write_params(workdir, train_lm={"epochs": 3, "hidden": 64, "models": ["rnn"],
+                                    "checkpoint_every": 1, "device": "cpu"})
+    params = load_params()
+    download.fn(params)
+    preprocess.fn(params)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    full = workdir / "checkpoints"
+    full.mkdir()
+    mounted = os.geteuid() == 0 and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)],
+        capture_output=True).returncode == 0
+    if not mounted:
+        import errno
+        import seqlm.train
+
+        def no_space(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(seqlm.train, "save_torch", no_space)
+    try:
+        with caplog.at_level("WARNING", logger="seqlm.train"):
+            train_lm.fn(params, "rnn")
+        assert torch.load(workdir / "models/rnn/model.pt", weights_only=True)["state_dict"]
+        warned = [r.getMessage() for r in caplog.records if "checkpoint not written" in r.getMessage()]
+        assert len(warned) == 3 and "no space left" in warned[0].lower(), warned
+        assert not list(full.rglob("*.pt")) and not list(full.rglob("*.tmp*"))
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(full)], check=True)
