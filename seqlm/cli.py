@@ -46,8 +46,12 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+STOPPED_RUN = ("interrupted: the run stopped; finished stages and the last checkpoints are "
+               "kept, and the next run resumes")
+
+
 @contextlib.contextmanager
-def _one_line_errors() -> Iterator[None]:
+def _one_line_errors(interrupted: str = STOPPED_RUN) -> Iterator[None]:
     """A failing stage ends the command with its own one-line message, not a traceback (the
     Prefect run logs keep the traceback). SEQLM_TRACEBACK=1 lets the exception through.
     Ctrl-C / SIGTERM end it with one line and the shell's exit code for the signal."""
@@ -56,8 +60,7 @@ def _one_line_errors() -> Iterator[None]:
         with interrupt.stop_on_signals():
             yield
     except (KeyboardInterrupt, interrupt.Interrupted):
-        typer.secho("interrupted: the run stopped; finished stages and the last checkpoints "
-                    "are kept, and the next run resumes", fg=typer.colors.RED, err=True)
+        typer.secho(interrupted, fg=typer.colors.RED, err=True)
         raise typer.Exit(interrupt.exit_code()) from None
     except Exception as exc:  # noqa: BLE001 - every stage error is reported the same way
         if os.environ.get("SEQLM_TRACEBACK"):
@@ -258,13 +261,22 @@ def generate(prefix: Annotated[str, typer.Argument(
                  min=1, help="sample among the k most likely characters only")] = None,
              seed: Annotated[Optional[int], typer.Option(
                  help="seed of the sampling (the same seed, the same text)")] = None) -> None:
-    """Continue PREFIX with a trained model (greedy unless --temperature/--top-k)."""
-    with _one_line_errors():
-        typer.echo(_generate(prefix, model, num_chars, temperature, top_k, seed))
+    """Continue PREFIX with a trained model (greedy unless --temperature/--top-k); the text is
+    written as it is generated."""
+    from seqlm.generate import MAX_CHARS
+    if num_chars > MAX_CHARS:
+        _fail(f"--num-chars = {num_chars}: at most {MAX_CHARS:,} characters a call")
+    with _one_line_errors(interrupted="\ninterrupted: generation stopped"):
+        for piece in _generate(prefix, model, num_chars, temperature, top_k, seed):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
 
 
 def _generate(prefix: str, model: str, num_chars: int, temperature: float | None,
-              top_k: int | None, seed: int | None) -> str:
+              top_k: int | None, seed: int | None) -> Iterator[str]:
+    """The text in pieces: from a models/ folder a character at a time, from an MLflow model
+    (whose predict returns whole texts) at once."""
     import torch
     if model.startswith(("models:/", "runs:/")):
         import mlflow
@@ -276,15 +288,15 @@ def _generate(prefix: str, model: str, num_chars: int, temperature: float | None
                     "seed": seed}
         # Unset settings are left out: the model's signature makes them optional columns.
         row = {"prefix": prefix, **{k: v for k, v in settings.items() if v is not None}}
-        return loaded.predict(pd.DataFrame([row]))[0]
-    from seqlm.generate import load_trained, predict
+        return iter([loaded.predict(pd.DataFrame([row]))[0]])
+    from seqlm.generate import generate, load_trained
     model_dir = Path("models") / model
     if not (model_dir / "model.pt").exists():
         raise FileNotFoundError(f"{model_dir}/model.pt not found: train it first (seqlm run) or "
                                 "pass an MLflow URI")
     net, vocab, _ = load_trained(model_dir, device="cpu")
-    return predict(prefix, num_chars, net, vocab, torch.device("cpu"), temperature=temperature,
-                   top_k=top_k, seed=seed)
+    return generate(prefix, num_chars, net, vocab, torch.device("cpu"), temperature=temperature,
+                    top_k=top_k, seed=seed)
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -29,14 +30,29 @@ def normalize_prefix(text: str) -> str:
     return _NON_LETTERS.sub(" ", text).lower()
 
 
+# Characters one call may generate: about a second of the CPU per 10,000 here; a bound keeps a
+# typo (--num-chars 10000000) from holding a terminal or a model server for a quarter of an hour.
+MAX_CHARS = 100_000
+
+
 def predict(prefix: str, num_chars: int, model: nn.Module, vocab: Vocab,
             device: torch.device | str, *, temperature: float | None = None, top_k: int | None = None,
             seed: int | None = None) -> str:
-    """prefix + num_chars generated characters. Greedy (argmax) when neither temperature nor top_k
-    is given; otherwise sampled from softmax(logits / temperature) (temperature 1 by default)
-    restricted to the top_k most likely tokens, with a torch.Generator seeded by `seed`.
-    The prefix is normalised as the corpus was (normalize_prefix); one that is empty then, or
-    has characters the vocabulary lacks, is a ValueError naming them."""
+    """prefix + num_chars generated characters (see `generate`)."""
+    return "".join(generate(prefix, num_chars, model, vocab, device, temperature=temperature,
+                            top_k=top_k, seed=seed))
+
+
+def generate(prefix: str, num_chars: int, model: nn.Module, vocab: Vocab,
+             device: torch.device | str, *, temperature: float | None = None,
+             top_k: int | None = None, seed: int | None = None) -> Iterator[str]:
+    """The normalised prefix, then each of num_chars generated characters as it comes. Greedy
+    (argmax) when neither temperature nor top_k is given; otherwise sampled from
+    softmax(logits / temperature) (temperature 1 by default) restricted to the top_k most
+    likely tokens, with a torch.Generator seeded by `seed`. The prefix is normalised as the
+    corpus was (normalize_prefix); one that is empty then, or has characters the vocabulary
+    lacks, is a ValueError naming them, as are settings out of range. Checked before the first
+    character is yielded."""
     text = normalize_prefix(prefix)
     if not text:
         raise ValueError(f"prefix {prefix!r} is empty: give at least one character to start from")
@@ -44,15 +60,20 @@ def predict(prefix: str, num_chars: int, model: nn.Module, vocab: Vocab,
     if missing:
         raise ValueError(f"prefix {prefix!r} has characters the model's vocabulary lacks: "
                          f"{''.join(missing)!r}")
-    prefix = text
-    if num_chars < 0:
-        raise ValueError(f"num_chars = {num_chars} must be >= 0")
+    if not 0 <= num_chars <= MAX_CHARS:
+        raise ValueError(f"num_chars = {num_chars} must be between 0 and {MAX_CHARS:,}")
     if temperature is not None and not temperature > 0:
         raise ValueError(f"temperature = {temperature} must be > 0")
     if top_k is not None:
         if top_k < 1 or top_k != int(top_k):
             raise ValueError(f"top_k = {top_k} must be an integer >= 1")
         top_k = int(top_k)               # e.g. a float64 from a DataFrame column (MLflow pyfunc)
+    return _generate(text, num_chars, model, vocab, device, temperature, top_k, seed)
+
+
+def _generate(prefix: str, num_chars: int, model: nn.Module, vocab: Vocab,
+              device: torch.device | str, temperature: float | None, top_k: int | None,
+              seed: int | None) -> Iterator[str]:
     sample = temperature is not None or top_k is not None
     generator = torch.Generator(device=device)
     if seed is not None:
@@ -61,22 +82,23 @@ def predict(prefix: str, num_chars: int, model: nn.Module, vocab: Vocab,
         generator.seed()                 # an unseeded Generator would repeat one fixed default seed
     was_training = model.training
     model.eval()
-    out: list[int] = []
-    with torch.no_grad():
-        # Warm-up: the whole prefix in one call is the same recurrence as d2l's char-by-char loop;
-        # the logits of its last character predict the first new one.
-        ids = torch.tensor([vocab[list(prefix)]], device=device)            # (1, len(prefix))
-        logits, state = model(ids, model.begin_state(1, device))
-        for i in range(num_chars):
-            if i:
-                logits, state = model(torch.tensor([[out[-1]]], device=device), state)
-            last = logits[-1]                                                # time-major: last step
-            if sample:
-                out.append(_sample(last, temperature or 1.0, top_k, generator))
-            else:
-                out.append(int(last.argmax()))
-    model.train(was_training)
-    return prefix + "".join(vocab.to_tokens(out))
+    yield prefix
+    try:
+        with torch.no_grad():
+            # Warm-up: the whole prefix in one call is the same recurrence as d2l's char-by-char
+            # loop; the logits of its last character predict the first new one.
+            ids = torch.tensor([vocab[list(prefix)]], device=device)        # (1, len(prefix))
+            logits, state = model(ids, model.begin_state(1, device))
+            last_id = None
+            for i in range(num_chars):
+                if i:
+                    logits, state = model(torch.tensor([[last_id]], device=device), state)
+                last = logits[-1]                                        # time-major: last step
+                last_id = _sample(last, temperature or 1.0, top_k, generator) if sample else \
+                    int(last.argmax())
+                yield vocab.to_tokens(last_id)
+    finally:
+        model.train(was_training)
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_k: int | None,

@@ -146,3 +146,41 @@ def test_load_trained_round_trip_and_broken_folders(trained_run, tmp_path: Path)
     (broken / "meta.json").unlink()
     with pytest.raises(ModelLoadError, match="not a trained model folder, missing .*meta.json"):
         load_trained(broken)
+
+
+def test_generate_streams_is_bounded_and_says_what_ctrl_c_stopped(trained_run, tmp_path: Path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from tasks.train_lm import write_model_dir
+    from seqlm.generate import MAX_CHARS
+    result, vocab, params = trained_run
+    write_model_dir(tmp_path / "models" / "gru", result, vocab, params)
+    command = [sys.executable, "-m", "seqlm.cli", "generate", "time traveller", "--model", "gru"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    too_many = subprocess.run([*command, "--num-chars", "10000000"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=60)
+    assert too_many.returncode == 2 and too_many.stdout == ""
+    assert too_many.stderr == (f"error: --num-chars = 10000000: at most {MAX_CHARS:,} "
+                               "characters a call\n")
+
+    # the text comes as it is generated: the first characters while the rest is being made
+    streaming = subprocess.Popen([*command, "--num-chars", str(MAX_CHARS)], cwd=tmp_path,
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 start_new_session=True)
+    first = streaming.stdout.read(len("time traveller") + 20)
+    assert first.startswith(b"time traveller") and streaming.poll() is None
+    time.sleep(0.5)
+    streaming.send_signal(signal.SIGINT)
+    rest, errors = streaming.communicate(timeout=30)
+    assert streaming.returncode == 130
+    assert errors.decode().strip() == "interrupted: generation stopped"
+    assert len(first + rest) < len("time traveller") + MAX_CHARS
+
+    # the streamed text is predict's
+    whole = subprocess.run([*command, "--num-chars", "30"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert whole.stdout == predict("time traveller", 30, result.model, vocab, "cpu") + "\n"
