@@ -116,7 +116,9 @@ def _resolve(path: str, params: Params, item: str | None) -> str:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("download", code=("tasks/download.py", "seqlm/download.py"), params=("download",),
+    # preprocess: a fetched corpus is checked as preprocess reads it, split included.
+    Stage("download", code=("tasks/download.py", "seqlm/download.py", "seqlm/text.py",
+                            "seqlm/protocol.py"), params=("download", "preprocess"),
           outs={"corpus": RAW, "sha256": RAW_SHA256}),
     Stage("preprocess", code=("tasks/preprocess.py", "seqlm/text.py", "seqlm/protocol.py"),
           params=("preprocess",), deps={"corpus": RAW}, outs={"processed": PROCESSED}),

@@ -2,6 +2,7 @@
 each one line naming the params key."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -124,3 +125,37 @@ def test_the_flow_stops_after_preprocess_before_any_training(workdir, prefect_se
     assert (workdir / "data/processed/corpus_char.npy").exists()
     # no language model trained (the sine MLP and the n-grams do not read the batch shape)
     assert not list((workdir / "models").glob("rnn*")) and not (workdir / "checkpoints").exists()
+
+
+def test_a_training_of_hours_is_announced_with_its_estimate(workdir, caplog):
+    import logging
+    from seqlm.runtime.preflight import warn_long_trainings
+    log = logging.getLogger("test.preflight")
+    with caplog.at_level("WARNING", logger="test.preflight"):
+        warn_long_trainings(params_with(workdir, train_lm={"device": "cpu"}), log)
+        assert caplog.records == []                   # the chapter's two: minutes
+        warn_long_trainings(params_with(workdir, train_lm={"num_layers": 1000, "models": ["rnn"]}),
+                            log)
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert re.fullmatch(r"train_lm.num_layers = 1000: training rnn from scratch takes about "
+                        r"[\d.]+ h on this machine's CPU \(~[\d,]+ tokens/s, 500 epochs\), "
+                        r"checkpoints of ~1,00\d MiB", warning), warning
+
+
+def test_checkpoints_that_cannot_fit_the_disk_are_refused(workdir):
+    import os
+    import subprocess
+    folder = workdir / "checkpoints"
+    folder.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs",
+                                            str(folder)], capture_output=True).returncode:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        with pytest.raises(PreflightError, match=r"^train_lm.hidden_scratch = 512: the "
+                                                 r"checkpoints and models of this run need about "
+                                                 r"0.0\d GiB, and the disk of checkpoints/ has 0.00 GiB free"):
+            check_machine(params_with(workdir, train_lm={"device": "cpu"}))
+        check_machine(params_with(workdir, train_lm={"device": "cpu", "hidden_scratch": 32,
+                                                     "hidden": 32}))
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)

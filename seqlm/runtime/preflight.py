@@ -7,6 +7,10 @@ does not fit fails in seconds instead of after the trainings.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +53,7 @@ def check_machine(params: Params) -> None:
             raise PreflightError(
                 f"{key}: training {model} needs about {need / 2**30:,.1f} GiB, and this machine "
                 f"has {available / 2**30:,.1f} GiB available; lower it")
+    check_disk(params)
 
 
 def check_dask_address(address: str | None) -> None:
@@ -91,16 +96,107 @@ def check_dvc_lock(path: Path = Path("dvc.lock")) -> None:
                              "`git checkout dvc.lock`")
 
 
+def weight_count(params: Params, model: str, vocab_size: int = 100) -> int:
+    """Parameters of `model` (input, recurrent and output weights and biases)."""
+    p = params.train_lm
+    hidden, layers, gates = p.hidden_size(model), p.layers(model), GATES[model]
+    return gates * hidden * (vocab_size + hidden + 2) + (layers - 1) * gates * hidden * \
+        (2 * hidden + 2) + hidden * vocab_size + vocab_size
+
+
 def training_memory(params: Params, model: str, vocab_size: int = 100) -> tuple[float, float]:
     """Bytes a training of `model` holds, roughly: for the weights (with gradients, two
     optimizer moments and two copies: best epoch, checkpoint) and for the activations of one
     batch kept for backpropagation through time."""
     p = params.train_lm
     hidden, layers, gates = p.hidden_size(model), p.layers(model), GATES[model]
-    weights = gates * hidden * (vocab_size + hidden + 2) + (layers - 1) * gates * hidden * \
-        (2 * hidden + 2) + hidden * vocab_size + vocab_size
     activations = p.batch_size * p.num_steps * (layers * (gates + 2) * hidden + 3 * vocab_size)
-    return 4.0 * 6 * weights, 4.0 * activations
+    return 4.0 * 6 * weight_count(params, model, vocab_size), 4.0 * activations
+
+
+def _size_key(params: Params, model: str) -> str:
+    p = params.train_lm
+    if p.layers(model) > 1:
+        return f"train_lm.num_layers = {p.layers(model)}"
+    return (f"{'train_lm.hidden_scratch' if model == 'rnn_scratch' else 'train_lm.hidden'} = "
+            f"{p.hidden_size(model)}")
+
+
+def checkpoint_bytes(params: Params, model: str) -> float:
+    """A checkpoint holds the weights twice (current and best epoch), the optimizer's state
+    (Adam: two moments; SGD: none) and the history; the published model.pt once more."""
+    copies = 2 + (2 if params.train_lm.optimizer == "adam" else 0)
+    return 4.0 * copies * weight_count(params, model)
+
+
+def check_disk(params: Params, folder: Path = Path("checkpoints")) -> None:
+    """The checkpoints and models of every training must fit the disk they go to."""
+    need = sum(checkpoint_bytes(params, m) + 4.0 * weight_count(params, m)
+               for m in params.train_lm.models)
+    existing = next(f for f in (folder, *folder.absolute().parents) if f.exists())
+    free = shutil.disk_usage(existing).free
+    if need > free:
+        model = max(params.train_lm.models, key=lambda m: weight_count(params, m))
+        raise PreflightError(
+            f"{_size_key(params, model)}: the checkpoints and models of this run need about "
+            f"{need / 2**30:,.2f} GiB, and the disk of {folder}/ has {free / 2**30:,.2f} GiB "
+            "free; lower it or free the disk")
+
+
+LONG_TRAINING_S = 3600.0       # a run expected to train longer is announced with its estimate
+
+
+def training_seconds(params: Params, model: str, flops_per_s: float) -> float:
+    """Seconds a training of `model` from scratch takes here, roughly: 6 FLOPs per weight and
+    token (forward and backward) for every training token of every epoch, plus the validation
+    (forward only) of every epoch."""
+    p, pre = params.train_lm, params.preprocess
+    train_tokens = pre.train_tokens or 170_000
+    flops = 2 * weight_count(params, model) * p.epochs * (3 * train_tokens + pre.val_tokens)
+    return flops / flops_per_s
+
+
+def matmul_flops_per_s(hidden: int, batch: int, seconds: float = 0.05) -> float:
+    """What this machine does with matrix products of a recurrent step's shape (batch x hidden
+    by hidden x hidden) in one thread, measured for `seconds`."""
+    import torch
+    with _one_thread():
+        x, w = torch.randn(batch, hidden), torch.randn(hidden, hidden)
+        done, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < seconds:
+            x @ w
+            done += 1
+    return 2.0 * batch * hidden * hidden * done / elapsed
+
+
+@contextlib.contextmanager
+def _one_thread():
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def warn_long_trainings(params: Params, log: logging.Logger | logging.LoggerAdapter) -> None:
+    """A training expected to take more than an hour here is announced before it starts, with
+    the estimate and the key that makes it long (on the CPU; a GPU's speed is not probed)."""
+    import torch
+    p = params.train_lm
+    if p.device != "cpu" and torch.cuda.is_available():
+        return
+    for model in p.models:
+        rate = matmul_flops_per_s(p.hidden_size(model), p.batch_size)
+        seconds = training_seconds(params, model, rate)
+        if seconds > LONG_TRAINING_S:
+            tokens_per_s = (params.preprocess.train_tokens or 170_000) * p.epochs / seconds
+            log.warning("%s: training %s from scratch takes about %.1f h on this machine's "
+                        "CPU (~%s tokens/s, %d epochs), checkpoints of ~%s MiB",
+                        _size_key(params, model), model, seconds / 3600,
+                        f"{tokens_per_s:,.0f}", p.epochs,
+                        f"{checkpoint_bytes(params, model) / 2**20:,.0f}")
 
 
 def _available_memory(device: str) -> float:

@@ -19,7 +19,7 @@ from seqlm import tracking
 from seqlm.params import Params
 from seqlm import interrupt
 from seqlm.runtime import server
-from seqlm.runtime.preflight import check_dvc_lock, check_machine
+from seqlm.runtime.preflight import check_dvc_lock, check_machine, warn_long_trainings
 from seqlm.threads import training_slots
 from seqlm.runtime.workspace import RunRecord, close_previous, last_run, workspace_lock
 
@@ -39,6 +39,7 @@ def pipeline_session(params: Params, record_dvc: bool) -> Iterator[Session]:
     with workspace_lock("seqlm run", dvc=record_dvc), interrupt.stop_on_signals():
         tracking.check_store()          # an unusable store fails now, not after the stages
         check_machine(params)
+        warn_long_trainings(params, log)
         if record_dvc:
             check_dvc_lock()
         previous = last_run()
