@@ -289,7 +289,7 @@ def test_a_full_disk_keeps_every_previous_preprocess_output(small_disk):
 
 
 def test_a_checkpoint_that_cannot_be_written_still_publishes_the_model(workdir, tmp_path,
-                                                                         monkeypatch, capfd):
+                                                                         monkeypatch, caplog):
     """checkpoints/ on a full disk (a 4 KiB tmpfs when root; elsewhere its writes fail with
     ENOSPC), models/ with room: the training ends, warns, and publishes its model."""
     from tasks.download import download
@@ -314,11 +314,12 @@ def test_a_checkpoint_that_cannot_be_written_still_publishes_the_model(workdir, 
             raise OSError(errno.ENOSPC, "No space left on device")
         monkeypatch.setattr(seqlm.train, "save_torch", no_space)
     try:
-        train_lm.fn(params, "rnn")
+        with caplog.at_level("WARNING", logger="seqlm.train"):
+            train_lm.fn(params, "rnn")
         assert torch.load(workdir / "models/rnn/model.pt", weights_only=True)["state_dict"]
-        said = capfd.readouterr().err
-        warned = [line for line in said.splitlines() if "checkpoint not written" in line]
-        assert len(warned) == 3 and "no space left" in warned[0].lower(), said
+        warned = [r.getMessage() for r in caplog.records
+                  if r.name == "seqlm.train" and "checkpoint not written" in r.getMessage()]
+        assert len(warned) == 3 and "no space left" in warned[0].lower(), caplog.text
         assert not list(full.rglob("*.pt")) and not list(full.rglob("*.tmp*"))
     finally:
         if mounted:
