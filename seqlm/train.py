@@ -172,15 +172,18 @@ def build_optimizer(model: nn.Module, params: Params) -> torch.optim.Optimizer:
 
 def train(name: str, corpus: np.ndarray, vocab: Vocab, params: Params, *,
           checkpoint_dir: Path | str | None = None, on_epoch: EpochCallback | None = None,
-          overlap: bool | None = None) -> TrainResult:
+          overlap: bool | None = None, threads: Callable[[], int] | None = None) -> TrainResult:
     """Train model `name` on the training split of `corpus`, validating every epoch by the
     protocol, for train_lm.epochs epochs or until train_lm.patience epochs bring no better
     validation perplexity; resume from checkpoint_dir when it holds a checkpoint of the same run.
     `on_epoch(epoch, metrics)` sees every epoch of the history, restored ones included, in order.
     `overlap`: validate each epoch on a thread of its own while the next one trains (the same
     numbers); None: where that is possible and pays (validation_can_overlap). On the CPU beside a
-    longer training, it runs in a thread of lower priority (seqlm.threads.yields_cores)."""
-    args = (name, corpus, vocab, params, checkpoint_dir, on_epoch, overlap)
+    longer training, it runs in a thread of lower priority (seqlm.threads.yields_cores).
+    `threads()`: the CPU threads the training may use from the next epoch on (a training left
+    alone gets the cores the finished ones gave back; it then validates in place); None:
+    train_lm.cpu_threads throughout. The numbers do not depend on it (tests/test_train.py)."""
+    args = (name, corpus, vocab, params, checkpoint_dir, on_epoch, overlap, threads)
     if resolve_device(params.train_lm.device).type == "cpu" and yields_cores(name, params):
         return in_background(_train, *args)
     return _train(*args)
@@ -188,7 +191,7 @@ def train(name: str, corpus: np.ndarray, vocab: Vocab, params: Params, *,
 
 def _train(name: str, corpus: np.ndarray, vocab: Vocab, params: Params,
            checkpoint_dir: Path | str | None, on_epoch: EpochCallback | None,
-           overlap: bool | None) -> TrainResult:
+           overlap: bool | None, threads: Callable[[], int] | None) -> TrainResult:
     p = params.train_lm
     check_model_name(name)
     device = resolve_device(p.device)
@@ -273,6 +276,7 @@ def _train(name: str, corpus: np.ndarray, vocab: Vocab, params: Params,
         while epoch < p.epochs and not stopped:
             epoch += 1
             start = time.perf_counter()
+            every_core = follow_threads(threads)
             rng = np.random.default_rng([params.seed, epoch])  # a resumed run sees the same batches
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(history, p.lr, p.lr_decay)
@@ -288,8 +292,8 @@ def _train(name: str, corpus: np.ndarray, vocab: Vocab, params: Params,
             row = {"epoch": epoch, "train_perplexity": _exp(loss), "val_perplexity": math.nan,
                    "tokens_per_s": tokens / train_s}
             # Checkpoints save the live model and optimizer: their epochs are validated here,
-            # after the ones before them.
-            here = validator is None or checkpoint_due(epoch, p, stopped)
+            # after the ones before them; so is every epoch of a training with every core.
+            here = validator is None or every_core or checkpoint_due(epoch, p, stopped)
             while pending and (here or pending[0].done() or len(pending) >= VALIDATIONS_AHEAD):
                 finish(*pending.popleft().result())
             if here:
@@ -331,6 +335,17 @@ def model_of(config: dict, generator: torch.Generator | None = None) -> nn.Modul
     loaded next need none)."""
     return build_model(config["model"], config["vocab_size"], config["hidden"],
                        config["num_layers"], config["dropout"], generator or torch.Generator())
+
+
+def follow_threads(threads: Callable[[], int] | None) -> bool:
+    """Set torch's CPU threads in this thread to what `threads()` grants now (None: leave them
+    as they are); returns whether the grant is every core."""
+    if threads is None:
+        return False
+    granted = threads()
+    if granted != torch.get_num_threads():
+        torch.set_num_threads(granted)
+    return granted >= cores()
 
 
 def checkpoint_due(epoch: float, p: TrainLmParams, stopped: bool) -> bool:

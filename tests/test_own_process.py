@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from seqlm import interrupt
-from seqlm.runtime.own_process import ChildTraceback, train_in_own_process
+from seqlm.runtime.own_process import ChildTraceback, CoreShares, train_in_own_process
 from seqlm.threads import cores
 from seqlm.train import HISTORY_COLUMNS, TrainingError, train
 from tasks.train_lm import trainer
@@ -153,3 +153,16 @@ def test_only_trainings_side_by_side_on_the_local_runner_get_a_process_of_their_
     on_dask = side_by_side.model_copy(update={"execution": side_by_side.execution.model_copy(
         update={"task_runner": "dask"})})
     assert trainer(on_dask) is train
+
+
+def test_the_training_left_alone_takes_the_cores_the_others_gave_back():
+    class Grant:
+        value = 0
+    shares, first, second = CoreShares(), Grant(), Grant()
+    with shares.share(first, 1):
+        assert first.value == cores()
+        with shares.share(second, 1):
+            assert first.value == second.value == max(1, cores() // 2)
+        assert first.value == cores()
+    with shares.share(first, 2), shares.share(second, 2):
+        assert first.value == second.value == max(2, cores() // 2)

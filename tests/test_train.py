@@ -577,3 +577,26 @@ def test_early_stopping_is_never_validated_ahead(data) -> None:
     assert runs[0].stopped_early and len(runs[0].history) < 40
     assert [r["val_perplexity"] for r in runs[1].history] == \
         [r["val_perplexity"] for r in runs[0].history]
+
+
+@pytest.mark.parametrize("name", ["rnn_scratch", "rnn"])
+def test_the_numbers_do_not_depend_on_the_threads_a_training_is_granted(data, name: str) -> None:
+    """A training left alone takes the cores of the ones that ended (seqlm.runtime.own_process),
+    so when that happens must not matter: at the main job's sizes, one thread throughout and a
+    grant changing every epoch (1, 2, 3 threads; every core validates in place) give the same
+    history and weights, bit for bit."""
+    corpus, vocab = data
+    params = make_params(epochs=4)                   # hidden 512 and 256: the main job's shapes
+    grants, used = iter([1, 2, 3, 2]), []
+
+    def grant() -> int:
+        used.append(torch.get_num_threads())         # what the epoch before trained with
+        return next(grants)
+    fixed = train(name, corpus, vocab, params, overlap=True)
+    granted = train(name, corpus, vocab, params, overlap=True, threads=grant)
+    assert used == [1, 1, 2, 3]                      # followed, in the training's thread
+    columns = ("epoch", "train_perplexity", "val_perplexity")
+    assert [[r[c] for c in columns] for r in granted.history] == \
+        [[r[c] for c in columns] for r in fixed.history]
+    assert_same_weights(granted.best_state, fixed.best_state)
+    assert_same_weights(weights(granted.model), weights(fixed.model))

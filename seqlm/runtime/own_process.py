@@ -12,6 +12,12 @@ task's thread, which hands them to the callback (progress bar, MLflow) and to th
 loggers (Prefect), then the result or the error. Ctrl-C and SIGTERM reach the flow's process,
 which stops the child the way it stops a thread (within a batch, the last checkpoint kept); the
 child dies with it if it is killed.
+
+The cores are shared among the trainings running: train_lm.cpu_threads each while they run side
+by side, and the one left alone takes the cores the others gave back from its next epoch on (it
+went on alone on one core for a quarter of the main job). Torch's results for these models do
+not depend on the thread count (tests/test_train.py), so neither do the weights on the order in
+which trainings end.
 """
 from __future__ import annotations
 
@@ -35,9 +41,41 @@ import torch
 from seqlm import interrupt
 from seqlm.params import Params
 from seqlm.text import Vocab
+from seqlm.threads import cores
 from seqlm.train import EpochCallback, TrainingError, TrainResult, model_of, train
 
 POLL_S = 0.2                 # how often the task's thread looks for a stop request
+
+
+class CoreShares:
+    """The CPU threads granted to each training running in a process of its own: the cores
+    divided among them, at least `train_lm.cpu_threads` each. A training's grant is a shared
+    integer its process reads at every epoch."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: list[tuple[Any, int]] = []   # (grant, train_lm.cpu_threads)
+
+    @contextlib.contextmanager
+    def share(self, grant: Any, cpu_threads: int):
+        """Count the training of `grant` (a multiprocessing.Value) in while the block runs."""
+        entry = (grant, cpu_threads)
+        with self._lock:
+            self._running.append(entry)
+            self._divide()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running.remove(entry)
+                self._divide()
+
+    def _divide(self) -> None:
+        for grant, cpu_threads in self._running:
+            grant.value = max(cpu_threads, cores() // len(self._running))
+
+
+SHARES = CoreShares()
 
 
 class ChildTraceback(Exception):
@@ -51,16 +89,18 @@ def train_in_own_process(name: str, corpus: np.ndarray, vocab: Vocab, params: Pa
     thread, in order), log records (to this process's loggers) and errors."""
     context = multiprocessing.get_context("spawn")     # no threads or locks of this process
     receiver, sender = context.Pipe(duplex=False)
+    grant = context.Value("i", params.train_lm.cpu_threads, lock=False)   # one writer: SHARES
     # Not a daemon: it may start processes of its own (torch.compile's workers); the finally
     # below ends it, and it dies with this process if this one is killed.
     process = context.Process(
         target=_child, name=f"train-{name}",
         args=(sender, name, corpus, vocab, params, checkpoint_dir,
-              logging.getLogger("seqlm").getEffectiveLevel()))
+              logging.getLogger("seqlm").getEffectiveLevel(), grant))
     process.start()
     sender.close()                                     # EOF once the child's end is closed
     try:
-        return _relay(name, process, receiver, on_epoch)
+        with SHARES.share(grant, params.train_lm.cpu_threads):
+            return _relay(name, process, receiver, on_epoch)
     finally:
         if process.is_alive():                         # an error here (the callback, Ctrl-C)
             process.terminate()
@@ -102,7 +142,7 @@ def _relay(name: str, process: multiprocessing.process.BaseProcess, receiver: Co
 
 
 def _child(sender: Connection, name: str, corpus: np.ndarray, vocab: Vocab, params: Params,
-           checkpoint_dir: Path | str | None, log_level: int) -> None:
+           checkpoint_dir: Path | str | None, log_level: int, grant: Any) -> None:
     interrupt.die_with_parent()
     # Ctrl-C signals the terminal's whole process group: the flow's process decides, and stops
     # this one with SIGTERM, which ends the training the way Ctrl-C does in a thread.
@@ -120,7 +160,8 @@ def _child(sender: Connection, name: str, corpus: np.ndarray, vocab: Vocab, para
     logger.propagate = False
     try:
         result = train(name, corpus, vocab, params, checkpoint_dir=checkpoint_dir,
-                       on_epoch=lambda epoch, metrics: send("epoch", (epoch, metrics)))
+                       on_epoch=lambda epoch, metrics: send("epoch", (epoch, metrics)),
+                       threads=lambda: grant.value)
         send("result", _pack(result))
     except BaseException as exc:  # noqa: BLE001 - every error goes back to the task
         with contextlib.suppress(OSError):     # the flow's process is gone: nobody to tell
