@@ -1,5 +1,9 @@
-"""The main job's wall time per stage and in total, then a re-run with nothing changed.
+"""The main job's wall time per stage and in total, beside d2l's bare training of the same models,
+then a re-run with nothing changed.
 
+0. Its peer: the chapter's own training of the main job's two models, d2l's train_ch8 end to end
+   (bench/train_speed.py --whole-training: the seed loop, 500 epochs of rnn_scratch then of
+   rnn, torch's default threads), in a process of its own just before;
 In a fresh clone of this checkout's HEAD (its own Prefect home, MLflow store and DVC remote),
 on an existing virtual environment:
 1. `seqlm run` with the defaults (`--set key=value` overrides them, e.g. train_lm.device=cuda):
@@ -10,12 +14,14 @@ on an existing virtual environment:
    stage too), the rest of the flow run (MLflow, `dvc commit` + `dvc push`, bookkeeping) and
    the exit; and, for reference, the imports alone.
 
-    python bench/main_job.py                       # ~3-5 minutes on a 2-core CPU
+    python bench/main_job.py                       # ~6 minutes on a 2-core CPU
     python bench/main_job.py --set train_lm.device=cuda
+    python bench/main_job.py --baseline-epochs 0   # without the peer
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import subprocess
@@ -27,6 +33,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+TARGET_S, TARGET_RATIO, TARGET_NOOP_S = 120.0, 1.7, 6.0     # the goals on 2 CPU cores
 
 
 def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float]:
@@ -81,7 +88,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a params.yaml key (YAML value), e.g. train_lm.epochs=50")
+    parser.add_argument("--baseline-epochs", type=int, default=500,
+                        help="epochs of d2l's train_ch8 per model, the peer (0: skip it)")
     args = parser.parse_args()
+    baseline = {}
+    if args.baseline_epochs:
+        result = subprocess.run(
+            [sys.executable, str(REPO / "bench" / "train_speed.py"), "--whole-training",
+             "--epochs", str(args.baseline_epochs), "--models", "rnn_scratch", "rnn"],
+            capture_output=True, text=True, check=True)
+        baseline = json.loads(result.stdout.splitlines()[-1])
     with tempfile.TemporaryDirectory(prefix="seqlm-bench-") as tmp:
         clone = Path(tmp) / "clone"
         subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
@@ -105,10 +121,20 @@ def main() -> None:
         (first_run, _, _, first_stages, _), (_, flow_start, flow_s, again_stages, span) = \
             stage_times(clone)
     print(f"machine: {os.cpu_count()} cores ({cpu_name()}); overrides: {args.set or 'none'}")
-    print(f"\nmain job (flow run {first_run}): {first:.1f} s wall, command to prompt")
+    if baseline:
+        total = sum(baseline.values())
+        print(f"\nd2l train_ch8, bare training ({args.baseline_epochs} epochs of rnn_scratch "
+              f"then rnn, torch's threads): {total:.1f} s "
+              f"({' + '.join(f'{m} {s:.1f} s' for m, s in baseline.items())})")
+    print(f"\nmain job (flow run {first_run}): {first:.1f} s wall, command to prompt"
+          f" (target <= {TARGET_S:.0f} s)")
+    if baseline:
+        print(f"  {sum(baseline.values()) / first:.2f}x d2l's bare training of the same models "
+              f"(target >= {TARGET_RATIO}x)")
     for name, seconds in first_stages.items():
         print(f"  {name:24s} {seconds:7.1f} s")
-    print(f"\nre-run with nothing changed: {again:.1f} s wall, command to prompt")
+    print(f"\nre-run with nothing changed: {again:.1f} s wall, command to prompt (target <= "
+          f"{TARGET_NOOP_S:.0f} s; {first / again:.0f}x faster than the main job)")
     startup = flow_start - again_started
     n = max(len(again_stages), 1)
     print(f"  start-up until the flow run begins          {startup:6.1f} s")

@@ -7,10 +7,16 @@ batches (sequential partitioning of the first 10,000 characters, batch 32, 35 st
 epochs so that drift in machine load hits both alike.
 
     python bench/train_speed.py --device cpu --epochs 6
+    python bench/train_speed.py --whole-training --epochs 500   # d2l's train_ch8, end to end
+
+--whole-training times the seed's train_ch8 as the chapter runs it, model after model: every
+epoch with the seed loop and a 50-character prediction every 10 epochs (the animator aside),
+on torch's default threads; it prints one JSON line of seconds per model (bench/main_job.py).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import platform
 import time
@@ -106,6 +112,42 @@ def measure(name: str, device: torch.device, epochs: int, corpus: torch.Tensor, 
     return rate["seed"], rate["ours"]
 
 
+def seed_predict(prefix: str, num_preds: int, model: nn.Module, vocab: Vocab,
+                 device: torch.device) -> str:
+    """d2l predict_ch8: warm up on the prefix, then greedy characters one at a time."""
+    state = model.begin_state(1, device)
+    outputs = [vocab[prefix[0]]]
+    with torch.no_grad():
+        for y in prefix[1:]:
+            _, state = model(torch.tensor([[outputs[-1]]], device=device), state)
+            outputs.append(vocab[y])
+        for _ in range(num_preds):
+            y, state = model(torch.tensor([[outputs[-1]]], device=device), state)
+            outputs.append(int(y.argmax(dim=1).reshape(1)))
+    return "".join(vocab.to_tokens(outputs))
+
+
+def whole_training_seconds(name: str, device: torch.device, epochs: int, corpus: torch.Tensor,
+                           vocab: Vocab) -> float:
+    """d2l train_ch8 of `name` from scratch for `epochs` epochs (lr 1, theta 1, batch 32 x 35
+    steps, sequential partitioning), predicting every 10 epochs; its wall seconds."""
+    hidden = 512 if name == "rnn_scratch" else 256
+    torch.manual_seed(0)
+    model = (SeedScratchRNN(len(vocab), hidden) if name == "rnn_scratch"
+             else build_model(name, len(vocab), hidden)).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        loss, _ = seed_epoch(model, optimizer, corpus, np.random.default_rng([0, epoch]), 32, 35,
+                             1.0)
+        if (epoch + 1) % 10 == 0:
+            seed_predict("time traveller", 50, model, vocab, device)
+    assert math.isfinite(loss)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -113,6 +155,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["rnn_scratch", "rnn"])
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); the "
                         "pipeline gives each of its side-by-side trainings one core's worth")
+    parser.add_argument("--whole-training", action="store_true",
+                        help="time the seed's train_ch8 end to end for --epochs epochs per model")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -120,6 +164,10 @@ def main() -> None:
     tokens = tokenize(read_lines(CORPUS), "char")
     vocab = Vocab(tokens)
     ids = torch.tensor([vocab[t] for line in tokens for t in line][:10_000], device=device)
+    if args.whole_training:
+        print(json.dumps({model: whole_training_seconds(model, device, args.epochs, ids, vocab)
+                          for model in args.models}))
+        return
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"device: {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"median of {args.epochs} epochs each, epochs alternating")

@@ -21,7 +21,7 @@ from seqlm.params import PARAMS_FILE, Params, load_params
 from seqlm import interrupt
 from seqlm.runtime.runners import local_runner, one_gpu_each, task_runner_for
 from seqlm.runtime.session import Session, pipeline_session
-from seqlm.runtime.workspace import dvc_lock_released
+from seqlm.runtime.workspace import dvc_lock_released, dvc_recorded, dvc_state, record_dvc
 from seqlm.stages import nodes
 from tasks import task_of
 from tasks.ngrams import submit_sharded
@@ -59,7 +59,7 @@ def pipeline(params_file: str = str(PARAMS_FILE), record_dvc: bool = True) -> di
             raise
         _report(params, session, records, futures)
         if record_dvc:
-            _record_in_dvc(params_file)
+            _record_in_dvc(params_file, records)
         tracking.log_lock(session.parent)
     errors = [session.parent.error, *(r.get("tracking_error") for r in records.values())]
     if any(errors):
@@ -143,8 +143,9 @@ for args in (["commit", "--force"], ["push"]):
 """
 
 
-def _record_in_dvc(params_file: str) -> None:
-    """Make dvc.lock describe the artifacts just written, and push them to the default remote."""
+def _record_in_dvc(params_file: str, records: dict[str, dict]) -> None:
+    """Make dvc.lock describe the artifacts just written, and push them to the default remote;
+    nothing to do (a second) when the last run that did left everything as it is now."""
     if Path(params_file).resolve() != PARAMS_FILE.resolve():
         log.warning("params from %s, not %s: dvc.lock not updated (it describes the outputs of "
                     "%s; use `dvc exp run -S key=value` for DVC experiments)", params_file,
@@ -153,6 +154,9 @@ def _record_in_dvc(params_file: str) -> None:
     if not Path(".dvc").is_dir():
         log.warning("not a DVC repository (no .dvc/): dvc.lock not updated")
         return
+    if dvc_recorded() == dvc_state(records):
+        log.info("dvc.lock already describes these artifacts, and the DVC remote has them")
+        return
     # DVC's CLI, not its Python API (read-only), in one child process of this interpreter (it
     # works without an activated virtual environment; DVC is imported once for both commands).
     with dvc_lock_released():
@@ -160,6 +164,7 @@ def _record_in_dvc(params_file: str) -> None:
                                 text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"dvc failed: {' '.join((result.stderr or result.stdout).split())}")
+    record_dvc(dvc_state(records))
     log.info("dvc.lock updated and artifacts pushed to the DVC remote")
 
 

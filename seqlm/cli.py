@@ -92,16 +92,17 @@ def run(params: ParamsOption = PARAMS_FILE,
         from seqlm.runtime import server
         # The server takes seconds to come up: started first (before Prefect is imported, which
         # reads its URL once), it boots on the other core while this process checks the machine
-        # and the MLflow store (the flow checks them again, for the runs a worker starts) and
-        # imports the flow.
+        # and the MLflow store (the flow checks them again, for the runs a worker starts),
+        # imports the flow and opens the MLflow store.
         server.start_temporary_server(wait=False)
         from seqlm.runtime.preflight import check_machine
         check_machine(loaded)
-        from seqlm.tracking import check_store
+        from seqlm.tracking import check_store, open_store
         check_store()                       # an unusable MLflow store fails in seconds
         from flows.pipeline import pipeline
         from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
         _terminal_says_once(debug)
+        open_store()
         server.wait_for_server()
         # Heartbeats let a lasting server mark a flow run whose process died as crashed. A
         # temporary server dies with this process (the next run closes a killed one, see

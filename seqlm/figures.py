@@ -12,11 +12,12 @@ import io
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-from matplotlib.figure import Figure
+from typing import TYPE_CHECKING, Any
 
 from seqlm.io import atomic_path
+
+if TYPE_CHECKING:                  # matplotlib loads with the first figure a stage builds
+    from matplotlib.figure import Figure
 
 DRAWING = threading.Lock()
 

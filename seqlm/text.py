@@ -8,13 +8,15 @@ import hashlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from itertools import repeat
 from pathlib import Path
-from typing import Literal, overload
+from typing import TYPE_CHECKING, Literal, overload
 
 import numpy as np
-import pandas as pd
 from numpy.lib import format as npy_format
 
 from seqlm.io import atomic_open, atomic_path
+
+if TYPE_CHECKING:                  # pandas loads where a vocabulary is saved or loaded
+    import pandas as pd
 
 Tokenizer = Literal["word", "char"]
 TOKENIZERS: tuple[str, ...] = ("word", "char")
@@ -240,6 +242,7 @@ class Vocab:
         return self._token_freqs
 
     def to_frame(self) -> pd.DataFrame:
+        import pandas as pd
         return pd.DataFrame({
             "index": pd.Series(range(len(self)), dtype="int32"),
             "token": pd.Series(self.idx_to_token, dtype="string"),
@@ -253,6 +256,7 @@ class Vocab:
 
     @classmethod
     def load(cls, path: Path | str) -> "Vocab":
+        import pandas as pd
         frame = pd.read_parquet(path)
         vocab = cls()
         vocab.idx_to_token = frame["token"].astype(str).tolist()

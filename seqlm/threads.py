@@ -15,9 +15,8 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TypeVar
-
-import torch
 
 from seqlm.params import GATES, Params
 
@@ -30,7 +29,7 @@ def training_slots(params: Params) -> int:
     train_lm.cpu_threads each; on a GPU one (a second would only wait for the first's
     kernels)."""
     device = params.train_lm.device
-    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+    if device == "cuda" or (device == "auto" and cuda_available()):
         return 1
     return max(1, cores() // params.train_lm.cpu_threads)
 
@@ -43,11 +42,21 @@ def side_by_side(params: Params) -> bool:
 
 def use_cpu_threads(params: Params) -> int:
     """Set torch's CPU threads to train_lm.cpu_threads in the calling thread; returns it."""
+    import torch
     keep_freed_memory()
     threads = params.train_lm.cpu_threads
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return threads
+
+
+def cuda_available() -> bool:
+    """torch.cuda.is_available(), without importing torch (a second) on a Linux machine with no
+    NVIDIA driver loaded (no /proc/driver/nvidia), where CUDA cannot be available."""
+    if os.name == "posix" and Path("/proc").is_dir() and not Path("/proc/driver/nvidia").exists():
+        return False
+    import torch
+    return torch.cuda.is_available()
 
 
 def cores() -> int:

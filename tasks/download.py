@@ -11,9 +11,7 @@ from prefect.tasks import exponential_backoff
 
 from seqlm.download import AllSourcesFailed, ensure_file
 from seqlm.params import Params
-from seqlm.protocol import split_of
 from seqlm.runtime.records import Record, stage_task
-from seqlm.text import corpus_length
 
 RETRY_BACKOFF_S = 1.0  # first retry after 1 s, then 2 s, 4 s, ...
 log = logging.getLogger("seqlm.download")
@@ -33,6 +31,8 @@ def usable_corpus(params: Params) -> Callable[[Path, str], None]:
     p = params.preprocess
 
     def check(fetched: Path, source: str) -> None:
+        from seqlm.protocol import split_of
+        from seqlm.text import corpus_length
         split_of(corpus_length(fetched, label=source), p.train_tokens, p.val_tokens)
     return check
 

@@ -1,29 +1,28 @@
-"""evaluate: every model side by side on the same held-out text, and what they generate."""
+"""evaluate: every model side by side on the same held-out text, and what they generate.
+
+torch, pandas and matplotlib are imported in the functions that use them: a run that finds
+the stage cached never loads them (bench/main_job.py, the re-run with nothing changed)."""
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING, get_args
 
 import numpy as np
-import pandas as pd
-import torch
-from matplotlib.figure import Figure
-from seqlm import protocol
-from seqlm import stages as S
-from seqlm.figures import save_png
-from seqlm.generate import load_trained, predict
-from seqlm.io import publish, write_csv, write_json
-from seqlm.models import MODEL_NAMES
-from seqlm.ngram_lm import KneserNeyLM, unigram_log_probs, unigram_perplexity
-from seqlm.params import Params
-from seqlm.runtime.records import Record, stage_task
-from seqlm.threads import use_cpu_threads
-from seqlm.text import Vocab
-from seqlm.tracking import flatten
-from seqlm.train import split_of, token_nll
 
-CPU = torch.device("cpu")
+from seqlm import stages as S
+from seqlm.io import publish, write_csv, write_json
+from seqlm.params import ModelName, Params
+from seqlm.runtime.records import Record, stage_task
+from seqlm.tracking import flatten
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from seqlm import protocol
+
 STAGE = S.STAGE_BY_NAME["evaluate"]
 
 
@@ -32,6 +31,15 @@ def evaluate(params: Params) -> Record:
     """Every language model and baseline scored by the same protocol (seqlm.protocol) on the same
     validation tokens, the AR model's k-step errors, and what the models generate. Returns the
     metrics, the summary (markdown and rows) and the reports for the pipeline's MLflow run."""
+    import pandas as pd
+
+    from seqlm import protocol
+    from seqlm.figures import save_png
+    from seqlm.generate import load_trained, predict
+    from seqlm.ngram_lm import KneserNeyLM, unigram_log_probs, unigram_perplexity
+    from seqlm.text import Vocab
+    from seqlm.threads import use_cpu_threads
+    from seqlm.train import split_of, token_nll
     lm, ev = params.train_lm, params.evaluate
     use_cpu_threads(params)
     paths = STAGE.at(params)
@@ -53,14 +61,14 @@ def evaluate(params: Params) -> Record:
         if model_vocab.fingerprint() != vocab.fingerprint():
             raise ValueError(f"{model_dir}: trained on a different vocabulary than "
                              f"{S.VOCAB['char']}; re-run train_lm")
-        nll = token_nll(model, text, first, CPU)
+        nll = token_nll(model, text, first, "cpu")
         rows.append({"model": name, "epochs": meta["epochs"], "best_epoch": meta["best_epoch"],
                      "train_ppl_last": meta["final_train_perplexity"],
                      "val_ppl_last": meta["final_val_perplexity"],
                      "val_ppl_best": math.exp(nll.mean()), "scored_tokens": len(nll)})
         samples[name] = {prefix: {
-            "greedy": predict(prefix, ev.num_chars, model, vocab, CPU),
-            "sampled": predict(prefix, ev.num_chars, model, vocab, CPU,
+            "greedy": predict(prefix, ev.num_chars, model, vocab, "cpu"),
+            "sampled": predict(prefix, ev.num_chars, model, vocab, "cpu",
                                temperature=ev.temperature, top_k=ev.top_k, seed=params.seed),
         } for prefix in ev.prefixes}
         curves[name] = pd.read_csv(model_dir / "history.csv")
@@ -90,7 +98,7 @@ def evaluate(params: Params) -> Record:
         write_json(outputs.file(paths.outs.samples), samples)
         with open(outputs.file(paths.outs.summary), "w", encoding="utf-8") as handle:
             handle.write(summary)
-    rows = [{k: _significant(k, v) for k, v in row.items() if not pd.isna(v)}
+    rows = [{k: _significant(k, v) for k, v in row.items() if not _missing(v)}
             for row in table.to_dict("records")]
     return {"metrics": flatten(metrics), "summary": summary, "table": rows,
             "artifacts": {"": [S.REPORTS]}}
@@ -105,6 +113,11 @@ SIGNIFICANT = 4          # digits of the numbers in tables and metrics files
 
 
 INTEGER_COLUMNS = ("epochs", "best_epoch", "scored_tokens")
+
+
+def _missing(value: object) -> bool:
+    """A table's empty cell (pandas reads it as NaN or None)."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def _significant(column: str, value: object) -> object:
@@ -125,7 +138,7 @@ def _metrics(table: pd.DataFrame) -> dict[str, dict]:
     validation perplexity, its epoch and the final epoch's perplexities; for a baseline its
     validation and training-text perplexity."""
     keys = ("best_epoch", "val_ppl_best", "val_ppl_last", "train_ppl_last", "train_ppl")
-    return {row["model"]: {k: _significant(k, row[k]) for k in keys if not pd.isna(row[k])}
+    return {row["model"]: {k: _significant(k, row[k]) for k in keys if not _missing(row[k])}
             for row in table.to_dict("records")}
 
 
@@ -133,9 +146,10 @@ def _per_epoch(curves: dict[str, pd.DataFrame], metric: str, table: pd.DataFrame
     """`metric` per epoch in long form (epoch, model, value), the models this run trained in
     the order of MODEL_NAMES; for validation perplexity each n-gram baseline too, under its own
     name (`kneser_ney_3gram`), as a constant over the epochs."""
+    import pandas as pd
     epochs = max((len(c) for c in curves.values()), default=0)
     rows = [frame.assign(model=name)[["epoch", "model", metric]]
-            for name in MODEL_NAMES if name in curves
+            for name in get_args(ModelName) if name in curves
             for frame in [curves[name]]]
     if metric == "val_perplexity":
         baselines = table[table["epochs"].isna()]
@@ -150,6 +164,7 @@ def comparison_figure(curves: dict[str, pd.DataFrame], table: pd.DataFrame) -> F
     """Validation perplexity per epoch of every model, a dot on the epoch it keeps; the
     n-gram baselines as flat grey lines (each its own dash: axhline does not take the next
     colour, so they came out in the first model's)."""
+    from matplotlib.figure import Figure
     figure = Figure(figsize=(7, 4), layout="constrained")
     axes = figure.subplots()
     kept = table.set_index("model")
@@ -172,7 +187,7 @@ def comparison_figure(curves: dict[str, pd.DataFrame], table: pd.DataFrame) -> F
 def _summary_markdown(table: pd.DataFrame, split: protocol.Split, kstep: pd.DataFrame, ar: dict,
                       samples: dict[str, dict[str, dict[str, str]]]) -> str:
     def num(value: object, spec: str = f".{SIGNIFICANT}g") -> str:
-        return "" if pd.isna(value) else format(value, spec)
+        return "" if _missing(value) else format(value, spec)
 
     lines = ["# Evaluation", "",
              f"## Language models (character level, the same {split.scored:,} validation "

@@ -10,16 +10,16 @@ from pathlib import Path
 
 from seqlm.io import file_digest, publish
 from seqlm.params import Params
-from seqlm.protocol import SplitError, split_of
 from seqlm.runtime.records import Record, stage_task
 from seqlm.stages import CORPUS, LINES, PROCESSED, STAGE_BY_NAME, VOCAB
-from seqlm.text import TOKENIZERS, Vocab, count_tokens, write_corpus
 
 STAGE = STAGE_BY_NAME["preprocess"]
 
 
 @stage_task("preprocess")
 def preprocess(params: Params) -> Record:
+    from seqlm.protocol import SplitError, split_of      # torch and pandas: only when it runs
+    from seqlm.text import TOKENIZERS, Vocab, count_tokens, write_corpus
     p = params.preprocess
     raw = STAGE.at(params).deps.corpus
     freqs = count_tokens(raw)

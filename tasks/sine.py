@@ -1,10 +1,6 @@
 """sine: the synthetic series of D2L 8.1, x_t = sin(0.01 t) + noise, t = 1..T."""
 from __future__ import annotations
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from seqlm.autoregress import sine_series
 from seqlm.io import atomic_path
 from seqlm.params import Params
 from seqlm.runtime.records import Record, stage_task
@@ -15,6 +11,9 @@ STAGE = STAGE_BY_NAME["sine"]
 
 @stage_task("sine")
 def sine(params: Params) -> Record:
+    import pyarrow as pa                                 # with torch: only when it runs
+    import pyarrow.parquet as pq
+    from seqlm.autoregress import sine_series
     t, x = sine_series(params.sine.T, params.sine.noise_std, params.seed)
     table = pa.table({"t": pa.array(t.numpy(), pa.int64()), "x": pa.array(x.numpy(), pa.float32())})
     with atomic_path(STAGE.at(params).outs.series) as tmp:

@@ -1,31 +1,38 @@
 """train_ar: the autoregressive MLP of D2L 8.1 on the sine series, with its 1-step, multistep
-and k-step predictions, errors and the seed's three plots."""
+and k-step predictions, errors and the seed's three plots.
+
+torch, pandas, pyarrow and matplotlib are imported in the functions that use them: a run that
+finds the stage cached never loads them (bench/main_job.py, the re-run with nothing changed)."""
 from __future__ import annotations
 
 import itertools
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
-import torch
-from matplotlib.figure import Figure
-from seqlm import autoregress as ar
+
 from seqlm import tracking
-from seqlm.figures import save_png
 from seqlm.io import atomic_path, file_digest, publish, save_torch, write_csv, write_json
 from seqlm.params import Params
 from seqlm.runtime.records import Record, stage_task
-from seqlm.threads import use_cpu_threads
 from seqlm.stages import STAGE_BY_NAME
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+    from matplotlib.figure import Figure
+
+    from seqlm.autoregress import OnEpoch
 
 FORMATS = ("-", "m--", "g-.", "r:")   # d2l.plot's default line formats
 STAGE = STAGE_BY_NAME["train_ar"]
 
 
 def _read_series(path: str) -> tuple[np.ndarray, torch.Tensor]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
     try:
         table = pq.read_table(path, columns=["t", "x"])
     except FileNotFoundError:
@@ -42,11 +49,13 @@ def _read_series(path: str) -> tuple[np.ndarray, torch.Tensor]:
 def _plot(path: Path, series: list[tuple[np.ndarray, np.ndarray]], legend: list[str],
           xlim: tuple[int, int]) -> Path:
     """One d2l.plot figure: figsize (6, 3), 'time' vs 'x', grid, d2l's line formats."""
+    from seqlm.figures import save_png
     return save_png(path, lambda: _figure(series, legend, xlim))
 
 
 def _figure(series: list[tuple[np.ndarray, np.ndarray]], legend: list[str],
             xlim: tuple[int, int]) -> Figure:
+    from matplotlib.figure import Figure
     fig = Figure(figsize=(6, 3))
     fig.subplots_adjust(left=0.12, right=0.97, bottom=0.16, top=0.96)   # fixed: tight_layout is slow
     ax = fig.subplots()
@@ -59,6 +68,8 @@ def _figure(series: list[tuple[np.ndarray, np.ndarray]], legend: list[str],
 
 
 def _write_parquet(path: Path, frame: pd.DataFrame) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     with atomic_path(path) as tmp:
         pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp, compression="zstd")
     return path
@@ -68,6 +79,7 @@ def _write_parquet(path: Path, frame: pd.DataFrame) -> Path:
 def train_ar(params: Params) -> Record:
     """Train the MLP, write models/ar and reports/train_ar.json, and log the training as the
     MLflow run `ar_mlp`."""
+    from seqlm import autoregress as ar
     paths = STAGE.at(params)
     series = paths.deps.series
     t, x = _read_series(series)
@@ -82,12 +94,17 @@ def train_ar(params: Params) -> Record:
             "tracking_error": run.error}
 
 
-def fit(params: Params, t: np.ndarray, x: torch.Tensor, on_epoch: ar.OnEpoch | None = None,
+def fit(params: Params, t: np.ndarray, x: torch.Tensor, on_epoch: OnEpoch | None = None,
         ) -> dict[str, float]:
     """The chapter's MLP on the series (t, x): trained, its predictions and errors computed,
     then every output written together. Returns the errors (reports/train_ar.json)."""
     # CPU always: a 4→10→1 MLP does microseconds of arithmetic per step, so on a GPU every
     # step would be bound by kernel launches and host syncs, not compute.
+    import pandas as pd
+    import torch
+
+    from seqlm import autoregress as ar
+    from seqlm.threads import use_cpu_threads
     p = params.train_ar
     use_cpu_threads(params)
     T, tau, max_steps = len(x), p.tau, max(p.k_steps)

@@ -1,4 +1,7 @@
-"""train_lm: train one character language model, write models/<model>/, log and register it."""
+"""train_lm: train one character language model, write models/<model>/, log and register it.
+
+torch, pandas and matplotlib are imported in the functions that use them: a run that finds
+the stage cached never loads them (bench/main_job.py, the re-run with nothing changed)."""
 from __future__ import annotations
 
 import contextlib
@@ -6,31 +9,28 @@ import hashlib
 import platform
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
-import torch
-from matplotlib.figure import Figure
-from tqdm import tqdm
 
-from seqlm import protocol, tracking
-from seqlm.figures import png
-from seqlm.generate import HISTORY_FILE, META_FILE, MODEL_FILE, VOCAB_FILE, predict
+from seqlm import tracking
 from seqlm.io import publish, save_torch, write_csv, write_json
-from seqlm.models import check_model_name
 from seqlm.params import Params
-from seqlm.runtime.own_process import train_in_own_process
 from seqlm.runtime.preflight import check_preprocessed
 from seqlm.runtime.records import Record, stage_task
 from seqlm.runtime.session import training_slot
 from seqlm.threads import side_by_side
 from seqlm.stages import CORPUS, STAGE_BY_NAME, VOCAB
-from seqlm.text import Vocab
-from seqlm.train import (CHECKPOINTS, HISTORY_COLUMNS, EpochCallback, TrainResult, model_of,
-                         perplexity, split_of, train)
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+    from matplotlib.figure import Figure
+
+    from seqlm.text import Vocab
+    from seqlm.train import EpochCallback, TrainResult
 
 STAGE = STAGE_BY_NAME["train_lm"]
-CPU = torch.device("cpu")
 
 
 @stage_task("train_lm")
@@ -38,6 +38,9 @@ def train_lm(params: Params, model: str) -> Record:
     """Train `model` (resuming its checkpoint in checkpoints/<model>/ when one holds the same
     run), write model.pt (the best epoch's weights), vocab.parquet, history.csv and meta.json
     into models/<model>/, and log the training as its MLflow run, registering the kept model."""
+    from seqlm.models import check_model_name
+    from seqlm.text import Vocab
+    from seqlm.train import CHECKPOINTS, model_of
     check_model_name(model)
     check_preprocessed(params)
     corpus = np.load(CORPUS["char"])
@@ -66,6 +69,8 @@ def train_lm(params: Params, model: str) -> Record:
 def trainer(params: Params) -> Callable[..., TrainResult]:
     """seqlm.train.train, or, for trainings side by side on the local runner, the same in a
     process of its own (seqlm.runtime.own_process); on Dask each runs in a worker process."""
+    from seqlm.runtime.own_process import train_in_own_process
+    from seqlm.train import train
     if params.execution.task_runner == "local" and side_by_side(params):
         return train_in_own_process
     return train
@@ -82,9 +87,10 @@ def _logged_params(params: Params, model: str) -> dict:
 def continuations(model: torch.nn.Module, vocab: Vocab, params: Params,
                   ) -> dict[str, dict[str, str]]:
     """Greedy and seeded sampled continuations of evaluate.prefixes by `model`."""
+    from seqlm.generate import predict
     ev = params.evaluate
-    return {prefix: {"greedy": predict(prefix, ev.num_chars, model, vocab, CPU),
-                     "sampled": predict(prefix, ev.num_chars, model, vocab, CPU,
+    return {prefix: {"greedy": predict(prefix, ev.num_chars, model, vocab, "cpu"),
+                     "sampled": predict(prefix, ev.num_chars, model, vocab, "cpu",
                                         temperature=ev.temperature, top_k=ev.top_k,
                                         seed=params.seed)}
             for prefix in ev.prefixes}
@@ -94,18 +100,26 @@ def rescorer(corpus: np.ndarray, vocab: Vocab, params: Params) -> tracking.Resco
     """A model's validation perplexity on this run's validation text, read through the model's
     own vocabulary (characters it does not know are <unk> to it): how a champion measured on
     other text is compared."""
+    from seqlm import protocol
+    from seqlm.train import perplexity, split_of
     split = split_of(corpus, params)
     chars = vocab.to_tokens(protocol.validation_text(corpus, split).tolist())
 
     def rescore(model: torch.nn.Module, model_vocab: Vocab) -> float:
         return perplexity(model, np.asarray(model_vocab[chars], dtype=np.int64),
-                          split.val_start - split.context_start, CPU)
+                          split.val_start - split.context_start, "cpu")
     return rescore
 
 
 def _log_training(run: tracking.Run, params: Params, corpus: np.ndarray, result: TrainResult,
                   meta: dict, samples: dict, out: Path) -> None:
     """What the training measured, in its MLflow run (the epochs went there as they ended)."""
+    import pandas as pd
+
+    from seqlm import protocol
+    from seqlm.figures import png
+    from seqlm.generate import HISTORY_FILE, META_FILE
+    from seqlm.train import split_of
     # the names of reports/metrics and the summary (tasks/evaluate.py)
     metrics = {"best_epoch": meta["best_epoch"], "val_ppl_best": meta["best_val_perplexity"],
                "train_ppl_best": meta["best_train_perplexity"],
@@ -133,6 +147,7 @@ def progress_bar(model: str, epochs: int) -> Iterator[EpochCallback]:
     """A live progress bar in the terminal (epoch, train/val perplexity, tokens/s, ETA); none
     when the output is not a terminal (logs, CI, a Prefect worker: the training logs a line at
     every checkpoint there)."""
+    from tqdm import tqdm
     bar = tqdm(total=epochs, desc=f"train_lm[{model}]", unit="epoch", disable=None,
                dynamic_ncols=True, leave=True)
     first = True
@@ -161,6 +176,11 @@ def write_model_dir(out: Path, result: TrainResult, vocab: Vocab, params: Params
     history and meta.json, published together (a failed write leaves the previous folder).
     Only what the same params, code and machine reproduce byte for byte: timings and resume
     points go to MLflow and the logs. Returns meta.json's content."""
+    import pandas as pd
+    import torch
+
+    from seqlm.generate import HISTORY_FILE, META_FILE, MODEL_FILE, VOCAB_FILE
+    from seqlm.train import HISTORY_COLUMNS
     config = result.config
     build = {k: config[k] for k in ("vocab_size", "hidden", "num_layers", "dropout")}
     build["name"] = config["model"]
@@ -210,6 +230,7 @@ def _version_description(meta: dict, samples: dict[str, dict[str, str]]) -> str:
 
 def perplexity_figure(history: pd.DataFrame, title: str) -> Figure:
     """Training and validation perplexity per epoch (d2l's animator plot, log scale)."""
+    from matplotlib.figure import Figure
     figure = Figure(figsize=(6, 3))
     axes = figure.subplots()
     axes.plot(history["epoch"], history["train_perplexity"], label="train")

@@ -102,6 +102,16 @@ def test_flow_run_and_dvc_repro_agree_byte_for_byte(tmp_path):
     out = _dvc(root, env, "repro")
     assert "Running stage" not in out and "Stage 'evaluate' didn't change" in out
     assert "in sync" in _dvc(root, env, "status", "--cloud")
+    # a run that changes nothing leaves DVC alone (no commit, no push: a second of a no-op
+    # run); one that finds dvc.lock gone writes it again, the same bytes, and pushes
+    for change, said in ((None, "dvc.lock already describes these artifacts"),
+                         ("dvc.lock", "dvc.lock updated and artifacts pushed")):
+        if change:
+            (root / change).unlink()
+        again = subprocess.run([sys.executable, "-m", "seqlm.cli", "run"], cwd=root, env=env,
+                               capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0 and said in again.stdout + again.stderr, again.stderr
+        assert (root / "dvc.lock").read_text() == lock_text
     metrics = json.loads(_dvc(root, env, "metrics", "show", "--json"))
     data = metrics[""]["data"]
     rnn = data["reports/metrics/rnn.json"]["data"]

@@ -12,15 +12,15 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from seqlm import protocol
-from seqlm.loaders import BATCHES_PER_EPOCH
-from seqlm.ngrams import NgramError, check_key_fits
 from seqlm.params import GATES, Params
-from seqlm.generate import normalize_prefix
-from seqlm.text import Vocab
+from seqlm.threads import cuda_available
+
+if TYPE_CHECKING:
+    from seqlm.text import Vocab
 
 MEMORY_SHARE = 0.8            # of the memory available now, for one training
 
@@ -30,9 +30,9 @@ class PreflightError(ValueError):
 
 
 def check_machine(params: Params) -> None:
-    import torch
     p = params.train_lm
-    if p.device == "cuda" and not torch.cuda.is_available():
+    if p.device == "cuda" and not cuda_available():
+        import torch
         raise PreflightError(f"train_lm.device = 'cuda' but torch {torch.__version__} sees no "
                              "CUDA GPU; set train_lm.device to 'auto' or 'cpu'")
     out = Path(params.download.out)
@@ -144,6 +144,9 @@ def check_disk(params: Params, folder: Path = Path("checkpoints")) -> None:
 
 
 LONG_TRAINING_S = 3600.0       # a run expected to train longer is announced with its estimate
+# More than a CPU core does with these products (~70 GFLOP/s measured for hidden 512 on AVX-512):
+# a training shorter than LONG_TRAINING_S even at this rate needs no probe, nor torch loaded.
+FASTEST_CORE_FLOPS = 1e12
 
 
 def training_seconds(params: Params, model: str, flops_per_s: float) -> float:
@@ -183,11 +186,12 @@ def _one_thread():
 def warn_long_trainings(params: Params, log: logging.Logger | logging.LoggerAdapter) -> None:
     """A training expected to take more than an hour here is announced before it starts, with
     the estimate and the key that makes it long (on the CPU; a GPU's speed is not probed)."""
-    import torch
     p = params.train_lm
-    if p.device != "cpu" and torch.cuda.is_available():
+    if p.device != "cpu" and cuda_available():
         return
     for model in p.models:
+        if training_seconds(params, model, FASTEST_CORE_FLOPS) <= LONG_TRAINING_S:
+            continue
         rate = matmul_flops_per_s(p.hidden_size(model), p.batch_size)
         seconds = training_seconds(params, model, rate)
         if seconds > LONG_TRAINING_S:
@@ -201,8 +205,8 @@ def warn_long_trainings(params: Params, log: logging.Logger | logging.LoggerAdap
 
 def _available_memory(device: str) -> float:
     import psutil
-    import torch
-    if device in ("auto", "cuda") and torch.cuda.is_available():
+    if device in ("auto", "cuda") and cuda_available():
+        import torch
         free, _total = torch.cuda.mem_get_info()
         return float(free)
     return float(psutil.virtual_memory().available)
@@ -211,6 +215,7 @@ def _available_memory(device: str) -> float:
 def check_preprocessed(params: Params) -> None:
     """check_corpus on what the preprocess stage wrote."""
     from seqlm.stages import CORPUS, VOCAB
+    from seqlm.text import Vocab
     for path in (CORPUS["char"], *VOCAB.values()):
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: not found (run the preprocess stage first)")
@@ -220,6 +225,10 @@ def check_preprocessed(params: Params) -> None:
 
 def check_corpus(params: Params, corpus: np.ndarray, vocabs: dict[str, Vocab]) -> None:
     """Checks against the preprocessed corpus (char ids) and the vocabularies by level."""
+    from seqlm import protocol
+    from seqlm.generate import normalize_prefix
+    from seqlm.loaders import BATCHES_PER_EPOCH
+    from seqlm.ngrams import NgramError, check_key_fits
     try:
         split = protocol.split_of(len(corpus), params.preprocess.train_tokens,
                                   params.preprocess.val_tokens)

@@ -209,8 +209,9 @@ def stage_task(name: str, **options: Any) -> Callable[[Callable[..., Record]], T
         def run(*args: Any, **kwargs: Any) -> Record:
             arguments = signature.bind(*args, **kwargs).arguments
             params, item = arguments["params"], arguments.get(item_arg) if item_arg else None
+            inputs = cache_key(stage, params, item)      # the record's key: what it was made of
             measured = body(*args, **kwargs)
-            return {"stage": stage.label(item), **(measured or {}),
+            return {"stage": stage.label(item), **(measured or {}), "inputs": inputs,
                     "outputs": outputs_digest(stage, params, item)}
         return task(run, name=name, cache_policy=StageCache(key_storage=METADATA, stage_name=name,
                                                          item_arg=item_arg),

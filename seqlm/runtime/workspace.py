@@ -6,6 +6,10 @@ holder's PID, and the lock of a dead process is simply taken over. `seqlm run` a
 repository lock (`.dvc/tmp/lock`), so a `dvc repro` started meanwhile fails at once instead of
 deleting stage outputs before its command is refused.
 
+`.seqlm/dvc-recorded.json` holds the digest of what the last `dvc commit` + `dvc push` of a run
+made true (dvc.lock, the DVC config, every stage's inputs and outputs): a run that finds the same
+skips both.
+
 `.seqlm/run.json` records what the running pipeline owns (its MLflow runs, its Prefect flow run,
 the temporary Prefect server, its training-slot limit). A run that ends, however, marks it
 finished; one killed with SIGKILL cannot, and the next run that takes the lock finds the record
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -23,12 +28,14 @@ from typing import Any
 
 import zc.lockfile
 
-from seqlm.io import write_json
+from seqlm.io import file_digest, write_json
 
 STATE_DIR = Path(".seqlm")
 LOCK = STATE_DIR / "lock"
 RECORD = STATE_DIR / "run.json"
 DVC_LOCK = Path(".dvc") / "tmp" / "lock"
+DVC_RECORDED = STATE_DIR / "dvc-recorded.json"
+DVC_FILES = (Path("dvc.lock"), Path(".dvc") / "config", Path(".dvc") / "config.local")
 
 _held: dict[Path, zc.lockfile.LockFile] = {}     # locks this process holds (re-entrant)
 
@@ -94,6 +101,30 @@ def dvc_lock_released() -> Iterator[None]:
     finally:
         _held[DVC_LOCK] = zc.lockfile.LockFile(
             str(DVC_LOCK), content_template=f"{{pid}} seqlm run, since {_now()}")
+
+
+def dvc_state(records: dict[str, dict[str, Any]]) -> str:
+    """One digest of what `dvc commit` and `dvc push` make true: dvc.lock and the DVC config as
+    they are on disk, and every stage's inputs and outputs (its record's digests)."""
+    digest = hashlib.sha256()
+    for path in DVC_FILES:
+        digest.update(f"|{path}:{file_digest(path) if path.is_file() else 'missing'}".encode())
+    for label in sorted(records):
+        record = records[label]
+        digest.update(f"|{label}:{record.get('inputs')}:{record.get('outputs')}".encode())
+    return digest.hexdigest()
+
+
+def dvc_recorded() -> str | None:
+    """The dvc_state() the last successful `dvc commit` + `dvc push` of a run left, if any."""
+    try:
+        return json.loads(DVC_RECORDED.read_text(encoding="utf-8"))["state"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def record_dvc(state: str) -> None:
+    write_json(DVC_RECORDED, {"state": state, "at": _now()})
 
 
 class RunRecord:
