@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:          # the split is plain arithmetic: the download's check loads no torch
+    import torch
 
 CONTEXT = 64        # characters of context before each scored stretch (warm-up of the state)
 ROWS = 32           # validation rows scored side by side
@@ -86,6 +89,7 @@ def windows(text: torch.Tensor, first: int,
     """Inputs, targets, the targets' positions in `text` and a mask, each (rows, steps), that
     score text[first:] once each, every row warmed up on up to CONTEXT tokens before its stretch
     (first <= CONTEXT, as validation_text gives it). Padding beyond the text is masked out."""
+    import torch
     n = len(text) - first
     if first < 1 or n < 1:
         raise ValueError(f"nothing to score: {len(text)} tokens with the first {first} as context")

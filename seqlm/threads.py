@@ -93,12 +93,24 @@ def yields_cores(model: str, params: Params) -> bool:
     return model != heaviest
 
 
-def lower_priority() -> None:
-    """Lower the calling thread's CPU priority (on Linux a thread has a nice value of its own;
-    elsewhere nothing changes). For threads of our own only: it cannot be raised back without
-    privileges."""
+def lower_priority(thread: int | None = None) -> None:
+    """Lower the CPU priority of the calling thread, or of the thread (or new process) with
+    that native id (on Linux a thread has a nice value of its own, and the threads it starts
+    inherit it; elsewhere nothing changes). For threads of our own only: it cannot be raised
+    back without privileges."""
     with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+        os.setpriority(os.PRIO_PROCESS, thread or threading.get_native_id(), BACKGROUND_NICE)
+
+
+def beside_the_trainings(params: Params) -> None:
+    """For a stage off the trainings' path (sine, train_ar, ngrams), which runs while they
+    start: its thread yields the CPU while trainings run side by side, so that the longest
+    training's process imports torch and starts on a core of its own (seconds of the main job)
+    and the stage fills what is left. Only on the local runner, in a flow run: a Dask worker's
+    thread runs other tasks next, trainings among them."""
+    from prefect.context import TaskRunContext
+    if params.execution.task_runner == "local" and side_by_side(params) and TaskRunContext.get():
+        lower_priority()
 
 
 def in_background(fn: Callable[..., T], *args: object) -> T:

@@ -30,6 +30,7 @@ from seqlm.params import Params
 from seqlm.runtime.records import Record, stage_task
 from seqlm.stages import CORPUS, NGRAMS, STAGE_BY_NAME, VOCAB
 from seqlm.text import TOKENIZERS, Vocab
+from seqlm.threads import beside_the_trainings
 
 ZIPF_PLOT = f"{NGRAMS}/zipf.png"
 ZIPF_MAX_N = 3                     # the seed plots unigrams, bigrams and trigrams
@@ -97,6 +98,7 @@ def ngrams_reduce(level: str, partition: int, partials: list[str]) -> str:
 def ngrams(params: Params, partitions: Partitions | None = None) -> Record:
     """Count (or, given the reduce tasks' `partitions`, merge) and write the stage's outputs;
     returns the Zipf exponents and table sizes, and the tables for the pipeline's MLflow run."""
+    beside_the_trainings(params)
     p = params.ngrams
     metrics_path = STAGE.at(params).reports.zipf
     vocabs = {level: Vocab.load(_existing(VOCAB[level])) for level in TOKENIZERS}

@@ -17,6 +17,7 @@ from seqlm.io import atomic_path, file_digest, publish, save_torch, write_csv, w
 from seqlm.params import Params
 from seqlm.runtime.records import Record, stage_task
 from seqlm.stages import STAGE_BY_NAME
+from seqlm.threads import beside_the_trainings
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -80,6 +81,7 @@ def train_ar(params: Params) -> Record:
     """Train the MLP, write models/ar and reports/train_ar.json, and log the training as the
     MLflow run `ar_mlp`."""
     from seqlm import autoregress as ar
+    beside_the_trainings(params)
     paths = STAGE.at(params)
     series = paths.deps.series
     t, x = _read_series(series)

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
@@ -166,3 +167,30 @@ def test_the_training_left_alone_takes_the_cores_the_others_gave_back():
         assert first.value == cores()
     with shares.share(first, 2), shares.share(second, 2):
         assert first.value == second.value == max(2, cores() // 2)
+
+
+def test_what_runs_beside_the_longest_training_yields_the_cpu(prefect_server, data, tmp_path):
+    """A stage off the trainings' path, in a task run on the local runner, runs at a lower
+    priority while trainings run side by side; outside a flow run nothing changes."""
+    from prefect import flow, task
+
+    from seqlm.threads import BACKGROUND_NICE, beside_the_trainings
+
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    @task
+    def side_stage(params) -> int:
+        beside_the_trainings(params)
+        return nice()
+
+    @flow
+    def run(params) -> int:
+        return side_stage(params)
+    params = make_params(models=["rnn_scratch", "rnn"], cpu_threads=1)
+    if cores() < 2:
+        pytest.skip("trainings run side by side only with 2 cores or more")
+    assert run(params) == BACKGROUND_NICE
+    before = nice()
+    beside_the_trainings(params)              # outside a task run (`seqlm stage`): unchanged
+    assert nice() == before
