@@ -194,3 +194,15 @@ def test_what_runs_beside_the_longest_training_yields_the_cpu(prefect_server, da
     before = nice()
     beside_the_trainings(params)              # outside a task run (`seqlm stage`): unchanged
     assert nice() == before
+
+
+def test_a_run_limits_its_trainings_only_where_the_limit_can_hold_one_back():
+    from seqlm.runtime.session import slots_can_bind
+    assert not slots_can_bind(make_params(models=["rnn"]))
+    assert slots_can_bind(make_params(models=["rnn", "gru"], cpu_threads=cores()))   # 1 slot
+    assert slots_can_bind(make_params(models=["rnn", "gru", "lstm"], cpu_threads=1)) == \
+        (cores() < 3)
+    on_dask = make_params(models=["rnn", "gru"], cpu_threads=cores())
+    on_dask = on_dask.model_copy(update={"execution": on_dask.execution.model_copy(
+        update={"task_runner": "dask"})})
+    assert not slots_can_bind(on_dask)                     # one GPU resource per training

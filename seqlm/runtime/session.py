@@ -48,8 +48,8 @@ def pipeline_session(params: Params, record_dvc: bool) -> Iterator[Session]:
             close_previous(previous, log)
         flow_run = FlowRunContext.get().flow_run
         flow_run_id = str(flow_run.id)
-        limit = None if params.execution.task_runner == "dask" else \
-            open_training_slots(flow_run_id, training_slots(params))   # on Dask: GPU resources
+        limit = open_training_slots(flow_run_id, training_slots(params)) \
+            if slots_can_bind(params) else None
         record.set(flow_run_id=flow_run_id, server_pid=server.started_pid, training_limit=limit,
                    mlflow_uri=tracking.tracking_uri())
         parent = tracking.Run(params, flow_run.name)
@@ -70,6 +70,15 @@ def pipeline_session(params: Params, record_dvc: bool) -> Iterator[Session]:
             if limit:
                 close_training_slots(limit)
             record.finish()
+
+
+def slots_can_bind(params: Params) -> bool:
+    """Whether the run needs its training slots: on the local runner (Dask has a GPU resource
+    per training), with more trainings than slots. A limit that could never hold a training back
+    is not created: besides two API calls, its deletion at the end of a run met the server's
+    SQLite busy with the run's last writes and waited for Prefect's 2 s retry."""
+    return (params.execution.task_runner == "local"
+            and len(params.train_lm.models) > training_slots(params))
 
 
 def training_limit(flow_run_id: str) -> str:
@@ -95,10 +104,10 @@ def close_training_slots(name: str) -> None:
 @contextlib.contextmanager
 def training_slot(params: Params) -> Iterator[None]:
     """One of the pipeline run's training slots, held while a training trains (a cached
-    training takes none). Outside a pipeline run (`seqlm stage`) and on Dask (one `GPU`
-    resource per training) there are none to take."""
+    training takes none). Outside a pipeline run (`seqlm stage`), on Dask (one `GPU` resource
+    per training) and with no more trainings than slots there are none to take."""
     flow_run = tracking.flow_run_id()
-    if flow_run is None or params.execution.task_runner == "dask":
+    if flow_run is None or not slots_can_bind(params):
         yield
         return
     with concurrency(training_limit(flow_run), occupy=1):
