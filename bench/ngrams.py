@@ -259,7 +259,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="5MB", help="corpus size, e.g. 5MB, 100MB, 1GB")
     parser.add_argument("--max-n", type=int, default=5)
-    parser.add_argument("--chunk-tokens", type=int, default=4_000_000,
+    parser.add_argument("--chunk-tokens", type=int, default=16_000_000,
                         help="single process: tokens per chunk (params ngrams.chunk_tokens)")
     parser.add_argument("--shard-tokens", type=int, default=4_000_000)
     parser.add_argument("--partitions", type=int, default=8, help="params ngrams.partitions")

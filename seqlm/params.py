@@ -93,7 +93,7 @@ class PreprocessParams(Section):
 
 class NgramParams(Section):
     max_n: Annotated[int, Field(ge=1, le=10)] = 3
-    chunk_tokens: Annotated[int, Field(ge=1_000)] = 4_000_000
+    chunk_tokens: Annotated[int, Field(ge=1_000)] = 16_000_000
     shard_tokens: Annotated[int, Field(ge=1_000)] | None = None
     partitions: Annotated[int, Field(ge=1, le=256)] = 8
 

@@ -1,11 +1,12 @@
 """Sharded n-gram counting: any shards, cut into any number of partitions, reduced in any order
 and merged, give exactly the single-process tables (keys, counts, first positions, ranks) and
-byte-identical Parquet files."""
+byte-identical Parquet files; so do a shard's groups of windows, on any number of threads."""
 from __future__ import annotations
 
 import io
 import random
 from collections.abc import Iterable
+from unittest import mock
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -13,8 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import seqlm.ngrams
 from seqlm.ngrams import (NgramError, NgramTable, count_ngrams, count_shard, load_partial, load_ranked,
-                          merge_ranked, reduce_partials, save_partial, save_ranked, shard_bounds,
+                          merge_ranked, pack, reduce_partials, save_partial, save_ranked, shard_bounds,
                           split_partitions, to_arrow, write_parquet)
 
 
@@ -31,6 +33,17 @@ def assert_same(a: dict[int, NgramTable], b: dict[int, NgramTable], vocab_size: 
         for column in ("keys", "counts", "first"):
             assert np.array_equal(getattr(a[n], column), getattr(b[n], column)), (n, column)
         assert parquet_bytes(a[n].ranked(), vocab_size) == parquet_bytes(b[n].ranked(), vocab_size)
+
+
+def unique_tables(ids: np.ndarray, max_n: int, vocab_size: int) -> dict[int, NgramTable]:
+    """The tables by np.unique of every window's packed key: an independent reference."""
+    tables = {}
+    for n in range(1, max_n + 1):
+        count = max(len(ids) - n + 1, 0)
+        keys = pack([ids[j:j + count].astype(np.int64) for j in range(n)], vocab_size)
+        keys, first, counts = np.unique(keys, return_index=True, return_counts=True)
+        tables[n] = NgramTable(n, keys, counts.astype(np.int64), first.astype(np.int64))
+    return tables
 
 
 @st.composite
@@ -56,6 +69,32 @@ def test_sharded_equals_single_process(stream, rng: random.Random) -> None:
     assert_same(reduce_partials(partials), single, vocab_size)
     for n, table in single.items():         # every window counted once
         assert table.counts.sum() == max(len(ids) - n + 1, 0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(streams(), st.integers(1, 30), st.integers(1, 4))
+def test_groups_and_threads_give_the_same_tables(stream, group_windows: int, threads: int
+                                                  ) -> None:
+    """A shard's sorted levels in groups of windows by first id, of any size (down to one
+    window), counted on any number of threads: the same tables as np.unique of the windows."""
+    ids, vocab_size, max_n, shard = stream
+    with mock.patch.object(seqlm.ngrams, "GROUP_WINDOWS", group_windows):
+        grouped = count_ngrams(ids, max_n, vocab_size, chunk_tokens=shard, threads=threads)
+    assert_same(grouped, unique_tables(ids, max_n, vocab_size), vocab_size)
+
+
+@pytest.mark.parametrize("group_windows", [1 << 20, 5_000, 97])
+@pytest.mark.parametrize("chunk", [300_000, 77_777])
+def test_threaded_counting_of_word_like_ids_equals_one_thread(group_windows: int, chunk: int
+                                                               ) -> None:
+    """Zipf-like ids as in text (frequent first ids make groups of their own), 2 or 3 threads
+    against 1: the same tables, which are those of np.unique."""
+    rng = np.random.default_rng(4)
+    ids = (np.minimum(rng.zipf(1.2, 300_000), 3000) - 1).astype(np.int32)
+    reference = unique_tables(ids, 5, 3000)
+    with mock.patch.object(seqlm.ngrams, "GROUP_WINDOWS", group_windows):
+        for threads in (1, 2, 3):
+            assert_same(count_ngrams(ids, 5, 3000, chunk, threads), reference, 3000)
 
 
 @settings(max_examples=150, deadline=None)
