@@ -490,10 +490,24 @@ def _champion_perplexity(client: Any, name: str, val_digest: str, rescore: Resco
     value = current.tags.get("val_perplexity")
     if value is not None and current.tags.get("val_digest") == val_digest:
         return float(value)
-    with fluent_store(client.tracking_uri):
-        champion = mlflow.pyfunc.load_model(
-            f"models:/{name}/{current.version}").unwrap_python_model()
-    score = rescore(champion.model, champion.vocab)
+    # Its weights and vocabulary only, read as data (torch.load with weights_only): loading the
+    # pyfunc would run the Python code stored beside them, which anyone who can write the store
+    # could have replaced.
+    import yaml
+    from mlflow.artifacts import download_artifacts
+
+    from seqlm.generate import load_trained
+    with tempfile.TemporaryDirectory(prefix="seqlm-champion-") as tmp, \
+            fluent_store(client.tracking_uri):
+        root = Path(download_artifacts(artifact_uri=f"models:/{name}/{current.version}",
+                                       dst_path=tmp)).resolve()
+        flavor = yaml.safe_load((root / "MLmodel").read_text())["flavors"]["python_function"]
+        model_dir = (root / flavor["artifacts"]["model_dir"]["path"]).resolve()
+        if not model_dir.is_relative_to(root):
+            raise ValueError(f"models:/{name}/{current.version}: its model_dir {model_dir} lies "
+                             f"outside the model")
+        model, vocab, _ = load_trained(model_dir)
+    score = rescore(model, vocab)
     log.info("%s champion v%s was measured on other validation text; on this run's it scores "
              "%.3f", name, current.version, score)
     return score

@@ -63,8 +63,16 @@ def test_champion_alias_moves_only_to_a_better_model(trained_rnn, workdir):
     assert len(client.search_model_versions("name='timemachine-rnn'")) == 4
     assert rescored == []              # same validation text: the tags are compared
     # other validation text (another version of the corpus, another split): the champion is
-    # loaded from the registry and scored on the new text first
+    # loaded from the registry and scored on the new text first, its weights read as data: the
+    # Python code stored beside them (planted here) does not run
+    marker = workdir / "planted-code-ran"
+    planted = [path for path in workdir.rglob("*.py")
+               if path.name in {"pyfunc_model.py", "mlflow_model.py"} and "artifacts" in str(path)]
+    assert planted
+    for path in planted:
+        path.write_text(f"open({str(marker)!r}, 'w').close()\n" + path.read_text())
     assert register(8.0, digest="text-B") == 5
+    assert not marker.exists()
     assert champion() == 4 and rescored == [(TorchRNN, 28)]
     assert register(6.5, digest="text-B") == 6
     assert champion() == 6 and len(rescored) == 2
