@@ -27,7 +27,7 @@ from seqlm.ngrams import (ZIPF_MIN_COUNT, NgramError, NgramTable, check_key_fits
                           reduce_partials, save_partial, save_ranked, shard_bounds,
                           split_partitions, write_parquet, zipf_exponent)
 from seqlm.params import Params
-from seqlm.runtime.records import Record, stage_task
+from seqlm.runtime.records import Record, stage_task, up_to_date
 from seqlm.stages import CORPUS, NGRAMS, STAGE_BY_NAME, VOCAB
 from seqlm.text import TOKENIZERS, Vocab
 from seqlm.threads import beside_the_trainings
@@ -141,8 +141,10 @@ def submit_sharded(params: Params, upstream: list[PrefectFuture]) -> PrefectFutu
     shard of each corpus and one `ngrams_reduce` task per partition, spread over the task
     runner's workers; the reduce futures are the `ngrams` task's `partitions`, so the UI draws
     the map, the reduce and the merge. The plan needs the corpus's size: it waits for
-    `upstream` (preprocess)."""
+    `upstream` (preprocess). A stage that is up to date counts nothing: its task is Cached."""
     wait(upstream)
+    if up_to_date(STAGE, params):
+        return ngrams.submit(params, wait_for=upstream)
     shutil.rmtree(SHARDS, ignore_errors=True)         # files a killed run left behind
     plan, count = shard_plan(params), params.ngrams.partitions
     reduced = {}

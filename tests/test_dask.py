@@ -117,3 +117,17 @@ def test_the_pipeline_on_a_dask_cluster(workdir, cluster, prefect_server, monkey
     assert not (workdir / ".seqlm" / "ngram-shards").exists()
     # and every output is the local runner's, byte for byte
     assert digests(workdir) == digests(local)
+
+    # One record of the stages for both runners: unchanged, a Dask run counts no shard again and
+    # a local run after it finds every stage cached too
+    again = pipeline.with_options(task_runner=task_runner_for(params))(
+        params_file="params.yaml", record_dvc=False)
+    write_params(workdir, execution={"task_runner": "local"},
+                 ngrams={"shard_tokens": 25_000, "partitions": 3})
+    local_again = pipeline(params_file="params.yaml", record_dvc=False)
+    assert set(again.values()) == set(local_again.values()) == {"Cached"}
+    with get_client(sync_client=True) as prefect:
+        assert len(prefect.read_task_runs(task_run_filter=TaskRunFilter(
+            name=TaskRunFilterName(like_="ngrams_shard[")))) == 9
+    assert len(client.search_runs([client.get_experiment_by_name("seqlm").experiment_id])) \
+        == len(runs) + 2                       # the two parent runs; no training run

@@ -174,6 +174,12 @@ def still_valid(record: Record, stage: Stage, params: Params, item: str | None) 
             and record.get("outputs") == outputs_digest(stage, params, item))
 
 
+def up_to_date(stage: Stage, params: Params, item: str | None = None) -> bool:
+    """Whether the stage has a record that stands for the workspace: its task would be Cached."""
+    record = read_record(cache_key(stage, params, item))
+    return record is not None and still_valid(record, stage, params, item)
+
+
 @dataclass
 class StageCache(CachePolicy):
     """Prefect's cache for one stage: the key of what it reads; a record that no longer stands
