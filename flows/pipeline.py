@@ -19,6 +19,7 @@ from prefect.futures import PrefectFuture, as_completed, wait
 from seqlm import tracking
 from seqlm.params import PARAMS_FILE, Params, load_params
 from seqlm import interrupt
+from seqlm.runtime.preflight import check_dask_address
 from seqlm.runtime.runners import local_runner, one_gpu_each, task_runner_for
 from seqlm.runtime.session import Session, pipeline_session
 from seqlm.runtime.workspace import dvc_lock_released, dvc_recorded, dvc_state, record_dvc
@@ -45,6 +46,8 @@ def pipeline(params_file: str = str(PARAMS_FILE), record_dvc: bool = True) -> di
     if params.execution.task_runner == "dask" and not _on_dask():
         # A flow's task runner is fixed where the flow is defined (threads); a worker or
         # `seqlm schedule` loads that definition: the stages run in a subflow on Dask instead.
+        # Its runner connects first: an address nothing answers on fails here, in milliseconds.
+        check_dask_address(params.execution.dask_address)
         return pipeline.with_options(task_runner=task_runner_for(params))(
             params_file=params_file, record_dvc=record_dvc)
     with pipeline_session(params, record_dvc) as session:

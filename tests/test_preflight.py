@@ -44,7 +44,23 @@ def test_a_dask_address_nothing_answers_on(workdir):
         check_dask_address("nowhere")
 
 
-@pytest.mark.parametrize("text", ["schema: '2.0'\nstages:\n  download:\n    cmd: [x", "", "- a\n"])
+def test_a_flow_run_checks_the_dask_address_before_its_runner_connects(workdir, prefect_server):
+    # what a Prefect worker or `seqlm schedule` runs: the flow itself, without `seqlm run`
+    from flows.pipeline import pipeline
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    write_params(workdir, execution={"task_runner": "dask",
+                                     "dask_address": f"tcp://127.0.0.1:{port}"})
+    with pytest.raises(PreflightError, match=r"^execution.dask_address = "):
+        pipeline(params_file="params.yaml", record_dvc=False)
+
+
+@pytest.mark.parametrize("text", [
+    "schema: '2.0'\nstages:\n  download:\n    cmd: [x", "", "- a\n",
+    # cut at the end of a line: still YAML, no longer what DVC reads
+    "schema: '2.0'\nstages:\n  download:\n    cmd: seqlm stage download\n    deps:\n"])
 def test_a_damaged_dvc_lock(tmp_path, text):
     lock = tmp_path / "dvc.lock"
     lock.write_text(text)
@@ -52,6 +68,17 @@ def test_a_damaged_dvc_lock(tmp_path, text):
                                              r"\(the run writes it again"):
         check_dvc_lock(lock)
     check_dvc_lock(tmp_path / "absent.lock")
+    valid = tmp_path / "valid.lock"
+    valid.write_text(text_of_a_lock_dvc_writes())
+    check_dvc_lock(valid)
+
+
+def text_of_a_lock_dvc_writes() -> str:
+    entry = "    - path: {}\n      hash: md5\n      md5: 6f5902ac237024bdd0c176cb93063dc4\n" \
+            "      size: 12\n"
+    return ("schema: '2.0'\nstages:\n  download:\n    cmd: seqlm stage download\n    deps:\n"
+            + entry.format("tasks/download.py") + "    params:\n      params.yaml:\n"
+            "        download.checksum: null\n    outs:\n" + entry.format("data/raw/x.txt"))
 
 
 def test_download_out_naming_a_folder(workdir):

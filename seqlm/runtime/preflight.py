@@ -80,20 +80,19 @@ def check_dask_address(address: str | None) -> None:
 
 def check_dvc_lock(path: Path = Path("dvc.lock")) -> None:
     """A damaged dvc.lock (a truncated write, a bad merge) fails now with the fix, not after
-    every stage ran, in `dvc commit`."""
+    every stage ran, in `dvc commit`. Checked against the schema DVC itself reads it with."""
     import yaml
+    from dvc.schema import COMPILED_LOCKFILE_SCHEMA
+    from voluptuous import Invalid
     if not path.exists():
         return
     try:
-        lock = yaml.safe_load(path.read_text())
-        valid = isinstance(lock, dict) and isinstance(lock.get("stages"), dict)
-        problem = "it has no `stages` mapping"
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        valid, problem = False, " ".join(str(exc).split())
-    if not valid:
+        COMPILED_LOCKFILE_SCHEMA(yaml.safe_load(path.read_text()))
+    except (yaml.YAMLError, UnicodeDecodeError, Invalid) as exc:
+        problem = " ".join(str(exc).split())
         raise PreflightError(f"{path}: not a valid DVC lock file ({problem}); remove it (the "
                              "run writes it again from the stages' outputs) or restore it with "
-                             "`git checkout dvc.lock`")
+                             "`git checkout dvc.lock`") from None
 
 
 def weight_count(params: Params, model: str, vocab_size: int = 100) -> int:

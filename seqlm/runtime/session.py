@@ -43,9 +43,9 @@ def pipeline_session(params: Params, record_dvc: bool) -> Iterator[Session]:
         if record_dvc:
             check_dvc_lock()
         previous = last_run()
+        if previous is not None:       # before its record is replaced: a run killed meanwhile
+            close_previous(previous, log)          # leaves it for the next one
         record = RunRecord()
-        if previous is not None:
-            close_previous(previous, log)
         flow_run = FlowRunContext.get().flow_run
         flow_run_id = str(flow_run.id)
         limit = open_training_slots(flow_run_id, training_slots(params)) \
