@@ -41,8 +41,8 @@ class RNNScratch(nn.Module):
         # a gather gives bit-identical values without the one-hot tensor. The input term and b_h
         # do not depend on H, so they are computed for all steps before the loop; the output
         # layer does not feed the recurrence, so it is one product after it. The loop keeps only
-        # H @ W_hh (fused with the add) and tanh: ~18% faster on 2 CPU cores at hidden 512, same
-        # math as d2l's per-step formula up to float rounding of the sums' order.
+        # H @ W_hh (fused with the add) and tanh: faster (bench/train_speed.py), the same math as
+        # d2l's per-step formula up to float rounding of the sums' order.
         XW = F.embedding(X.T, self.W_xh) + self.b_h             # (steps, batch, hidden)
         if XW.is_cuda:      # torch.compile captures this loop in CUDA graphs (train.py)
             hs = []

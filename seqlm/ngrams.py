@@ -147,7 +147,7 @@ def rank_order(counts: np.ndarray, first: np.ndarray) -> np.ndarray:
 
     When (count, first, index) fit the 63 bits of one int64 (always for corpora of up to 2**21
     tokens, and far beyond in practice: counts and distinct n-grams are much fewer than tokens)
-    they are packed and np.sort-ed, about ten times faster than lexsort, which is the fallback.
+    they are packed and np.sort-ed, much faster than lexsort, which is the fallback.
     """
     if not len(counts):
         return np.empty(0, dtype=np.int64)
@@ -497,8 +497,7 @@ class _Group:
     first position. The windows stay in their sorted order from one level to the next (no
     scatter back), so a level's codes come sorted by prefix and only the windows of a same
     prefix are out of order: timsort (kind="stable"), which merges the runs it finds, orders
-    those several times faster than the default sort (10M words on an AMD EPYC, numpy 2.4: the
-    3-grams in 0.18 s instead of 0.61 s, the 5-grams in 0.03 s).
+    those several times faster than the default sort.
     """
 
     def __init__(self, chunk: np.ndarray, pos: np.ndarray, prefixes: np.ndarray, base: int,

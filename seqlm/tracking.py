@@ -99,10 +99,9 @@ def check_store(uri: str | None = None) -> None:
 
 
 def open_store(uri: str | None = None) -> None:
-    """Import MLflow and open the store (a new SQLite store gets its tables): the ~2 s (~3 s for
-    a new store) the first MLflow call of a run takes, which `seqlm run` spends while the
-    temporary Prefect server boots instead of in the flow. MLflow keeps the store for the
-    process."""
+    """Import MLflow and open the store (a new SQLite store gets its tables): the seconds the
+    first MLflow call of a run takes, which `seqlm run` spends while the temporary Prefect
+    server boots instead of in the flow. MLflow keeps the store for the process."""
     from mlflow import MlflowClient
     MlflowClient(uri or tracking_uri()).search_experiments(max_results=1)
 

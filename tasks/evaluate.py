@@ -79,7 +79,8 @@ def evaluate(params: Params) -> Record:
                               kn.token_log_probs(text, first)))
     rows.append(_baseline("unigram", unigram_perplexity(train_ids, train_ids, len(vocab)),
                           unigram_log_probs(train_ids, text, len(vocab), first)))
-    table = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+    table = pd.DataFrame(rows, columns=SUMMARY_COLUMNS).astype(
+        {column: "Int64" for column in INTEGER_COLUMNS})    # counts stay integers beside gaps
     ar = json.loads(Path(paths.deps.ar_errors).read_text())
     kstep = pd.read_csv(Path(S.AR_DIR) / "kstep.csv")
 
@@ -116,8 +117,9 @@ INTEGER_COLUMNS = ("epochs", "best_epoch", "scored_tokens")
 
 
 def _missing(value: object) -> bool:
-    """A table's empty cell (pandas reads it as NaN or None)."""
-    return value is None or (isinstance(value, float) and math.isnan(value))
+    """A table's empty cell (NaN, None, or pandas' NA in an integer column)."""
+    import pandas as pd
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
 
 
 def _significant(column: str, value: object) -> object:

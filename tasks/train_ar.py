@@ -131,6 +131,9 @@ def fit(params: Params, t: np.ndarray, x: torch.Tensor, on_epoch: OnEpoch | None
     x_np, onestep_np, multistep_np = x.numpy(), onestep.numpy(), multistep.numpy()
     report = {"train_loss": history[-1], "multistep_mse": multistep_mse}
     report.update({f"kstep_mse_{k}": mse for k, mse in kstep_mse.items()})
+    # 4 significant digits, as in every metrics file (tasks/evaluate.py SIGNIFICANT): what a
+    # person compares in `dvc metrics show` / `diff`; the full values are in kstep.csv.
+    report = {name: float(f"{value:.4g}") for name, value in report.items()}
     paths = STAGE.at(params)
     metrics_path = Path(paths.metrics.errors)
     with publish() as outputs:

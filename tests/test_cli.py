@@ -75,3 +75,12 @@ def test_a_failing_stage_is_one_line_in_the_terminal_and_a_traceback_in_the_run_
 
     debug = seqlm_run("--debug")
     assert debug.returncode != 0 and "Traceback" in debug.stdout + debug.stderr
+
+    # a stage that fails as it starts, one Prefect retries (the download): one line as well
+    (workdir / "digits.txt").write_text("1234 5678\n" * 100)
+    write_params(workdir, download={"sources": ["digits.txt"], "checksum": None})
+    failed = seqlm_run()
+    said = failed.stdout + failed.stderr
+    assert failed.returncode != 0 and "Traceback" not in said, said
+    [error] = [line for line in said.splitlines() if "error" in line.lower()]
+    assert error.startswith("error: ") and "digits.txt" in error, said

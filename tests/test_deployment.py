@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from conftest import write_params
 from test_dvc import make_repo, training_runs
 
 pytestmark = pytest.mark.slow
@@ -106,13 +107,15 @@ def test_a_deployment_and_seqlm_run_share_one_record_of_the_stages(tmp_path: Pat
         assert any(line.startswith("rnn epoch 2: train ppl") for line in logs_of_run), logs_of_run
         assert any("is the new champion" in line for line in logs_of_run), logs_of_run
 
+        def seqlm_run() -> dict[str, str]:
+            result = subprocess.run([sys.executable, "-m", "seqlm.cli", "run"], cwd=root,
+                                    env=env, capture_output=True, text=True, timeout=400)
+            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+            return dict(line.split() for line in result.stdout.splitlines()
+                        if line.split()[-1:] in (["Cached"], ["Completed"]))
+
         # 2. `seqlm run` in the same clone: everything the deployment made is up to date
-        result = subprocess.run([sys.executable, "-m", "seqlm.cli", "run"], cwd=root, env=env,
-                                capture_output=True, text=True, timeout=400)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        states = dict(line.split() for line in result.stdout.splitlines()
-                      if line.split()[-1:] in (["Cached"], ["Completed"]))
-        assert states == {label: "Cached" for label in STAGES}, result.stdout
+        assert seqlm_run() == {label: "Cached" for label in STAGES}
         assert len(training_runs(mlflow)) == len(trained)
 
         # 3. the deployment again, after `seqlm run`: all cached, nothing trained or registered
@@ -120,6 +123,20 @@ def test_a_deployment_and_seqlm_run_share_one_record_of_the_stages(tmp_path: Pat
         assert stage_states(url, third) == {label: "Cached" for label in STAGES}
         assert len(training_runs(mlflow)) == len(trained)
         assert [int(v.version) for v in mlflow.search_model_versions("name='timemachine-rnn'")] == [1]
+
+        # The reverse order: 4. `seqlm run` makes the records of the stages a change of params
+        # reaches (the trainings and the evaluation); 5. the deployment and 6. `seqlm run` again
+        # find every stage up to date and train nothing
+        write_params(root, train_ar={"epochs": 3}, train_lm={"epochs": 3})
+        retrained = {"train_ar", "train_lm[rnn]", "evaluate"}
+        assert seqlm_run() == {label: "Completed" if label in retrained else "Cached"
+                               for label in STAGES}
+        trained = training_runs(mlflow)
+        assert len(trained) == 4                     # ar_mlp and rnn once more
+        fifth = run_deployment()
+        assert stage_states(url, fifth) == {label: "Cached" for label in STAGES}
+        assert seqlm_run() == {label: "Cached" for label in STAGES}
+        assert len(training_runs(mlflow)) == len(trained)
     finally:
         for proc in procs[::-1]:
             proc.terminate()

@@ -1,8 +1,11 @@
 """The flow end to end on a real Prefect test server and a real MLflow sqlite store."""
 import hashlib
 import json
-import shutil
+import os
 import re
+import shutil
+import subprocess
+import sys
 import time
 
 import mlflow
@@ -114,6 +117,7 @@ def test_pipeline_runs_logs_and_skips_unchanged_stages(small_pipeline, workdir):
         summary.loc["gru", "val_ppl_best"]
     assert summary.loc["gru", "best_epoch"] == history["val_perplexity"].idxmin() + 1
     assert summary["scored_tokens"].nunique() == 1                 # one protocol for all
+    assert re.search(r"^gru,3,\d+,", (workdir / "reports/summary.csv").read_text(), re.M)
 
     # the CLI generates the same text from the local folder and from the registry
     local = CliRunner().invoke(app, ["generate", "time traveller", "--model", "gru", "--num-chars", "10"])
@@ -166,6 +170,10 @@ def test_pipeline_runs_logs_and_skips_unchanged_stages(small_pipeline, workdir):
     assert inputs("train_lm[gru]") == inputs("train_lm[rnn_scratch]") == {"preprocess"}
     assert inputs("evaluate") == {"preprocess", "train_ar", "train_lm[gru]",
                                   "train_lm[rnn_scratch]"}
+    # and the short stages are not queued behind the trainings: they start while both train
+    first_training_end = min(task_runs[f"train_lm[{m}]"].end_time for m in ("gru", "rnn_scratch"))
+    for label in ("ngrams", "sine", "train_ar"):
+        assert task_runs[label].start_time < first_training_end, label
     # MLflow opens on training runs; each child run ends with its stage, with system metrics,
     # its continuations, and a model named after it; no hidden files, no DVC tag flood
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
@@ -216,6 +224,33 @@ def test_pipeline_runs_logs_and_skips_unchanged_stages(small_pipeline, workdir):
     # an edited output is not mistaken for the stage's own
     (workdir / "models/ar/kstep.csv").write_text("k,mse\n1,0.0\n")
     assert pipeline(params_file="params.yaml", record_dvc=False)["train_ar"] == "Completed"
+
+    # The store moves with its clone: a copy in another folder, with the original gone, loads
+    # the champion and the pipeline run's artifacts in a new process (relative_artifacts.py)
+    moved, gone = workdir.parent / f"{workdir.name}-moved", workdir.parent / f"{workdir.name}-gone"
+    shutil.copytree(workdir, moved)
+    workdir.rename(gone)
+    try:
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{moved}/mlflow.db"}
+        check = subprocess.run([sys.executable, "-c", LOAD_FROM_THE_STORE], cwd=moved, env=env,
+                               capture_output=True, text=True, timeout=300)
+    finally:
+        gone.rename(workdir)
+    assert check.returncode == 0, check.stderr[-3000:]
+    continuation, summary = check.stdout.split("\n", 1)
+    assert continuation == text and summary.startswith("# Evaluation")
+
+
+LOAD_FROM_THE_STORE = """
+import mlflow
+from mlflow import MlflowClient
+model = mlflow.pyfunc.load_model("models:/timemachine-gru@champion")
+print(model.predict({"prefix": ["time traveller"], "num_chars": [10]})[0])
+client = MlflowClient()
+first = client.search_runs([client.get_experiment_by_name("seqlm").experiment_id],
+                           "tags.`seqlm.run` = 'pipeline'", order_by=["attributes.start_time"])[0]
+print(open(client.download_artifacts(first.info.run_id, "reports/summary.md", ".")).read())
+"""
 
 
 def test_an_unreachable_mlflow_store_fails_in_seconds_before_any_stage(

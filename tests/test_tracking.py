@@ -26,7 +26,7 @@ def trained_rnn(workdir: Path) -> Path:
     return workdir / "models" / "rnn"
 
 
-def test_champion_alias_moves_only_to_a_better_model(trained_rnn, workdir):
+def test_champion_alias_moves_only_to_a_better_model(trained_rnn, workdir, caplog):
     uri = f"sqlite:///{workdir / 'registry.db'}"     # not the store the stage registered in
     client = MlflowClient(uri)
     errors = []
@@ -79,8 +79,12 @@ def test_champion_alias_moves_only_to_a_better_model(trained_rnn, workdir):
     assert client.get_model_version("timemachine-rnn", "6").tags["val_digest"] == "text-B"
     # a validation text too short to mean anything decides nothing: registered, alias kept
     write_params(workdir, preprocess={"val_tokens": 999})
-    assert register(1.0, digest="text-C") == 7
+    with caplog.at_level("INFO", logger="seqlm.tracking"):
+        assert register(1.0, digest="text-C") == 7
     assert champion() == 6
+    assert "timemachine-rnn v7 is registered but cannot be champion: its validation text has " \
+           "999 tokens, fewer than the 1000 a comparison needs (preprocess.val_tokens)" \
+           in caplog.messages
     assert set(errors) == {None}
 
 

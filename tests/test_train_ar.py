@@ -93,9 +93,10 @@ def test_defaults_match_the_seed_and_write_the_declared_outputs(default_run: Def
     assert list(history.columns) == ["epoch", "train_loss"] and list(history.epoch) == [1, 2, 3, 4, 5]
     assert [e for e, _ in default_run.epochs] == [1, 2, 3, 4, 5]
     assert [m["train_loss"] for _, m in default_run.epochs] == list(history.train_loss)
-    assert history.train_loss.iloc[-1] == report["train_loss"]
+    assert float(f"{history.train_loss.iloc[-1]:.4g}") == report["train_loss"]     # 4 digits
     table = pd.read_csv(root / AR_DIR / "kstep.csv")
-    assert list(table.k) == [1, 4, 16, 64] and list(table.mse) == kstep
+    assert list(table.k) == [1, 4, 16, 64]
+    assert [float(f"{mse:.4g}") for mse in table.mse] == kstep     # the full values, and as reported
 
 
 def test_predictions_follow_the_seed_definitions(default_run: DefaultRun) -> None:
@@ -133,11 +134,11 @@ def test_predictions_follow_the_seed_definitions(default_run: DefaultRun) -> Non
         held = group[group.t >= n_train + tau + k]
         assert len(held) == rows - n_train
         mse = np.mean((held.prediction.to_numpy() - preds.x.to_numpy()[held.t - 1]) ** 2)
-        assert mse == pytest.approx(report[f"kstep_mse_{k}"], rel=1e-5)
+        assert mse == pytest.approx(report[f"kstep_mse_{k}"], rel=1e-3)   # 4 digits
     one = kpreds[kpreds.k == 1]
     np.testing.assert_allclose(one.prediction, preds.onestep[one.t - 1], rtol=1e-6)
     observed = preds.multistep[start:] - preds.x[start:]
-    assert report["multistep_mse"] == pytest.approx(float(np.mean(observed ** 2)), rel=1e-5)
+    assert report["multistep_mse"] == pytest.approx(float(np.mean(observed ** 2)), rel=1e-3)
 
 
 def test_same_seed_same_series_weights_and_metrics(default_run: DefaultRun, workdir: Path) -> None:
