@@ -231,10 +231,17 @@ def ui(mlflow_port: Annotated[int, typer.Option(help="port of the MLflow UI on 1
                 tracking.UI_PORT = mlflow_port
             started.append(server.start_lasting_server(prefect_port))
             from mlflow import MlflowClient
-            experiment = MlflowClient(store).get_experiment_by_name(settings.tracking.experiment)
+            client = MlflowClient(store)
+            experiment = client.get_experiment_by_name(settings.tracking.experiment)
+            models = sorted(model.name for model in client.search_registered_models())
         route = f"experiments/{experiment.experiment_id}" if experiment else "experiments"
         typer.echo(f"MLflow runs:     {tracking.ui_url(store, route)}")
-        typer.echo(f"MLflow registry: {tracking.ui_url(store, 'models')}")
+        # Each registered model's page: MLflow 3.17's list of them drops the link's view and
+        # opens in its GenAI view in a new browser.
+        for name in models:
+            typer.echo(f"MLflow model:    {tracking.ui_url(store, f'models/{name}')}")
+        if not models:
+            typer.echo("MLflow model:    none registered yet (`seqlm run` registers them)")
         typer.echo(f"Prefect runs:    http://127.0.0.1:{prefect_port}/runs")
         typer.echo("Ctrl-C stops " + ("them" if any(started) else "nothing: both were running"))
         with interrupt.stop_on_signals(), contextlib.suppress(KeyboardInterrupt,

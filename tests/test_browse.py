@@ -79,16 +79,18 @@ def test_seqlm_ui_links_open_the_training_view_of_this_clone(ran, browser):
             line = ui.stdout.readline()
             assert line, "".join(printed)
             printed.append(line)
-        links = dict(re.findall(r"^(MLflow runs|MLflow registry|Prefect runs): +(\S+)$",
-                                "".join(printed), re.M))
+        links = dict(re.findall(r"^(MLflow runs|Prefect runs): +(\S+)$", "".join(printed), re.M))
+        models = re.findall(r"^MLflow model: +(\S+)$", "".join(printed), re.M)
 
         experiment = text_of(browser(links["MLflow runs"]))
         # the model-training view: its sidebar, the runs table with this run's runs
         assert "Model registry" in experiment and "Training runs" not in experiment, experiment
         # (the trainings are nested under the pipeline's run, folded until expanded)
         assert parent.info.run_name in experiment and "3 matching runs" in experiment, experiment
-        registry = text_of(browser(links["MLflow registry"]))
-        assert "timemachine-rnn" in registry, registry
+        # a link per registered model: its versions and aliases, in the model-training view
+        assert [url.split("/#/models/")[1].split("?")[0] for url in models] == ["timemachine-rnn"]
+        registry = text_of(browser(models[0]))
+        assert "Model registry" in registry and re.search(r"@(&nbsp;|\s)champion", registry), registry
         # the link the Prefect artifact and the terminal give for a run; its artifacts load
         run_url = links["MLflow runs"].replace("?", f"/runs/{rnn.info.run_id}/artifacts?")
         run_page = text_of(browser(run_url))
