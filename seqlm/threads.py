@@ -1,5 +1,5 @@
 """The CPU threads torch computes with (`train_lm.cpu_threads`), how many trainings run side by
-side on this machine, and the stages that yield the CPU to them.
+side on this machine, and which of them yields the cores to the others.
 
 Torch's float sums can differ with the number of threads, so every stage that computes with
 torch sets them by use_cpu_threads() in every process that runs it (the flow, `seqlm stage` under
@@ -8,14 +8,19 @@ torch sets them by use_cpu_threads() in every process that runs it (the flow, `s
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import functools
 import os
 import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
-from seqlm.params import Params
+from seqlm.params import GATES, Params
 
+T = TypeVar("T")
 BACKGROUND_NICE = 10          # a thread's nice value when it yields the CPU to the others
 
 
@@ -74,6 +79,20 @@ def keep_freed_memory() -> None:
     mallopt(M_TRIM_THRESHOLD, 256 << 20)
 
 
+def yields_cores(model: str, params: Params) -> bool:
+    """Whether a training on the CPU runs at a lower priority: when trainings run side by side,
+    all but the one with the most work per epoch (layers x gates x hidden^2; the first of
+    equals) do. The run ends when that one ends, and with every thread at the same priority
+    it got only part of a core beside the others; now it keeps its core and the others fill
+    what is left.
+    Priorities change who waits, not what is computed."""
+    p = params.train_lm
+    if not side_by_side(params):
+        return False
+    heaviest = max(p.models, key=lambda m: p.layers(m) * GATES[m] * p.hidden_size(m) ** 2)
+    return model != heaviest
+
+
 def lower_priority(thread: int | None = None) -> None:
     """Lower the CPU priority of the calling thread, or of the thread (or new process) with
     that native id (on Linux a thread has a nice value of its own, and the threads it starts
@@ -85,9 +104,22 @@ def lower_priority(thread: int | None = None) -> None:
 
 def beside_the_trainings(params: Params) -> None:
     """For a stage off the trainings' path (sine, train_ar, ngrams), which runs while they
-    start: its thread yields the CPU while trainings run side by side, so that their processes
-    import torch and start on cores of their own and the stage fills what is left. Only on the local runner, in a flow run: a Dask worker's
+    start: its thread yields the CPU while trainings run side by side, so that the longest
+    training's process imports torch and starts on a core of its own (seconds of the main job)
+    and the stage fills what is left. Only on the local runner, in a flow run: a Dask worker's
     thread runs other tasks next, trainings among them."""
     from prefect.context import TaskRunContext
     if params.execution.task_runner == "local" and side_by_side(params) and TaskRunContext.get():
         lower_priority()
+
+
+def in_background(fn: Callable[..., T], *args: object) -> T:
+    """fn(*args) in a new thread at lower priority, in the caller's context (so that logs reach
+    the caller's Prefect task run); returns its result or raises its exception."""
+    context = contextvars.copy_context()
+
+    def run() -> T:
+        lower_priority()
+        return context.run(fn, *args)
+    with ThreadPoolExecutor(1, thread_name_prefix="background") as pool:
+        return pool.submit(run).result()

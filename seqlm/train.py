@@ -24,7 +24,7 @@ from seqlm.loaders import BATCHES_PER_EPOCH, LOADERS, LoaderSizeError
 from seqlm.models import build_model, check_model_name, detach_state
 from seqlm.params import Params, TrainLmParams
 from seqlm.text import Vocab
-from seqlm.threads import cores, lower_priority, side_by_side, use_cpu_threads
+from seqlm.threads import cores, in_background, lower_priority, use_cpu_threads, yields_cores
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = Path("checkpoints")        # outside the DVC outs: `dvc repro` deletes outs first
@@ -178,12 +178,20 @@ def train(name: str, corpus: np.ndarray, vocab: Vocab, params: Params, *,
     validation perplexity; resume from checkpoint_dir when it holds a checkpoint of the same run.
     `on_epoch(epoch, metrics)` sees every epoch of the history, restored ones included, in order.
     `overlap`: validate each epoch on a thread of its own while the next one trains (the same
-    numbers); None: where that is possible and pays (validation_can_overlap): a core is left
-    for it, which trainings side by side do not leave (each has its own core and validates in
-    place: a validation thread would take the other's).
+    numbers); None: where that is possible and pays (validation_can_overlap). On the CPU beside a
+    longer training, it runs in a thread of lower priority (seqlm.threads.yields_cores).
     `threads()`: the CPU threads the training may use from the next epoch on (a training left
     alone gets the cores the finished ones gave back; it then validates in place); None:
     train_lm.cpu_threads throughout. The numbers do not depend on it (tests/test_train.py)."""
+    args = (name, corpus, vocab, params, checkpoint_dir, on_epoch, overlap, threads)
+    if resolve_device(params.train_lm.device).type == "cpu" and yields_cores(name, params):
+        return in_background(_train, *args)
+    return _train(*args)
+
+
+def _train(name: str, corpus: np.ndarray, vocab: Vocab, params: Params,
+           checkpoint_dir: Path | str | None, on_epoch: EpochCallback | None,
+           overlap: bool | None, threads: Callable[[], int] | None) -> TrainResult:
     p = params.train_lm
     check_model_name(name)
     device = resolve_device(p.device)
@@ -230,7 +238,7 @@ def train(name: str, corpus: np.ndarray, vocab: Vocab, params: Params, *,
     first = split.val_start - split.context_start
     # Asked for or not, only where the next epoch does not depend on this one's validation.
     overlap = validation_can_overlap(params, device) and (
-        overlap if overlap is not None else a_core_is_left(params))
+        overlap if overlap is not None else p.cpu_threads < cores())
     validator = EpochValidator(name, config, params, val_t, first) if overlap else None
     pending: deque[Future] = deque()     # validations of the last epochs, running meanwhile
     stopped = patience_exhausted(history, p.patience)
@@ -320,12 +328,6 @@ def validation_can_overlap(params: Params, device: torch.device) -> bool:
     (train_lm.cpu_threads < cores), the default of train()."""
     p = params.train_lm
     return device.type == "cpu" and p.lr_decay == 1 and not p.patience
-
-
-def a_core_is_left(params: Params) -> bool:
-    """Whether a training leaves a core idle for its validation: not beside other trainings
-    (each has a core of its own), and with fewer train_lm.cpu_threads than cores."""
-    return params.train_lm.cpu_threads < cores() and not side_by_side(params)
 
 
 def model_of(config: dict, generator: torch.Generator | None = None) -> nn.Module:

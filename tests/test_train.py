@@ -19,10 +19,10 @@ import torch
 from seqlm.generate import load_trained, predict
 from seqlm.loaders import LoaderSizeError
 from seqlm.params import Params, TrainLmParams, load_params
-from seqlm.threads import cores
+from seqlm.threads import training_slots, yields_cores
 from seqlm.text import Vocab, read_lines, tokenize
 from seqlm import protocol
-from seqlm.train import (TrainingError, a_core_is_left, clip_gradients, perplexity, run_config,
+from seqlm.train import (TrainingError, clip_gradients, perplexity, run_config,
                          validation_can_overlap,
                          split_of, token_nll, train)
 
@@ -558,12 +558,14 @@ def test_validation_beside_training_gives_the_same_history_weights_and_checkpoin
     assert ckpts[0]["epoch"] == ckpts[1]["epoch"] == 7
 
 
-def test_validation_overlaps_only_where_a_core_is_left_for_it() -> None:
-    # side by side, each training has a core and validates on it: a validation thread would
-    # take the other training's core
-    assert not a_core_is_left(make_params(models=["rnn", "rnn_scratch"], cpu_threads=1))
-    assert a_core_is_left(make_params(models=["rnn"], cpu_threads=1)) == (cores() > 1)
-    assert not a_core_is_left(make_params(models=["rnn"], cpu_threads=cores()))
+def test_only_the_longest_of_trainings_side_by_side_keeps_its_priority() -> None:
+    params = make_params(models=["rnn", "rnn_scratch"])
+    expected = training_slots(params) > 1
+    assert yields_cores("rnn", params) == expected
+    assert not yields_cores("rnn_scratch", params)
+    lstm = make_params(models=["rnn_scratch", "lstm"], hidden=512)
+    assert yields_cores("rnn_scratch", lstm) == expected and not yields_cores("lstm", lstm)
+    assert not yields_cores("rnn", make_params(models=["rnn"]))
 
 
 def test_early_stopping_is_never_validated_ahead(data) -> None:

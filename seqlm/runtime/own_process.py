@@ -41,7 +41,7 @@ import torch
 from seqlm import interrupt
 from seqlm.params import Params
 from seqlm.text import Vocab
-from seqlm.threads import cores
+from seqlm.threads import cores, lower_priority, yields_cores
 from seqlm.train import EpochCallback, TrainingError, TrainResult, model_of, train
 
 POLL_S = 0.2                 # how often the task's thread looks for a stop request
@@ -97,6 +97,8 @@ def train_in_own_process(name: str, corpus: np.ndarray, vocab: Vocab, params: Pa
         args=(sender, name, corpus, vocab, params, checkpoint_dir,
               logging.getLogger("seqlm").getEffectiveLevel(), grant))
     process.start()
+    if yields_cores(name, params):       # from its start (the import of torch) on, not only
+        lower_priority(process.pid)      # once it trains: the longest training starts first
     sender.close()                                     # EOF once the child's end is closed
     try:
         with SHARES.share(grant, params.train_lm.cpu_threads):
