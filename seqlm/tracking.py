@@ -202,8 +202,11 @@ class Run:
         if experiment is None:
             from seqlm.relative_artifacts import experiment_location
             name = self.params.tracking.experiment
+            # A local store's artifacts lie beside it, addressed relative to it (the clone can
+            # move); a tracking server keeps them where it was told to (--artifacts-destination).
+            remote = self.uri.startswith(("http://", "https://"))
             self.experiment_id = self.client.create_experiment(
-                name, artifact_location=experiment_location(name))
+                name, artifact_location=None if remote else experiment_location(name))
             # Without this tag MLflow opens the experiment on its GenAI overview.
             self.client.set_experiment_tag(self.experiment_id, "mlflow.experimentKind",
                                            "custom_model_development")

@@ -61,3 +61,43 @@ def test_a_moved_clone_loads_its_champion_and_artifacts(workdir: Path, monkeypat
     local = Path(client.download_artifacts(run.info.run_id, figure, str(moved / "got")))
     assert local.read_bytes().startswith(b"\x89PNG")
     assert str(workdir) not in run.info.artifact_uri
+
+
+def test_a_tracking_server_keeps_the_artifacts_where_it_was_told(workdir: Path, tmp_path: Path):
+    """Relative locations are for a local store only: with `mlflow server`, the pipeline's
+    artifacts go to the server's --artifacts-destination, not to this machine's working
+    directory (another machine's server could not read them there)."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from seqlm.runtime.server import stop
+    from seqlm.tracking import Run
+    from test_serve import free_port
+    port, served, log = free_port(), tmp_path / "server-artifacts", tmp_path / "server.log"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
+         str(served), "--workers", "1"], cwd=tmp_path, env=env, stdout=open(log, "w"),
+        stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.5)
+        run = Run(load_params(), "a-run", uri=f"http://127.0.0.1:{port}")
+        run.open({})
+        run.log_png(b"\x89PNG not really", "figure.png")
+        assert run.error is None, run.error
+        location = MlflowClient(run.uri).get_experiment(run.experiment_id).artifact_location
+        assert location.startswith("mlflow-artifacts:"), location
+        assert list(served.rglob("figure.png")) and not (workdir / "mlartifacts").exists()
+    finally:
+        stop(server)
