@@ -70,12 +70,10 @@ def test_a_tracking_server_keeps_the_artifacts_where_it_was_told(workdir: Path, 
     import os
     import subprocess
     import sys
-    import time
-    import urllib.request
 
     from seqlm.runtime.server import stop
     from seqlm.tracking import Run
-    from test_serve import free_port
+    from test_serve import free_port, wait_until_up
     port, served, log = free_port(), tmp_path / "server-artifacts", tmp_path / "server.log"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     server = subprocess.Popen(
@@ -84,14 +82,7 @@ def test_a_tracking_server_keeps_the_artifacts_where_it_was_told(workdir: Path, 
          str(served), "--workers", "1"], cwd=tmp_path, env=env, stdout=open(log, "w"),
         stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, log.read_text()
-                time.sleep(0.5)
+        wait_until_up(f"http://127.0.0.1:{port}/health", server, log)
         run = Run(load_params(), "a-run", uri=f"http://127.0.0.1:{port}")
         run.open({})
         run.log_png(b"\x89PNG not really", "figure.png")

@@ -31,6 +31,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_until_up(url: str, server: subprocess.Popen, log: Path, seconds: float = 120) -> None:
+    """Until `url` answers; fails with the server's output if it exits or times out first."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+
+
 def invoke(url: str, columns: list[str], rows: list[list]) -> tuple[int, dict]:
     body = json.dumps({"dataframe_split": {"columns": columns, "data": rows}}).encode()
     request = urllib.request.Request(f"{url}/invocations", data=body,
@@ -60,14 +72,7 @@ def test_mlflow_serves_the_champion(workdir: Path, tmp_path: Path):
         stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/ping", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, log.read_text()
-                time.sleep(1)
+        wait_until_up(f"{url}/ping", server, log)
         # a batch of prefixes, with and without the optional columns
         status, answer = invoke(url, ["prefix", "num_chars"], [["time traveller", 10],
                                                                ["the", 5]])
