@@ -158,10 +158,17 @@ def stage(name: Annotated[str, typer.Argument(
     if item is None and graph_stage.foreach:
         _fail(f"stage {name} needs an item: one of {graph_stage.foreach}")
     loaded = _params(params)
+    import uuid
+
+    from seqlm import tracking
     from seqlm.runtime.records import run_alone
-    from seqlm.runtime.workspace import workspace_lock
+    from seqlm.runtime.workspace import run_record, workspace_lock
     from tasks import task_of
-    with _one_line_errors(), workspace_lock(f"seqlm stage {name}"):
+    with _one_line_errors(), workspace_lock(f"seqlm stage {name}"), \
+            run_record(logging.getLogger("seqlm.stage")) as record:
+        # the id its MLflow runs carry: a killed stage's are closed by the next run
+        tracking.stage_run = uuid.uuid4().hex
+        record.set(stage_run=tracking.stage_run, mlflow_uri=tracking.tracking_uri())
         run_alone(task_of(name, loaded), loaded, item)
     for path in graph_stage.at(loaded, item).written():
         typer.echo(path)

@@ -149,6 +149,13 @@ def where() -> str:
         return socket.gethostname()
 
 
+# `seqlm stage`'s own id for the MLflow runs it opens (what the flow run id is for a pipeline
+# run): a killed `seqlm stage` (under `dvc repro`) leaves it in its run record, and the next run
+# closes those runs by it.
+STAGE_RUN_TAG = "seqlm.stage_run"
+stage_run: str | None = None
+
+
 def flow_run_id() -> str | None:
     """The Prefect flow run the calling task belongs to (None outside one)."""
     from prefect.context import FlowRunContext, TaskRunContext
@@ -384,9 +391,10 @@ def training_run(params: Params, name: str, section: dict[str, Any]) -> Iterator
     from seqlm.interrupt import Interrupted
     run = Run(params, name)
     flow_run = flow_run_id()
+    owner = {"prefect.flow_run_id": flow_run} if flow_run else \
+        {STAGE_RUN_TAG: stage_run} if stage_run else {}
     run.open({**source_tags(params, "pipeline" if flow_run else "seqlm stage"),
-              "worker": where(), **({"prefect.flow_run_id": flow_run} if flow_run else {})},
-             nest_in=flow_run)
+              "worker": where(), **owner}, nest_in=flow_run)
     run.log_params(section)
     try:
         with system_metrics(run):
@@ -534,16 +542,16 @@ def log_lock(run: Run, lock: Path = Path("dvc.lock")) -> None:
         run.set_tags({"dvc_lock_md5": file_digest(lock, "md5")})
 
 
-def close_runs_of(flow_run: str, uri: str, reason: str) -> list[str]:
-    """Close, as FAILED with the reason, the MLflow runs a Prefect flow run left RUNNING (its
-    process was killed, or the store failed before they could be closed). Returns their names."""
+def close_runs_of(tag: str, owner: str, uri: str, reason: str) -> list[str]:
+    """Close, as FAILED with the reason, the MLflow runs that a Prefect flow run or a `seqlm
+    stage` (`tag` = `owner`: their id) left RUNNING (its process was killed, or the store failed
+    before they could be closed). Returns their names."""
     from mlflow import MlflowClient
     client = MlflowClient(uri)
     closed = []
     for run in client.search_runs(
             [e.experiment_id for e in client.search_experiments()],
-            filter_string=f"tags.`prefect.flow_run_id` = '{flow_run}' and "
-                          "attributes.status = 'RUNNING'"):
+            filter_string=f"tags.`{tag}` = '{owner}' and attributes.status = 'RUNNING'"):
         client.set_tag(run.info.run_id, "failure_reason", reason)
         client.set_terminated(run.info.run_id, "FAILED")
         closed.append(run.info.run_name)

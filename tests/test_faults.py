@@ -140,6 +140,39 @@ def test_a_killed_run_does_not_wedge_the_next_one(workdir, env):
     assert all(torch.equal(saved[k], straight[k]) for k in straight)
 
 
+def test_a_killed_seqlm_stage_has_its_mlflow_run_closed_by_the_next_run(workdir, env):
+    """What `dvc repro` runs, killed with SIGKILL mid-training: its training run stays RUNNING
+    until the next run in the workspace closes it (by the stage run's id in the run record)."""
+    def stage(*args: str) -> list[str]:
+        return [sys.executable, "-m", "seqlm.cli", "stage", *args]
+    for name in ("download", "preprocess"):
+        done = subprocess.run(stage(name), cwd=workdir, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    training = subprocess.Popen(stage("train_lm", "rnn_scratch"), cwd=workdir, env=env,
+                                stdout=open(workdir / "stage.log", "w"), stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    wait_for_training(workdir, training, "stage.log")
+    killed = run_record(workdir)
+    os.kill(training.pid, signal.SIGKILL)
+    training.wait()
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+
+    def run_of_the_killed() -> object:
+        owner = f"tags.`seqlm.stage_run` = '{killed['stage_run']}'"
+        [run] = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                   filter_string=owner)
+        return run
+    assert run_of_the_killed().info.status == "RUNNING"
+    again = subprocess.run(stage("train_lm", "rnn_scratch"), cwd=workdir, env=env,
+                           capture_output=True, text=True, timeout=400)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    closed = run_of_the_killed()
+    assert closed.info.status == "FAILED" and closed.info.run_name == "rnn_scratch"
+    assert "was killed before it ended" in closed.data.tags["failure_reason"]
+    assert run_record(workdir)["finished"] is True
+
+
 def refused_while_running(workdir: Path, env: dict[str, str], holder: int) -> None:
     """`seqlm run` and `seqlm stage` in a workspace a run holds: refused at once, by name."""
     for command in (["run", "--no-dvc"], ["stage", "preprocess"]):

@@ -21,7 +21,7 @@ from seqlm import interrupt
 from seqlm.runtime import server
 from seqlm.runtime.preflight import check_dvc_lock, check_machine, warn_long_trainings
 from seqlm.threads import training_slots
-from seqlm.runtime.workspace import RunRecord, close_previous, last_run, workspace_lock
+from seqlm.runtime.workspace import run_record, workspace_lock
 
 log = logging.getLogger("seqlm.pipeline")
 
@@ -42,34 +42,30 @@ def pipeline_session(params: Params, record_dvc: bool) -> Iterator[Session]:
         warn_long_trainings(params, log)
         if record_dvc:
             check_dvc_lock()
-        previous = last_run()
-        if previous is not None:       # before its record is replaced: a run killed meanwhile
-            close_previous(previous, log)          # leaves it for the next one
-        record = RunRecord()
-        flow_run = FlowRunContext.get().flow_run
-        flow_run_id = str(flow_run.id)
-        limit = open_training_slots(flow_run_id, training_slots(params)) \
-            if slots_can_bind(params) else None
-        record.set(flow_run_id=flow_run_id, server_pid=server.started_pid, training_limit=limit,
-                   mlflow_uri=tracking.tracking_uri())
-        parent = tracking.Run(params, flow_run.name)
-        parent.open({**tracking.source_tags(params, "pipeline"), **tracking.PIPELINE_TAG,
-                     "prefect.flow_run_id": flow_run_id,
-                     "prefect.flow_run_url": prefect_run_url(flow_run_id)})
-        parent.log_params(tracking.flatten(params.model_dump(mode="json")))
-        link_mlflow_run(parent)
-        try:
-            yield Session(parent)
-        except BaseException as exc:
-            parent.finish("KILLED" if isinstance(exc, (KeyboardInterrupt, interrupt.Interrupted))
-                          else "FAILED")
-            raise
-        else:
-            parent.finish()
-        finally:
-            if limit:
-                close_training_slots(limit)
-            record.finish()
+        with run_record(log) as record:
+            flow_run = FlowRunContext.get().flow_run
+            flow_run_id = str(flow_run.id)
+            limit = open_training_slots(flow_run_id, training_slots(params)) \
+                if slots_can_bind(params) else None
+            record.set(flow_run_id=flow_run_id, server_pid=server.started_pid,
+                       training_limit=limit, mlflow_uri=tracking.tracking_uri())
+            parent = tracking.Run(params, flow_run.name)
+            parent.open({**tracking.source_tags(params, "pipeline"), **tracking.PIPELINE_TAG,
+                         "prefect.flow_run_id": flow_run_id,
+                         "prefect.flow_run_url": prefect_run_url(flow_run_id)})
+            parent.log_params(tracking.flatten(params.model_dump(mode="json")))
+            link_mlflow_run(parent)
+            try:
+                yield Session(parent)
+            except BaseException as exc:
+                parent.finish("KILLED" if isinstance(exc, (KeyboardInterrupt,
+                                                           interrupt.Interrupted)) else "FAILED")
+                raise
+            else:
+                parent.finish()
+            finally:
+                if limit:
+                    close_training_slots(limit)
 
 
 def slots_can_bind(params: Params) -> bool:

@@ -133,7 +133,7 @@ class RunRecord:
 
     def __init__(self) -> None:
         self.data: dict[str, Any] = {"pid": os.getpid(), "started": _now(), "finished": False,
-                                     "mlflow_uri": None, "flow_run_id": None,
+                                     "mlflow_uri": None, "flow_run_id": None, "stage_run": None,
                                      "server_pid": None, "training_limit": None}
         self._save()
 
@@ -146,6 +146,21 @@ class RunRecord:
 
     def _save(self) -> None:
         write_json(RECORD, self.data)
+
+
+@contextlib.contextmanager
+def run_record(log: Any) -> Iterator[RunRecord]:
+    """This run's record, taken after closing what the run before it left open (before its
+    record is replaced: a run killed meanwhile leaves it for the next one), and marked finished
+    however this run ends but SIGKILL. Call while holding the workspace lock."""
+    previous = last_run()
+    if previous is not None:
+        close_previous(previous, log)
+    record = RunRecord()
+    try:
+        yield record
+    finally:
+        record.finish()
 
 
 def last_run() -> dict[str, Any] | None:
@@ -187,10 +202,12 @@ def holder_of(record: dict[str, Any]) -> str:
 
 
 def _close_mlflow_runs(record: dict[str, Any], reason: str, log: Any) -> None:
-    if not record.get("mlflow_uri") or not record.get("flow_run_id"):
+    from seqlm.tracking import STAGE_RUN_TAG, close_runs_of
+    tag, owner = ("prefect.flow_run_id", record.get("flow_run_id")) if record.get("flow_run_id") \
+        else (STAGE_RUN_TAG, record.get("stage_run"))
+    if not record.get("mlflow_uri") or not owner:
         return
-    from seqlm.tracking import close_runs_of
-    for name in close_runs_of(record["flow_run_id"], record["mlflow_uri"], reason):
+    for name in close_runs_of(tag, owner, record["mlflow_uri"], reason):
         log.warning("MLflow run %s of the earlier run closed as FAILED", name)
 def _stop_orphan_server(record: dict[str, Any], reason: str, log: Any) -> None:
     import psutil
