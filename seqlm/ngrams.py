@@ -65,6 +65,12 @@ from seqlm.threads import cores
 
 MAX_KEY = 2**63 - 1
 GROUP_WINDOWS = 1 << 20      # windows per group of a shard's sorted levels (count_shard)
+# The last level is counted densely (a bin per possible n-gram) up to this many bins per
+# window: bincount over the bins, 16 bytes each, beats sorting the windows (the 5-grams of
+# characters: 28**5 = 17M bins for a chunk of 10M windows). Earlier levels stay at one bin per
+# window: the sorted level after them takes their keys as codes, which must fit an int64 with a
+# window's position (count_shard).
+LAST_LEVEL_BINS_PER_WINDOW = 4
 
 
 class NgramError(ValueError):
@@ -196,15 +202,16 @@ def count_shard(ids: np.ndarray | Path | str, start: int, stop: int, max_n: int,
     windows = [max(min(stop, total - n + 1) - start, 0) for n in range(1, max_n + 1)]
 
     # Each window gets a small shard-local code that sorts as its packed key does: the code of
-    # its (n-1)-gram prefix times vocab_size plus its last id. While vocab_size**n is small the
-    # code is the packed key itself and the level is counted densely, windows in position
-    # order. The first level past that sorts; so does every later one, with the prefix's rank
+    # its (n-1)-gram prefix times vocab_size plus its last id. While vocab_size**n is small (at
+    # most a bin per window; LAST_LEVEL_BINS_PER_WINDOW for the last level) the code is the
+    # packed key itself and the level is counted densely, windows in position order. The first level past that sorts; so does every later one, with the prefix's rank
     # among the distinct (n-1)-grams as prefix code, which keeps codes below
     # (shard size) * vocab_size for any n.
     tables: dict[int, NgramTable] = {}
     codes = np.zeros(windows[0], dtype=np.int64)            # the empty prefix of unigrams
     n = 1
-    while n <= max_n and 0 < vocab_size**n <= windows[n - 1]:
+    while n <= max_n and 0 < vocab_size**n <= (LAST_LEVEL_BINS_PER_WINDOW if n == max_n else 1) \
+            * windows[n - 1]:
         local = codes[:windows[n - 1]] * vocab_size
         local += chunk[n - 1:n - 1 + windows[n - 1]]
         keys, counts, first = _count_dense(local, vocab_size**n)
