@@ -204,9 +204,9 @@ def count_shard(ids: np.ndarray | Path | str, start: int, stop: int, max_n: int,
     # Each window gets a small shard-local code that sorts as its packed key does: the code of
     # its (n-1)-gram prefix times vocab_size plus its last id. While vocab_size**n is small (at
     # most a bin per window; LAST_LEVEL_BINS_PER_WINDOW for the last level) the code is the
-    # packed key itself and the level is counted densely, windows in position order. The first level past that sorts; so does every later one, with the prefix's rank
-    # among the distinct (n-1)-grams as prefix code, which keeps codes below
-    # (shard size) * vocab_size for any n.
+    # packed key itself and the level is counted densely, windows in position order. The first
+    # level past that sorts; so does every later one, with the prefix's rank among the distinct
+    # (n-1)-grams as prefix code, which keeps codes below (shard size) * vocab_size for any n.
     tables: dict[int, NgramTable] = {}
     codes = np.zeros(windows[0], dtype=np.int64)            # the empty prefix of unigrams
     n = 1

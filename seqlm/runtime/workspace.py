@@ -209,6 +209,8 @@ def _close_mlflow_runs(record: dict[str, Any], reason: str, log: Any) -> None:
         return
     for name in close_runs_of(tag, owner, record["mlflow_uri"], reason):
         log.warning("MLflow run %s of the earlier run closed as FAILED", name)
+
+
 def _stop_orphan_server(record: dict[str, Any], reason: str, log: Any) -> None:
     import psutil
     pid = record.get("server_pid")
