@@ -27,6 +27,14 @@ atexit.register(gc.freeze)
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Sequence models of D2L chapter 8 as a Prefect + DVC + MLflow pipeline.")
 
+@app.callback()
+def _project_settings() -> None:
+    # prefect.toml turns Prefect's analytics off; its client reads only DO_NOT_TRACK, when
+    # Prefect is imported (after this, by the command), and no settings file sets it. Without
+    # it the first run of a clone in a terminal opens with Prefect's telemetry notice.
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
 ParamsOption = Annotated[Path, typer.Option(
     "--params", help="params file (another file than params.yaml runs an experiment that does "
                      "not update dvc.lock)")]
@@ -101,7 +109,7 @@ def run(params: ParamsOption = PARAMS_FILE,
         check_store()                       # an unusable MLflow store fails in seconds
         from flows.pipeline import pipeline
         from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-        _terminal_says_once(debug)
+        _tidy_terminal(debug)
         open_store()
         server.wait_for_server()
         # Heartbeats let a lasting server mark a flow run whose process died as crashed. A
@@ -122,12 +130,12 @@ _ENGINE_ON_FAILURE = {"prefect.task_runs": ("Finished in state", "Task run faile
                                             "Finished in state Failed")}
 
 
-def _terminal_says_once(debug: bool) -> None:
+def _tidy_terminal(debug: bool) -> None:
     """Each stage's outcome is said once in the terminal, by the table `seqlm run` prints at the
     end, and each error once, by its `error:` line; Prefect's "Finished in state" line of every
     task run, its failure lines and every traceback stay in the run's logs (the API handler,
     which handles a record before it propagates to the root logger's console). --debug shows
-    them here too."""
+    them here too. And the log lines go between the trainings' progress bars."""
     from prefect.logging.handlers import PrefectConsoleHandler
 
     def said_elsewhere(record: logging.LogRecord) -> bool:
@@ -140,6 +148,19 @@ def _terminal_says_once(debug: bool) -> None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, PrefectConsoleHandler):
             handler.addFilter(said_elsewhere)
+            _logs_between_bars(handler)
+
+
+def _logs_between_bars(handler: logging.StreamHandler) -> None:
+    """`handler` clears the live progress bars before a line and redraws them after it (tqdm's
+    external_write_mode): written at the cursor, a line began at the end of a bar's line."""
+    from tqdm import tqdm
+    emit = handler.emit
+
+    def emit_between_bars(record: logging.LogRecord) -> None:
+        with tqdm.external_write_mode(file=handler.stream):
+            emit(record)
+    handler.emit = emit_between_bars
 
 
 @app.command()

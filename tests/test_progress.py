@@ -90,3 +90,27 @@ def test_a_resumed_training_gets_its_eta_from_its_own_pace(monkeypatch):
     assert eta, frame
     # 248 epochs to go at this one's pace (the bug said 00:00)
     assert 0.9 * 248 * epoch_s <= 60 * int(eta[1]) + int(eta[2]) <= 1.1 * 248 * epoch_s + 1, frame
+
+
+def test_a_log_line_clears_the_progress_bars_and_redraws_them_after_it():
+    from prefect.logging.handlers import PrefectConsoleHandler
+    from tqdm import tqdm
+
+    from seqlm.cli import _logs_between_bars
+    terminal = io.StringIO()
+    handler = PrefectConsoleHandler(stream=terminal)
+    _logs_between_bars(handler)
+    bar = tqdm(total=10, desc="train_lm[rnn]", file=terminal, ncols=80)
+    try:
+        bar.update(3)
+        terminal.seek(0)
+        terminal.truncate()
+        handler.emit(logging.LogRecord("seqlm.train", logging.INFO, __file__, 1,
+                                       "rnn epoch 3: checkpoint", None, None))
+        written = terminal.getvalue()
+    finally:
+        bar.close()
+    # the bar's line is blanked first, the log line written on it, then the bar drawn again
+    assert written.startswith("\r") and written.index("rnn epoch 3: checkpoint") < \
+        written.rindex("train_lm[rnn]"), repr(written)
+
