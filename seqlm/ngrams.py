@@ -1,8 +1,9 @@
 """Vectorised n-gram counting over a token-id sequence (D2L 8.3.3), shard by shard.
 
 Each window of n ids is packed into one int64 key (a number in base `vocab_size`), so counting is
-integer work with no tuple per n-gram: np.bincount when vocab_size**n is small, one np.sort of the
-shard's windows otherwise. Those sorted levels split the shard's windows into groups by their
+integer work with no tuple per n-gram: np.bincount when vocab_size**n is small (once, for the
+longest such n: the shorter n-grams' counts are sums of its bins), one np.sort of the shard's
+windows otherwise. Those sorted levels split the shard's windows into groups by their
 first id (contiguous ranges of ids), whose n-grams are disjoint and, group after group, in key
 order: the groups are counted side by side on the cores (numpy's sorts release the GIL) and
 write their n-grams straight into the level's table; the number of threads changes nothing in it.
@@ -212,13 +213,12 @@ def count_shard(ids: np.ndarray | Path | str, start: int, stop: int, max_n: int,
     n = 1
     while n <= max_n and 0 < vocab_size**n <= (LAST_LEVEL_BINS_PER_WINDOW if n == max_n else 1) \
             * windows[n - 1]:
-        local = codes[:windows[n - 1]] * vocab_size
-        local += chunk[n - 1:n - 1 + windows[n - 1]]
-        keys, counts, first = _count_dense(local, vocab_size**n)
-        first += start
-        tables[n] = NgramTable(n, keys, counts, first)
-        codes = local
+        codes = codes[:windows[n - 1]]                      # in place: a level's codes are
+        codes *= vocab_size                                 # only read by the next one
+        codes += chunk[n - 1:n - 1 + windows[n - 1]]
         n += 1
+    if n > 1:
+        tables.update(_dense_levels(codes, chunk, windows, n - 1, vocab_size, start))
     if n <= max_n and windows[n - 1]:
         # The sorted levels, in groups of windows by their first id (contiguous id ranges):
         # every n-gram of a group starts with one of its ids, so the groups' n-grams are
@@ -465,14 +465,27 @@ def _max_chunk(base: int) -> int:
     return 1 << ((62 - base.bit_length()) // 2)
 
 
-def _count_dense(keys: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(keys, counts, first positions) of the distinct values of `keys` < size, by array
-    indexing: linear where a sort is n log n."""
-    counts = np.bincount(keys, minlength=size)
-    first = np.full(size, len(keys), dtype=np.int64)
+def _dense_levels(keys: np.ndarray, chunk: np.ndarray, windows: Sequence[int], top: int,
+                  base: int, start: int) -> dict[int, NgramTable]:
+    """The tables of levels 1..top from the packed keys of the top level's windows (in position
+    order): a bin per possible n-gram, counted once, by array indexing (linear where a sort is
+    n log n). A level below is its upper level's bins summed (counts) and minimised (first
+    positions) over their last id, plus its windows too near the sequence's end to extend."""
+    counts = np.bincount(keys, minlength=base**top)
+    first = np.full(base**top, len(keys), dtype=np.int64)     # absent: past every window
     np.minimum.at(first, keys, np.arange(len(keys), dtype=np.int64))
-    present = np.flatnonzero(counts)
-    return present, counts[present], first[present]
+    tables = {}
+    for n in range(top, 0, -1):
+        if n < top:
+            counts = counts.reshape(-1, base).sum(axis=1)
+            first = first.reshape(-1, base).min(axis=1)
+            for position in range(windows[n], windows[n - 1]):    # at most top - n of them
+                key = int(pack([chunk[position + j:position + j + 1] for j in range(n)], base)[0])
+                counts[key] += 1
+                first[key] = min(first[key], position)
+        present = np.flatnonzero(counts)
+        tables[n] = NgramTable(n, present, counts[present], first[present] + start)
+    return tables
 
 
 def _first_id_groups(first_ids: np.ndarray, unigrams: NgramTable | None, vocab_size: int

@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from seqlm.io import atomic_path
-from seqlm.ngrams import NgramError, count_ngrams, rank_order, unpack, zipf_exponent
+from seqlm.ngrams import (NgramError, count_ngrams, count_shard, pack, rank_order, unpack,
+                          zipf_exponent)
 from seqlm.params import load_params
 from seqlm.stages import CORPUS, VOCAB
 from seqlm.text import TOKENIZERS, Vocab, read_lines, tokenize
@@ -201,6 +202,21 @@ def test_chunked_counting_equals_one_shot_and_seed(ids: list[int], max_n: int, c
         rows = unpack(ranked.keys, n, 6)
         got = [(tuple(map(int, row)), int(c)) for row, c in zip(rows, ranked.counts)]
         assert got == seed_ranking(ids, n)
+
+
+@pytest.mark.parametrize("start, stop", [(0, 5000), (1000, 3000), (4990, 5000)])
+def test_levels_derived_from_the_dense_top_level_equal_np_unique(start: int, stop: int) -> None:
+    # 3**5 = 243 bins: every level is dense, the lower ones summed from the 5-grams; at the
+    # sequence's end each lower level has windows the 5-grams do not extend.
+    ids = np.random.default_rng(1).integers(0, 3, 5000).astype(np.int32)
+    tables = count_shard(ids, start, stop, 5, 3)
+    for n in range(1, 6):
+        last = min(stop, len(ids) - n + 1)
+        keys = pack([ids[start + j:last + j] for j in range(n)], 3)
+        distinct, first, counts = np.unique(keys, return_index=True, return_counts=True)
+        table = tables[n]
+        assert np.array_equal(table.keys, distinct) and np.array_equal(table.counts, counts)
+        assert np.array_equal(table.first, first + start)
 
 
 def test_rank_order_packed_and_lexsort_paths_agree() -> None:
