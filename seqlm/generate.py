@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from seqlm.models import build_model
-from seqlm.text import Vocab
+from seqlm.text import Vocab, normalize_prefix
 
 MODEL_FILE, VOCAB_FILE = "model.pt", "vocab.parquet"
 META_FILE, HISTORY_FILE = "meta.json", "history.csv"
@@ -21,13 +21,6 @@ class ModelLoadError(ValueError):
     """A trained model folder is incomplete, unreadable or inconsistent."""
 
 
-_NON_LETTERS = re.compile(r"[^A-Za-z]+")
-
-
-def normalize_prefix(text: str) -> str:
-    """A prefix as preprocessing cleans the corpus: lower-cased, every run of other characters
-    one space ("Zebra!" -> "zebra "). Not stripped: a trailing space is part of the prompt."""
-    return _NON_LETTERS.sub(" ", text).lower()
 
 
 # Characters one call may generate: about a second of the CPU per 10,000 here; a bound keeps a

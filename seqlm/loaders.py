@@ -7,11 +7,14 @@ run seeded per epoch is reproducible and a resumed run sees the same batches.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+if TYPE_CHECKING:   # the batch counts (params and preflight checks) need no torch
+    import torch
+
+    Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 class LoaderSizeError(ValueError):
@@ -41,6 +44,7 @@ def seq_data_iter_random(corpus: torch.Tensor, batch_size: int, num_steps: int,
                          rng: np.random.Generator) -> Iterator[Batch]:
     """Random sampling: disjoint subsequences from a random offset, in random order. Adjacent
     batches are not adjacent in the corpus, so the hidden state is reset per batch."""
+    import torch
     n = len(corpus)
     _check_sizes(n, batch_size, num_steps, random_batches_per_epoch(n, batch_size, num_steps))
     offset = int(rng.integers(0, num_steps))              # 0 .. num_steps - 1

@@ -1,6 +1,6 @@
 """Character language models of D2L 8.5 / 8.6: a hand-written RNN and torch's RNN, GRU and LSTM.
 
-Imports only torch, so that a bare benchmark can use it.
+Imports torch and the model names (seqlm.params), so that a bare benchmark can use it.
 
 Interface shared by every model (as d2l's RNNModelScratch / RNNModel):
 - `forward(X, state)`: X is a LongTensor (batch, steps) of token ids; returns logits of shape
@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seqlm.params import check_model_name
+
 State = tuple[torch.Tensor, ...]
-MODEL_NAMES: tuple[str, ...] = ("rnn_scratch", "rnn", "gru", "lstm")
 
 
 class RNNScratch(nn.Module):
@@ -151,11 +152,6 @@ class TorchRNN(nn.Module):
 def detach_state(state: State) -> State:
     """Cut the graph at a batch boundary (truncated BPTT), keeping the values."""
     return tuple(s.detach() for s in state)
-
-
-def check_model_name(name: str) -> None:
-    if name not in MODEL_NAMES:
-        raise ValueError(f"unknown model {name!r}: expected one of {', '.join(MODEL_NAMES)}")
 
 
 def build_model(name: str, vocab_size: int, hidden: int, num_layers: int = 1,

@@ -53,16 +53,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.lib.format as npy_format
 import pyarrow as pa
 import pyarrow.parquet as pq
-from matplotlib.figure import Figure
 
 from seqlm.figures import save_png
 from seqlm.io import atomic_path
 from seqlm.threads import cores
+
+if TYPE_CHECKING:        # matplotlib: imported by the plot only (the checks use this module)
+    from matplotlib.figure import Figure
 
 MAX_KEY = 2**63 - 1
 GROUP_WINDOWS = 1 << 20      # windows per group of a shard's sorted levels (count_shard)
@@ -676,6 +679,7 @@ def plot_zipf(counts: Mapping[str, Mapping[int, np.ndarray]], path: Path | str) 
 
 
 def _zipf_figure(counts: Mapping[str, Mapping[int, np.ndarray]]) -> Figure:
+    from matplotlib.figure import Figure
     fig = Figure(figsize=(5 * len(counts), 4), layout="constrained")
     for ax, (level, by_n) in zip(fig.subplots(1, len(counts), squeeze=False)[0], counts.items()):
         for n, freqs in by_n.items():

@@ -5,7 +5,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 from urllib.parse import unquote, urlparse
 
 import yaml
@@ -14,10 +14,18 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_valid
 
 PARAMS_FILE = Path("params.yaml")
 ModelName = Literal["rnn_scratch", "rnn", "gru", "lstm"]
+MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
 # Weight matrices per layer of each model, relative to a tanh RNN's: its size and its work per
 # time step (a GRU has 3 gates, an LSTM 4).
 GATES: dict[str, int] = {"rnn_scratch": 1, "rnn": 1, "gru": 3, "lstm": 4}
 PositiveInt = Annotated[int, Field(gt=0)]
+
+
+def check_model_name(name: str) -> None:
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}: expected one of {', '.join(MODEL_NAMES)}")
+
+
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from itertools import repeat
 from pathlib import Path
@@ -118,6 +119,15 @@ def _shift(mask: np.ndarray, by: int) -> np.ndarray:
     else:
         out[:by] = mask[-by:]
     return out
+
+
+_NON_LETTERS = re.compile(r"[^A-Za-z]+")
+
+
+def normalize_prefix(text: str) -> str:
+    """A prefix as preprocessing cleans the corpus: lower-cased, every run of other characters
+    one space ("Zebra!" -> "zebra "). Not stripped: a trailing space is part of the prompt."""
+    return _NON_LETTERS.sub(" ", text).lower()
 
 
 def read_lines(path: Path | str) -> list[str]:

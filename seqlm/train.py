@@ -21,13 +21,12 @@ from torch import nn
 from seqlm import interrupt, loaders, models, protocol
 from seqlm.io import file_digest, save_torch
 from seqlm.loaders import BATCHES_PER_EPOCH, LOADERS, LoaderSizeError
-from seqlm.models import build_model, check_model_name, detach_state
-from seqlm.params import Params, TrainLmParams
+from seqlm.models import build_model, detach_state
+from seqlm.params import Params, TrainLmParams, check_model_name
 from seqlm.text import Vocab
 from seqlm.threads import cores, in_background, lower_priority, use_cpu_threads, yields_cores
 
 log = logging.getLogger(__name__)
-CHECKPOINTS = Path("checkpoints")        # outside the DVC outs: `dvc repro` deletes outs first
 # What history.csv keeps: the same for every run of the same params, code and machine. Timings
 # (tokens_per_s, seconds) are in the rows too but reach only the callback, MLflow and the logs.
 HISTORY_COLUMNS = ("epoch", "train_perplexity", "val_perplexity")

@@ -15,7 +15,7 @@ import numpy as np
 
 from seqlm import tracking
 from seqlm.io import publish, save_torch, write_csv, write_json
-from seqlm.params import Params
+from seqlm.params import Params, check_model_name
 from seqlm.runtime.preflight import check_preprocessed
 from seqlm.runtime.records import Record, stage_task
 from seqlm.runtime.session import training_slot
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from seqlm.train import EpochCallback, TrainResult
 
 STAGE = STAGE_BY_NAME["train_lm"]
+CHECKPOINTS = Path("checkpoints")        # outside the DVC outs: `dvc repro` deletes outs first
 
 
 @stage_task("train_lm")
@@ -38,9 +39,7 @@ def train_lm(params: Params, model: str) -> Record:
     """Train `model` (resuming its checkpoint in checkpoints/<model>/ when one holds the same
     run), write model.pt (the best epoch's weights), vocab.parquet, history.csv and meta.json
     into models/<model>/, and log the training as its MLflow run, registering the kept model."""
-    from seqlm.models import check_model_name
     from seqlm.text import Vocab
-    from seqlm.train import CHECKPOINTS, model_of
     check_model_name(model)
     check_preprocessed(params)
     corpus = np.load(CORPUS["char"])
@@ -54,6 +53,7 @@ def train_lm(params: Params, model: str) -> Record:
                 run.log_epoch(epoch, metrics)
             result = trainer(params)(model, corpus, vocab, params,
                                      checkpoint_dir=CHECKPOINTS / model, on_epoch=on_epoch)
+        from seqlm.train import model_of
         meta = write_model_dir(out, result, vocab, params)
         kept = model_of(result.config)
         kept.load_state_dict(result.best_state)
@@ -69,10 +69,11 @@ def train_lm(params: Params, model: str) -> Record:
 def trainer(params: Params) -> Callable[..., TrainResult]:
     """seqlm.train.train, or, for trainings side by side on the local runner, the same in a
     process of its own (seqlm.runtime.own_process); on Dask each runs in a worker process."""
-    from seqlm.runtime.own_process import train_in_own_process
-    from seqlm.train import train
     if params.execution.task_runner == "local" and side_by_side(params):
+        # torch is imported by the training's process first: this one needs it only after
+        from seqlm.runtime.own_process import train_in_own_process
         return train_in_own_process
+    from seqlm.train import train
     return train
 
 

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from seqlm.models import MODEL_NAMES
-from seqlm.params import load_params
+from seqlm.params import MODEL_NAMES, load_params
 from seqlm.stages import CURVES_TEMPLATE, STAGES, nodes, render_dvc_yaml
 from tasks import task_of
 

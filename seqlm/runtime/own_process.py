@@ -33,16 +33,17 @@ import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from seqlm import interrupt
 from seqlm.params import Params
 from seqlm.text import Vocab
 from seqlm.threads import cores, lower_priority, yields_cores
-from seqlm.train import EpochCallback, TrainingError, TrainResult, model_of, train
+
+if TYPE_CHECKING:          # torch: imported by the training's process first (see _child)
+    from seqlm.train import EpochCallback, TrainResult
 
 POLL_S = 0.2                 # how often the task's thread looks for a stop request
 
@@ -126,6 +127,7 @@ def _relay(name: str, process: multiprocessing.process.BaseProcess, receiver: Co
                 raise EOFError
             kind, payload = receiver.recv()
         except EOFError:
+            from seqlm.train import TrainingError
             process.join()
             if stopping:
                 raise interrupt.Interrupted(f"{name}: interrupted; run again to resume") from None
@@ -156,6 +158,7 @@ def _child(sender: Connection, name: str, corpus: np.ndarray, vocab: Vocab, para
         with lock:
             sender.send((kind, payload))
 
+    from seqlm.train import train
     logger = logging.getLogger("seqlm")
     logger.setLevel(log_level)
     logger.addHandler(logging.handlers.QueueHandler(_Sender(send)))
@@ -187,12 +190,14 @@ def _portable(exc: BaseException) -> BaseException:
     try:
         return pickle.loads(pickle.dumps(exc))
     except Exception:  # noqa: BLE001 - any pickling failure
+        from seqlm.train import TrainingError
         return TrainingError(f"{type(exc).__name__}: {exc}")
 
 
 def _pack(result: TrainResult) -> bytes:
     """The result as torch.save bytes (plain tensors: nothing shared with the child, which
     exits right after sending it)."""
+    import torch
     buffer = io.BytesIO()
     torch.save({"model": result.model.state_dict(), "best_state": result.best_state,
                 "config": result.config, "history": result.history,
@@ -203,6 +208,9 @@ def _pack(result: TrainResult) -> bytes:
 
 
 def _unpack(data: bytes) -> TrainResult:
+    import torch
+
+    from seqlm.train import TrainResult, model_of
     saved = torch.load(io.BytesIO(data), weights_only=True)
     model = model_of(saved["config"])
     model.load_state_dict(saved["model"])

@@ -225,9 +225,9 @@ def check_preprocessed(params: Params) -> None:
 def check_corpus(params: Params, corpus: np.ndarray, vocabs: dict[str, Vocab]) -> None:
     """Checks against the preprocessed corpus (char ids) and the vocabularies by level."""
     from seqlm import protocol
-    from seqlm.generate import normalize_prefix
     from seqlm.loaders import BATCHES_PER_EPOCH
     from seqlm.ngrams import NgramError, check_key_fits
+    from seqlm.text import normalize_prefix
     try:
         split = protocol.split_of(len(corpus), params.preprocess.train_tokens,
                                   params.preprocess.val_tokens)

@@ -83,10 +83,7 @@ def start_temporary_server(wait: bool = True) -> str | None:
     # the run's terminal ("Failed to send telemetry").
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
            "PREFECT__SERVER_FINAL": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "0"}
-    process = spawn(
-        [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
-         "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
-        env)
+    process = spawn([sys.executable, "-m", "seqlm.runtime.prefect_db", "--port", str(port)], env)
     atexit.register(stop, process)       # runs after the interpreter has joined the threads
     global started_pid, _starting
     started_pid = process.pid
@@ -131,6 +128,8 @@ def start_lasting_server(port: int) -> subprocess.Popen | None:
     env = {**os.environ, "PREFECT_CLI_PROMPT": "false", "PREFECT_SERVER_API_HOST": "127.0.0.1",
            "PREFECT_SERVER_API_PORT": str(port), "PREFECT_UI_API_URL": api_url}
     env.pop("PREFECT_API_URL", None)
+    from seqlm.runtime.prefect_db import provide
+    provide()
     return _serve([sys.executable, "-m", "prefect", "--no-prompt", "server", "start", "--host",
                    "127.0.0.1", "--port", str(port)], env, api_url, LASTING_LOG, "Prefect server")
 
