@@ -3,6 +3,8 @@ each one line naming the params key."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -186,3 +188,21 @@ def test_checkpoints_that_cannot_fit_the_disk_are_refused(workdir):
                                                      "hidden": 32}))
     finally:
         subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_training_task_starts_its_process_before_importing_torch(workdir):
+    # The checks of the preprocessed corpus and the training task up to its process's start
+    # import neither torch nor matplotlib: in the flow's process they waited seconds for the
+    # imports of the stages beside them, ahead of the longest training's first epoch.
+    from tasks.download import download
+    from tasks.preprocess import preprocess
+    download.fn(load_params())
+    preprocess.fn(load_params())
+    script = ("import sys; from seqlm.params import load_params; "
+              "from seqlm.runtime.preflight import check_preprocessed; "
+              "check_preprocessed(load_params()); "
+              "import tasks.train_lm, seqlm.runtime.own_process; "
+              "print(sorted({'torch', 'matplotlib'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.split("\n")[-2] == "[]"
