@@ -1,8 +1,8 @@
 """A new Prefect home's SQLite database, copied from a template instead of built again.
 
-Prefect creates its database by running every one of its Alembic migrations (about 150, most of
-them rebuilding a table in SQLite) and registering its block types: ~8 s of one core here, more
-than the rest of a run's start-up, paid by the first `seqlm run`, `seqlm schedule` or `seqlm ui`
+Prefect creates its database by running every one of its Alembic migrations (115 for SQLite, 140
+table rebuilds among them) and registering its block types: ~8 s of one core here, more than
+the rest of a run's start-up, paid by the first `seqlm run`, `seqlm schedule` or `seqlm ui`
 of every clone, test workspace or fresh `.prefect` folder. What it builds depends on Prefect's
 version alone, so the first one built on a machine is kept in the user's cache, and a new home
 gets a copy of it; Prefect then finds its schema up to date, as after any earlier run.
