@@ -56,8 +56,9 @@ def provide(meanwhile: Callable[[], object] = lambda: None) -> None:
         with contextlib.suppress(OSError, subprocess.CalledProcessError):
             build(template, meanwhile)   # failed (a read-only cache): Prefect builds in place
     if usable(template):
-        database.parent.mkdir(parents=True, exist_ok=True)
-        copy(template, database)
+        with contextlib.suppress(OSError, sqlite3.Error):    # failed: Prefect builds it in place
+            database.parent.mkdir(parents=True, exist_ok=True)
+            copy(template, database)
 
 
 def usable(path: Path) -> bool:
