@@ -6,7 +6,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from prefect.settings import PREFECT_HOME, temporary_settings
+from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL, PREFECT_HOME, temporary_settings
 
 from seqlm.runtime import prefect_db
 
@@ -29,7 +29,11 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def provide_in(home: Path) -> Path:
-    with temporary_settings(updates={PREFECT_HOME: str(home)}):
+    """provide() for a Prefect home `home` (its database named outright: the test server of
+    other tests names one of its own)."""
+    url = f"sqlite+aiosqlite:///{home / 'prefect.db'}"
+    with temporary_settings(updates={PREFECT_HOME: str(home),
+                                     PREFECT_API_DATABASE_CONNECTION_URL: url}):
         prefect_db.provide()
         return prefect_db.home_database()
 
