@@ -98,7 +98,10 @@ def test_schedule_serves_in_a_terminal_and_ctrl_c_stops_it(tmp_path):
         assert deployment["parameters"] == {"params_file": "params.yaml"}
         assert [s["schedule"]["cron"] for s in deployment["schedules"]] == [CRON]
         assert all(s["active"] for s in deployment["schedules"])
-        assert f"Prefect UI: http://127.0.0.1:{port}" in terminal.read()
+        output = terminal.read(3)
+        assert f"Prefect UI: http://127.0.0.1:{port}" in output
+        # served by this server: no temporary server of Prefect's own beside it
+        assert "temporary server" not in output and "ephemeral" not in output, output
         # the UI the page loads calls the API of this port, not Prefect's default 4200
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/ui-settings", timeout=10) as page:
             assert json.loads(page.read())["api_url"] == api

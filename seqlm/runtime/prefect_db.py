@@ -9,7 +9,8 @@ gets a copy of it; Prefect then finds its schema up to date, as after any earlie
 
 `python -m seqlm.runtime.prefect_db --port N` is the temporary server of `seqlm run`: the copy,
 then Prefect's server app under uvicorn, as Prefect runs it (`uvicorn --factory
-prefect.server.api.server:create_app`).
+prefect.server.api.server:create_app`); without --port, the copy alone (before `prefect server
+start`, for `seqlm schedule` and `seqlm ui`).
 """
 from __future__ import annotations
 
@@ -122,7 +123,7 @@ def copy(source: Path, target: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="seqlm run's temporary Prefect server")
-    parser.add_argument("--port", type=int)
+    parser.add_argument("--port", type=int, help="serve on this port (none: the copy alone)")
     parser.add_argument("--build", action="store_true", help="create the database of the "
                         "settings' connection URL (what a template is built by)")
     args = parser.parse_args()
@@ -130,6 +131,9 @@ def main() -> None:
         asyncio.run(_create())
         return
     # A first template is built in a process of its own: Prefect's app is imported meanwhile.
+    if args.port is None:
+        provide()
+        return
     provide(meanwhile=lambda: importlib.import_module("prefect.server.api.server"))
     import uvicorn
     uvicorn.run("prefect.server.api.server:create_app", factory=True, host="127.0.0.1",

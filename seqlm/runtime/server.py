@@ -128,8 +128,10 @@ def start_lasting_server(port: int) -> subprocess.Popen | None:
     env = {**os.environ, "PREFECT_CLI_PROMPT": "false", "PREFECT_SERVER_API_HOST": "127.0.0.1",
            "PREFECT_SERVER_API_PORT": str(port), "PREFECT_UI_API_URL": api_url}
     env.pop("PREFECT_API_URL", None)
-    from seqlm.runtime.prefect_db import provide
-    provide()
+    # The home's database, given in a process of its own: Prefect reads its settings once, when
+    # imported, and this process has still to set PREFECT_API_URL to this server (`seqlm
+    # schedule`); imported here, it would serve on a temporary server of its own.
+    subprocess.run([sys.executable, "-m", "seqlm.runtime.prefect_db"], env=env, check=True)
     return _serve([sys.executable, "-m", "prefect", "--no-prompt", "server", "start", "--host",
                    "127.0.0.1", "--port", str(port)], env, api_url, LASTING_LOG, "Prefect server")
 
