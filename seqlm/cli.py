@@ -325,14 +325,14 @@ def _generate(prefix: str, model: str, num_chars: int, temperature: float | None
         # Unset settings are left out: the model's signature makes them optional columns.
         row = {"prefix": prefix, **{k: v for k, v in settings.items() if v is not None}}
         return iter([loaded.predict(pd.DataFrame([row]))[0]])
-    from seqlm.generate import generate, load_trained
+    from seqlm.generate import clean_of, generate, load_trained
     model_dir = Path("models") / model
     if not (model_dir / "model.pt").exists():
         raise FileNotFoundError(f"{model_dir}/model.pt not found: train it first (seqlm run) or "
                                 "pass an MLflow URI")
-    net, vocab, _ = load_trained(model_dir, device="cpu")
+    net, vocab, meta = load_trained(model_dir, device="cpu")
     return generate(prefix, num_chars, net, vocab, torch.device("cpu"), temperature=temperature,
-                    top_k=top_k, seed=seed)
+                    top_k=top_k, seed=seed, clean=clean_of(meta))
 
 
 def main() -> None:

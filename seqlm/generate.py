@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from seqlm.models import build_model
-from seqlm.text import Vocab, normalize_prefix
+from seqlm.text import Clean, Vocab, normalize_prefix
 
 MODEL_FILE, VOCAB_FILE = "model.pt", "vocab.parquet"
 META_FILE, HISTORY_FILE = "meta.json", "history.csv"
@@ -30,29 +30,32 @@ MAX_CHARS = 100_000
 
 def predict(prefix: str, num_chars: int, model: nn.Module, vocab: Vocab,
             device: torch.device | str, *, temperature: float | None = None, top_k: int | None = None,
-            seed: int | None = None) -> str:
+            seed: int | None = None, clean: Clean = "letters") -> str:
     """prefix + num_chars generated characters (see `generate`)."""
     return "".join(generate(prefix, num_chars, model, vocab, device, temperature=temperature,
-                            top_k=top_k, seed=seed))
+                            top_k=top_k, seed=seed, clean=clean))
 
 
 def generate(prefix: str, num_chars: int, model: nn.Module, vocab: Vocab,
              device: torch.device | str, *, temperature: float | None = None,
-             top_k: int | None = None, seed: int | None = None) -> Iterator[str]:
+             top_k: int | None = None, seed: int | None = None, clean: Clean = "letters",
+             ) -> Iterator[str]:
     """The normalised prefix, then each of num_chars generated characters as it comes. Greedy
     (argmax) when neither temperature nor top_k is given; otherwise sampled from
     softmax(logits / temperature) (temperature 1 by default) restricted to the top_k most
     likely tokens, with a torch.Generator seeded by `seed`. The prefix is normalised as the
-    corpus was (normalize_prefix); one that is empty then, or has characters the vocabulary
-    lacks, is a ValueError naming them, as are settings out of range. Checked before the first
-    character is yielded."""
-    text = normalize_prefix(prefix)
+    corpus was (normalize_prefix with the model's `clean`: under `none` it stays as it is, case
+    included); one that is empty then, or has characters the vocabulary lacks, is a ValueError
+    naming them, as are settings out of range. Checked before the first character is
+    yielded."""
+    text = normalize_prefix(prefix, clean)
     if not text:
         raise ValueError(f"prefix {prefix!r} is empty: give at least one character to start from")
     missing = sorted({c for c in text if c not in vocab.token_to_idx})
     if missing:
         raise ValueError(f"prefix {prefix!r} has characters the model's vocabulary lacks: "
-                         f"{''.join(missing)!r}")
+                         f"{''.join(missing)!r}" + (" (its text was lower-cased letters and "
+                                                    "spaces)" if clean == "letters" else ""))
     if not 0 <= num_chars <= MAX_CHARS:
         raise ValueError(f"num_chars = {num_chars} must be between 0 and {MAX_CHARS:,}")
     if temperature is not None and not temperature > 0:
@@ -114,6 +117,12 @@ def _current_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return {rename(k): v for k, v in state_dict.items()}
 
 
+def clean_of(meta: dict) -> Clean:
+    """The cleaning of the text a model was trained on (meta.json; models trained before the
+    setting existed had the chapter's)."""
+    return meta.get("params", {}).get("preprocess", {}).get("clean", "letters")
+
+
 def load_trained(model_dir: Path | str, device: torch.device | str = "cpu",
                  ) -> tuple[nn.Module, Vocab, dict]:
     """(model in eval mode on `device`, its vocabulary, meta.json) from a folder train_lm wrote."""
@@ -128,7 +137,7 @@ def load_trained(model_dir: Path | str, device: torch.device | str = "cpu",
         saved = torch.load(path, map_location=device, weights_only=True)
         config = saved["config"]
         model = build_model(config["name"], config["vocab_size"], config["hidden"],
-                            config["num_layers"])
+                            config["num_layers"], embedding=config.get("embedding"))
         model.load_state_dict(_current_keys(saved["state_dict"]))
     except Exception as exc:  # corrupt zip/pickle, missing keys, shape mismatch: all "unreadable"
         reason = " ".join(str(exc).split())[:200]

@@ -22,8 +22,10 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 class CharLanguageModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         from seqlm.generate import load_trained
-        self.model, self.vocab, _ = load_trained(Path(context.artifacts["model_dir"]),
-                                                 device="cpu")
+        from seqlm.generate import clean_of
+        self.model, self.vocab, meta = load_trained(Path(context.artifacts["model_dir"]),
+                                                    device="cpu")
+        self.clean = clean_of(meta)          # a prefix is read as the model's text was
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> list[str]:
         from seqlm.generate import predict
@@ -31,7 +33,8 @@ class CharLanguageModel(mlflow.pyfunc.PythonModel):
         return [predict(str(row["prefix"]), int(_get(row, "num_chars", 50)), self.model,
                         self.vocab, torch.device("cpu"),
                         temperature=_get(row, "temperature", None),
-                        top_k=_get(row, "top_k", None), seed=_get(row, "seed", None))
+                        top_k=_get(row, "top_k", None), seed=_get(row, "seed", None),
+                        clean=self.clean)
                 for row in rows]
 
 

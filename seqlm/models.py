@@ -97,9 +97,11 @@ class TanhRecurrence(torch.autograd.Function):
 
 
 class TorchRNN(nn.Module):
-    """One-hot inputs -> num_layers of nn.RNN / nn.GRU / nn.LSTM -> a Linear head (d2l RNNModel,
-    D2L 8.6), with dropout on the outputs of every recurrent layer when training (the
-    non-recurrent connections, Zaremba et al. 2014).
+    """One-hot inputs (or an embedding of `embedding` dimensions) -> num_layers of nn.RNN /
+    nn.GRU / nn.LSTM -> a Linear head (d2l RNNModel, D2L 8.6), with dropout on the outputs of
+    every recurrent layer when training (the non-recurrent connections, Zaremba et al. 2014).
+    An embedding gives a large alphabet (a raw text's hundreds of characters) a small input
+    layer: each step reads one row of it instead of multiplying a one-hot vector.
 
     The layers are kept one per module so that dropout draws from the model's own `generator`
     (on the model's device; training sets and checkpoints it): randomness never comes from
@@ -109,25 +111,34 @@ class TorchRNN(nn.Module):
     LAYERS = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 
     def __init__(self, kind: str, vocab_size: int, hidden: int, num_layers: int,
-                 dropout: float = 0.0, generator: torch.Generator | None = None) -> None:
+                 dropout: float = 0.0, generator: torch.Generator | None = None,
+                 embedding: int | None = None) -> None:
         super().__init__()
         self.vocab_size, self.hidden, self.num_layers = vocab_size, hidden, num_layers
         self.dropout = dropout
         self.generator: torch.Generator | None = None
         self.is_lstm = kind == "lstm"
-        self.layers = nn.ModuleList(self.LAYERS[kind](vocab_size if i == 0 else hidden, hidden)
+        self.embedding = nn.Embedding(vocab_size, embedding) if embedding else None
+        inputs = embedding or vocab_size
+        self.layers = nn.ModuleList(self.LAYERS[kind](inputs if i == 0 else hidden, hidden)
                                     for i in range(num_layers))
         self.linear = nn.Linear(hidden, vocab_size)
         # torch's default initialisation, drawn from `generator`: U(-1/sqrt(h), 1/sqrt(h)) for
-        # the recurrent weights and biases, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for the head.
+        # the recurrent weights and biases, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for the head,
+        # N(0, 1) for an embedding (drawn last: the others are those of a one-hot model).
         with torch.no_grad():
             for p in self.layers.parameters():
                 p.uniform_(-hidden ** -0.5, hidden ** -0.5, generator=generator)
             for p in self.linear.parameters():
                 p.uniform_(-hidden ** -0.5, hidden ** -0.5, generator=generator)
+            if self.embedding is not None:
+                self.embedding.weight.normal_(generator=generator)
 
     def forward(self, X: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        Y = F.one_hot(X.T, self.vocab_size).to(torch.float32)     # (steps, batch, vocab)
+        if self.embedding is not None:
+            Y = self.embedding(X.T)                                # (steps, batch, embedding)
+        else:
+            Y = F.one_hot(X.T, self.vocab_size).to(torch.float32)  # (steps, batch, vocab)
         new: list[State] = []
         for i, layer in enumerate(self.layers):
             own = tuple(s[i:i + 1] for s in state)
@@ -155,7 +166,8 @@ def detach_state(state: State) -> State:
 
 
 def build_model(name: str, vocab_size: int, hidden: int, num_layers: int = 1,
-                dropout: float = 0.0, generator: torch.Generator | None = None) -> nn.Module:
+                dropout: float = 0.0, generator: torch.Generator | None = None,
+                embedding: int | None = None) -> nn.Module:
     """The model, initialised from `generator` (torch's global RNG when None)."""
     check_model_name(name)
     if vocab_size < 1 or hidden < 1 or num_layers < 1:
@@ -164,8 +176,9 @@ def build_model(name: str, vocab_size: int, hidden: int, num_layers: int = 1,
     if not 0 <= dropout < 1:
         raise ValueError(f"model {name}: dropout={dropout} must lie in [0, 1)")
     if name == "rnn_scratch":
-        if num_layers != 1 or dropout:
-            raise ValueError(f"model rnn_scratch has one layer and no dropout, got "
-                             f"num_layers={num_layers}, dropout={dropout}")
+        if num_layers != 1 or dropout or embedding:
+            raise ValueError(f"model rnn_scratch has one layer, one-hot inputs and no dropout, "
+                             f"got num_layers={num_layers}, dropout={dropout}, "
+                             f"embedding={embedding}")
         return RNNScratch(vocab_size, hidden, generator)
-    return TorchRNN(name, vocab_size, hidden, num_layers, dropout, generator)
+    return TorchRNN(name, vocab_size, hidden, num_layers, dropout, generator, embedding)

@@ -80,6 +80,10 @@ CHAMPION_MIN_VAL_TOKENS = 1_000
 
 
 class PreprocessParams(Section):
+    clean: Literal["letters", "none"] = Field(
+        "letters", description="letters: the chapter's rule (every run of characters outside "
+        "A-Z/a-z becomes one space, lower case); none: the text as it is (every character UTF-8 "
+        "decodes, a byte-order mark dropped, CRLF read as LF)")
     min_freq: Annotated[int, Field(ge=0)] = 0
     reserved_tokens: list[Annotated[str, Field(min_length=1)]] = []
     # The first train_tokens character ids train, the next val_tokens validate; None trains on
@@ -87,6 +91,9 @@ class PreprocessParams(Section):
     # at least one token scored after one of context: 2 at least.
     train_tokens: PositiveInt | None = 10_000
     val_tokens: Annotated[int, Field(ge=2)] = 5_000
+    test_tokens: Annotated[int, Field(ge=2)] | None = Field(
+        None, description="the last N tokens of the corpus, held out: never trained on nor used "
+        "to choose the kept model or the champion, only reported; null: no test split")
 
     @field_validator("reserved_tokens")
     @classmethod
@@ -142,8 +149,11 @@ class TrainLmParams(Section):
     batch_size: PositiveInt = 32
     num_steps: PositiveInt = 35
     epochs: PositiveInt = 500
-    optimizer: Literal["sgd", "adam"] = "sgd"
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: PositiveFloat = 1.0
+    weight_decay: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = Field(
+        0.0, description="AdamW's decoupled weight decay of the weight matrices and embeddings "
+        "(not of the biases); adamw only")
     # After every epoch without a better validation perplexity the learning rate is multiplied
     # by lr_decay (1: constant, the chapter's).
     lr_decay: Annotated[float, Field(gt=0, le=1)] = 1.0
@@ -154,6 +164,24 @@ class TrainLmParams(Section):
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0   # torch layers only
     patience: Annotated[int, Field(ge=0)] = 0            # epochs without a better val ppl; 0: off
     checkpoint_every: PositiveInt = 50
+    embedding: PositiveInt | None = Field(
+        None, description="an input embedding of this size for the torch models (rnn, gru, "
+        "lstm); null: one-hot inputs, the chapter's")
+    max_steps: PositiveInt | None = Field(
+        None, description="train by steps: this many optimizer steps, validated every "
+        "`eval_every` steps; `patience`, `checkpoint_every` and `lr_decay` then count "
+        "evaluations instead of epochs, and `epochs` is not used; null: train_lm.epochs epochs")
+    eval_every: PositiveInt = Field(
+        200, description="with max_steps: optimizer steps between two evaluations on the whole "
+        "validation text")
+    warmup_steps: Annotated[int, Field(ge=0)] = Field(
+        0, description="with max_steps: the learning rate rises linearly from lr/warmup_steps "
+        "to lr over the first steps")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="with max_steps: cosine decays lr to lr_min between the end of "
+        "the warm-up and max_steps; constant keeps it")
+    lr_min: Annotated[float, Field(ge=0, allow_inf_nan=False)] = Field(
+        0.0, description="the floor of the cosine schedule")
 
     @field_validator("models")
     @classmethod
@@ -161,6 +189,44 @@ class TrainLmParams(Section):
         if len(set(value)) != len(value):
             raise ValueError("lists a model twice")
         return value
+
+    @model_validator(mode="after")
+    def _schedule_fits(self) -> "TrainLmParams":
+        if self.max_steps is None:
+            steps_only = {"warmup_steps": self.warmup_steps != 0,
+                          "lr_schedule": self.lr_schedule != "constant"}
+            for key, set_ in steps_only.items():
+                if set_:
+                    raise ValueError(f"train_lm.{key} applies to training by steps: set "
+                                     "train_lm.max_steps too")
+            return self
+        if self.warmup_steps >= self.max_steps:
+            raise ValueError(f"train_lm.warmup_steps = {self.warmup_steps} must be below "
+                             f"train_lm.max_steps = {self.max_steps}")
+        if self.eval_every > self.max_steps:
+            raise ValueError(f"train_lm.eval_every = {self.eval_every} exceeds train_lm.max_steps"
+                             f" = {self.max_steps}: evaluations, checkpoints and patience come "
+                             "every eval_every steps; set an interval within the budget")
+        if self.lr_schedule == "cosine" and self.lr_min > self.lr:
+            raise ValueError(f"train_lm.lr_min = {self.lr_min} exceeds train_lm.lr = {self.lr}")
+        return self
+
+    @model_validator(mode="after")
+    def _decay_needs_adamw(self) -> "TrainLmParams":
+        if self.weight_decay and self.optimizer != "adamw":
+            raise ValueError(f"train_lm.weight_decay = {self.weight_decay} applies to the adamw "
+                             f"optimizer only (train_lm.optimizer = {self.optimizer!r})")
+        return self
+
+    @property
+    def unit(self) -> str:
+        """What the history counts: `epoch` (the chapter's), or `step` when training by steps."""
+        return "epoch" if self.max_steps is None else "step"
+
+    @property
+    def budget(self) -> int:
+        """Epochs, or optimizer steps, to train."""
+        return self.epochs if self.max_steps is None else self.max_steps
 
     def compiled(self, model: str, device_type: str) -> bool:
         if self.compile == "auto":
@@ -174,6 +240,10 @@ class TrainLmParams(Section):
         """The scratch RNN is one hand-written layer without dropout; the settings are for the
         torch layers."""
         return 1 if model == "rnn_scratch" else self.num_layers
+
+    def embedding_of(self, model: str) -> int | None:
+        """The scratch RNN reads one-hot inputs, as the chapter wrote it."""
+        return None if model == "rnn_scratch" else self.embedding
 
     def dropout_of(self, model: str) -> float:
         return 0.0 if model == "rnn_scratch" else self.dropout
@@ -208,7 +278,8 @@ class ExecutionParams(Section):
 class TrackingParams(Section):
     experiment: Annotated[str, Field(min_length=1)] = "seqlm"
     # Names the registered models (<corpus_name>-<model>) and the MLflow datasets; None: the
-    # file name of the first download source without its suffix.
+    # file name of the first download source without its suffix (and `-raw` with
+    # preprocess.clean: none).
     corpus_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")] | None = None
 
 
@@ -235,10 +306,14 @@ class Params(Section):
 
     @property
     def corpus_name(self) -> str:
+        """tracking.corpus_name, else the first source's file name, with `-raw` for the text as
+        it is (preprocess.clean: none): the chapter's cleaning and the raw text of one corpus
+        train models of their own."""
         if self.tracking.corpus_name is not None:
             return self.tracking.corpus_name
         name = Path(unquote(urlparse(self.download.sources[0]).path)).stem
-        return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-._") or "corpus"
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-._") or "corpus"
+        return f"{name}-raw" if self.preprocess.clean == "none" else name
 
     def section(self, dotted: str) -> object:
         """`section("train_lm.epochs")` -> the value; used to hash what a stage depends on."""
@@ -274,8 +349,10 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
     except ValidationError as exc:
         err = exc.errors()[0]
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        if not err["loc"]:  # a check across sections names its keys in the message itself
-            raise ParamsError(f"{path}: {err['msg'].removeprefix('Value error, ')}{more}") from None
         key = ".".join(str(p) for p in err["loc"])
+        message = err["msg"].removeprefix("Value error, ")
+        if not err["loc"] or message.startswith(f"{key}."):
+            # a check across sections or keys names its keys in the message itself
+            raise ParamsError(f"{path}: {message}{more}") from None
         value = "" if err["type"] == "missing" else f" = {err['input']!r}"
         raise ParamsError(f"{path}: {key}{value}: {err['msg']}{more}") from None

@@ -2,7 +2,8 @@
 
 Split: the first `preprocess.train_tokens` character ids train, the next `val_tokens` validate;
 `train_tokens: null` trains on everything before the last `val_tokens` (a split of the whole
-corpus).
+corpus). An optional test split, the last `test_tokens` ids, is held out from both: scored by the
+same protocol, reported, and never used to train or choose a model.
 
 Protocol: every validation token is scored exactly once, each predicted from the text before it
 in the corpus (for the first ones, the end of the training text). An n-gram model of order n
@@ -34,9 +35,12 @@ class SplitError(ValueError):
 
 @dataclass(frozen=True)
 class Split:
-    """Where the validation text lies in the corpus: ids[start:end] are scored."""
+    """Where the held-out texts lie in the corpus: ids[val_start:val_end] are the validation
+    text, ids[test_start:test_end] the test text (none when test_start is None)."""
     train_end: int
     val_end: int
+    test_start: int | None = None
+    test_end: int | None = None
 
     @property
     def val_start(self) -> int:
@@ -51,17 +55,41 @@ class Split:
         return max(self.val_start - CONTEXT, 0)
 
 
-def split_of(n_tokens: int, train_tokens: int | None, val_tokens: int) -> Split:
-    """The split of a corpus of n_tokens ids; SplitError naming the keys when it does not fit."""
+def split_of(n_tokens: int, train_tokens: int | None, val_tokens: int,
+             test_tokens: int | None = None) -> Split:
+    """The split of a corpus of n_tokens ids; SplitError naming the keys when it does not fit.
+    The test text is the last test_tokens ids; with train_tokens None the training text is
+    everything before the validation text."""
+    test = test_tokens or 0
+    tested = " + preprocess.test_tokens" if test_tokens else ""
     if train_tokens is None:
-        if val_tokens >= n_tokens:
-            raise SplitError(f"preprocess.val_tokens = {val_tokens} leaves no training text in "
-                             f"the corpus of {n_tokens} tokens (preprocess.train_tokens: null)")
-        return Split(n_tokens - val_tokens, n_tokens)
-    if train_tokens + val_tokens > n_tokens:
-        raise SplitError(f"preprocess.train_tokens + preprocess.val_tokens = {train_tokens} + "
-                         f"{val_tokens} exceeds the corpus of {n_tokens} tokens")
+        if val_tokens + test >= n_tokens:
+            raise SplitError(f"preprocess.val_tokens{tested} = "
+                             f"{val_tokens}{f' + {test}' if test else ''} leaves no training "
+                             f"text in the corpus of {n_tokens} tokens "
+                             "(preprocess.train_tokens: null)")
+        train_tokens = n_tokens - test - val_tokens
+    elif train_tokens + val_tokens + test > n_tokens:
+        raise SplitError(f"preprocess.train_tokens + preprocess.val_tokens{tested} = "
+                         f"{train_tokens} + {val_tokens}{f' + {test}' if test else ''} exceeds "
+                         f"the corpus of {n_tokens} tokens")
+    if test_tokens:
+        return Split(train_tokens, train_tokens + val_tokens, n_tokens - test, n_tokens)
     return Split(train_tokens, train_tokens + val_tokens)
+
+
+def scored_text(corpus: np.ndarray, start: int, end: int) -> tuple[np.ndarray, int]:
+    """What the protocol reads to score ids[start:end]: up to CONTEXT ids before them, then
+    them; and where the scored ones begin in it."""
+    context_start = max(start - CONTEXT, 0)
+    return np.asarray(corpus[context_start:end]), start - context_start
+
+
+def test_text(corpus: np.ndarray, split: Split) -> tuple[np.ndarray, int] | None:
+    """scored_text of the test split, None without one."""
+    if split.test_start is None:
+        return None
+    return scored_text(corpus, split.test_start, split.test_end)
 
 
 def train_val(corpus: np.ndarray, split: Split) -> tuple[np.ndarray, np.ndarray]:

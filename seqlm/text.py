@@ -1,5 +1,9 @@
 """Text preprocessing of D2L 8.2: clean lines, tokenize, the frequency-ordered vocabulary, and the
-streamed two-pass preprocess of a corpus of any size (count_tokens, then write_corpus)."""
+streamed two-pass preprocess of a corpus of any size (count_tokens, then write_corpus).
+
+Two cleanings (`preprocess.clean`): `letters`, the chapter's (lower-case letters and single
+spaces, lines joined with no separator), and `none`, the text as it is (every character, newlines
+included; a byte-order mark dropped, CRLF read as LF)."""
 from __future__ import annotations
 
 import collections
@@ -20,6 +24,7 @@ if TYPE_CHECKING:                  # pandas loads where a vocabulary is saved or
     import pandas as pd
 
 Tokenizer = Literal["word", "char"]
+Clean = Literal["letters", "none"]
 TOKENIZERS: tuple[str, ...] = ("word", "char")
 UNK = "<unk>"
 
@@ -32,40 +37,55 @@ class CorpusError(ValueError):
 # >= 0x80 and no byte of one is a letter or a newline, so the runs of non-letter characters of the
 # seed's rule are exactly the runs of non-letter bytes: the bytes rules below give the same lines.
 CHUNK_BYTES = 1 << 22          # raw bytes read per streamed chunk: bounds preprocess memory
+BOM = "\ufeff".encode()
+# Character ids under `clean: none`: an alphabet of at most this many symbols keeps them uint16
+# (2 bytes a character); `letters` keeps the chapter's int32 files as they were.
+MAX_RAW_ALPHABET = 1 << 16
 _LOWER_OR_SPACE = bytes(c + 32 if 65 <= c <= 90 else c if 97 <= c <= 122 or c == 10 else 32
                         for c in range(256))    # A-Z -> a-z, a-z and "\n" kept, the rest " "
 
 
-def corpus_length(path: Path | str, label: str | None = None) -> int:
-    """The length of the character corpus of a text file (its cleaned lines joined), after the
-    checks preprocess makes (CorpusError naming `label`, else the path): what the download
-    checks before a fetched file replaces the last good one."""
+def corpus_length(path: Path | str, label: str | None = None, clean: Clean = "letters") -> int:
+    """The length of the character corpus of a text file (its cleaned lines joined; under `none`
+    every character), after the checks preprocess makes (CorpusError naming `label`, else the
+    path): what the download checks before a fetched file replaces the last good one."""
+    if clean == "none":
+        return sum(len(piece.decode("utf-8")) for piece in clean_chunks(path, label=label,
+                                                                        clean=clean))
     return sum(len(piece) - piece.count(b"\n") for piece in clean_chunks(path, label=label))
 
 
 def clean_chunks(path: Path | str, chunk_bytes: int = CHUNK_BYTES,
-                 label: str | None = None) -> Iterator[bytes]:
-    """The cleaned lines of a UTF-8 text file, streamed as pieces of whole lines, each line ending
-    with b"\n" (seed read_time_machine: every run of characters outside [A-Za-z] becomes one space,
-    then strip and lower-case; lines split at "\n", "\r\n" or "\r" as Python's universal
-    newlines). Memory is bounded by `chunk_bytes` plus the longest line.
+                 label: str | None = None, clean: Clean = "letters") -> Iterator[bytes]:
+    """The cleaned text of a UTF-8 file, streamed as UTF-8 pieces of whole lines. Lines split at
+    "\n", "\r\n" or "\r" as Python's universal newlines, and each ends with "\n". `letters` (seed
+    read_time_machine): every run of characters outside [A-Za-z] becomes one space, then strip
+    and lower-case. `none`: the text as it is, with LF line ends and without a leading
+    byte-order mark (the last line ends as the file does). Memory is bounded by `chunk_bytes`
+    plus the longest line.
 
     Refuses a file a language model cannot learn from, with the same priority as reading it
-    whole: empty, then binary (a NUL byte anywhere), then not UTF-8, then no letters.
+    whole: empty, then binary (a NUL byte anywhere), then not UTF-8, then nothing to learn
+    (`letters`: no letter; `none`: only whitespace).
     """
     name = label or path
     path = Path(path)
     pending = b""              # the tail of the last chunk: an unfinished line
     offset = 0                 # position of `pending` in the file
     bad_utf8: int | None = None
-    letters = False
+    content = False            # a letter (letters) or a character that is not whitespace (none)
+    empty = True
     with open(path, "rb") as handle:
+        if clean == "none" and handle.read(len(BOM)) == BOM:
+            offset = len(BOM)                  # a byte-order mark is no character of the text
+        handle.seek(offset)
         eof = False
         while not eof:
             block = handle.read(chunk_bytes)
             eof = not block
-            if eof and handle.tell() == 0:
+            if eof and empty:
                 raise CorpusError(f"{name}: corpus is empty")
+            empty = False
             if b"\x00" in block:
                 raise CorpusError(f"{name}: corpus is a binary file (contains NUL bytes)")
             if bad_utf8 is not None:       # read on only to tell a binary file apart
@@ -83,13 +103,15 @@ def clean_chunks(path: Path | str, chunk_bytes: int = CHUNK_BYTES,
                 continue
             offset += cut
             if piece:
-                cleaned, has_letters = _clean(piece)
-                letters = letters or has_letters
+                cleaned, has_content = _clean(piece) if clean == "letters" else _as_is(piece)
+                content = content or has_content
                 yield cleaned
     if bad_utf8 is not None:
         raise CorpusError(f"{name}: corpus is not UTF-8 (invalid byte at offset {bad_utf8})")
-    if not letters:
-        raise CorpusError(f"{name}: corpus has no letters A-Z/a-z, nothing to tokenize")
+    if not content:
+        raise CorpusError(f"{name}: corpus has no letters A-Z/a-z, nothing to tokenize"
+                          if clean == "letters" else
+                          f"{name}: corpus holds only whitespace, nothing to tokenize")
 
 
 def _clean(piece: bytes) -> tuple[bytes, bool]:
@@ -111,6 +133,12 @@ def _clean(piece: bytes) -> tuple[bytes, bool]:
     return a[keep].tobytes(), bool(letter.any())
 
 
+def _as_is(piece: bytes) -> tuple[bytes, bool]:
+    """Whole lines of raw bytes, line ends read as LF; and whether any byte is not whitespace."""
+    piece = piece.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    return piece, bool(piece.strip())
+
+
 def _shift(mask: np.ndarray, by: int) -> np.ndarray:
     """mask moved right (by > 0) or left (by < 0) by |by|, padded with False."""
     out = np.zeros_like(mask)
@@ -124,15 +152,34 @@ def _shift(mask: np.ndarray, by: int) -> np.ndarray:
 _NON_LETTERS = re.compile(r"[^A-Za-z]+")
 
 
-def normalize_prefix(text: str) -> str:
-    """A prefix as preprocessing cleans the corpus: lower-cased, every run of other characters
-    one space ("Zebra!" -> "zebra "). Not stripped: a trailing space is part of the prompt."""
+def normalize_prefix(text: str, clean: Clean = "letters") -> str:
+    """A prefix as preprocessing cleans the corpus. `letters`: lower-cased, every run of other
+    characters one space ("Zebra!" -> "zebra "); not stripped: a trailing space is part of the
+    prompt. `none`: as it is, line ends read as LF."""
+    if clean == "none":
+        return text.replace("\r\n", "\n").replace("\r", "\n")
     return _NON_LETTERS.sub(" ", text).lower()
 
 
-def read_lines(path: Path | str) -> list[str]:
+def read_lines(path: Path | str, clean: Clean = "letters") -> list[str]:
     """Cleaned lines of a UTF-8 text file, in memory (small corpora, tests); see clean_chunks."""
-    return b"".join(clean_chunks(path)).decode("ascii").split("\n")[:-1]
+    return b"".join(clean_chunks(path, clean=clean)).decode("utf-8").split("\n")[:-1]
+
+
+def read_text(path: Path | str, clean: Clean = "letters") -> str:
+    """The character corpus of a UTF-8 text file as one string, in memory (small corpora,
+    tests): what corpus_char.npy holds, as characters."""
+    text = b"".join(clean_chunks(path, clean=clean)).decode("utf-8")
+    return text if clean == "none" else text.replace("\n", "")
+
+
+def markdown_code(text: str, indent: str = "  ") -> str:
+    """Generated text as Markdown code: inline where it is one line without backticks (the
+    chapter's), else a fenced block indented under a list item (a raw text's lines)."""
+    if "\n" not in text and "`" not in text:
+        return f"`{text}`"
+    body = "\n".join(indent + line for line in text.split("\n"))
+    return f"\n\n{indent}~~~text\n{body}\n{indent}~~~"
 
 
 def tokenize(lines: Iterable[str], token: str = "word") -> list[list[str]]:
@@ -143,40 +190,71 @@ def tokenize(lines: Iterable[str], token: str = "word") -> list[list[str]]:
     raise ValueError(f"unknown tokenizer {token!r}: expected one of {', '.join(TOKENIZERS)}")
 
 
-def count_tokens(path: Path | str, chunk_bytes: int = CHUNK_BYTES) -> dict[str, dict[str, int]]:
+def count_tokens(path: Path | str, chunk_bytes: int = CHUNK_BYTES, clean: Clean = "letters",
+                 ) -> dict[str, dict[str, int]]:
     """First pass of the streamed preprocess: per tokenizer, each token's frequency, in order of
     first appearance (what Vocab needs for its ties). Memory: a chunk and the vocabularies."""
-    words: collections.Counter[bytes] = collections.Counter()
-    char_counts = np.zeros(256, dtype=np.int64)
-    char_first = np.zeros(256, dtype=np.int64)
+    words: collections.Counter = collections.Counter()
+    bins = 256 if clean == "letters" else 0x110000           # bytes, or Unicode code points
+    char_counts = np.zeros(bins, dtype=np.int64)
+    char_first = np.zeros(bins, dtype=np.int64)
     position = 0
-    for piece in clean_chunks(path, chunk_bytes):
-        words.update(piece.split())      # a Counter keeps first-appearance order, across chunks
-        chars = _chars(piece)
-        counts = np.bincount(chars, minlength=256)
-        for c in np.flatnonzero((counts > 0) & (char_counts == 0)):   # at most 27 in all
-            char_first[c] = position + int(np.argmax(chars == c))
+    for piece in clean_chunks(path, chunk_bytes, clean=clean):
+        # Counters keep first-appearance order, across chunks. `letters` splits the bytes (ASCII
+        # only); `none` splits the text at Unicode whitespace, as str.split() does.
+        words.update(piece.split() if clean == "letters" else piece.decode("utf-8").split())
+        chars = _chars(piece, clean)
+        counts = np.bincount(chars, minlength=bins)
+        new = np.flatnonzero((counts > 0) & (char_counts == 0))
+        if len(new):                                         # the alphabet grows: where first
+            uniques, first = np.unique(chars, return_index=True)
+            char_first[new] = position + first[np.searchsorted(uniques, new)]
         char_counts += counts
         position += len(chars)
     seen = sorted(np.flatnonzero(char_counts), key=lambda c: char_first[c])
-    return {"word": {w.decode("ascii"): n for w, n in words.items()},
-            "char": {chr(c): int(char_counts[c]) for c in seen}}
+    word_freqs = {(w.decode("ascii") if isinstance(w, bytes) else w): n for w, n in words.items()}
+    return {"word": word_freqs, "char": {chr(c): int(char_counts[c]) for c in seen}}
 
 
-def _chars(piece: bytes) -> np.ndarray:
-    """The character tokens of cleaned lines: all lines concatenated with no separator."""
+def _chars(piece: bytes, clean: Clean = "letters") -> np.ndarray:
+    """The character tokens of cleaned text as integers: under `letters` the bytes of all lines
+    concatenated with no separator; under `none` the code points of every character."""
+    if clean == "none":
+        return np.frombuffer(piece.decode("utf-8").encode("utf-32-le"), dtype=np.uint32)
     chars = np.frombuffer(piece, dtype=np.uint8)
     return chars[chars != 10]
 
 
+def char_dtype(clean: Clean, vocab_size: int, label: str = "corpus") -> np.dtype:
+    """The integer type of the character ids: the chapter's int32 under `letters`; uint16 under
+    `none` (2 bytes a character), which holds an alphabet of up to 65,536 symbols."""
+    if clean == "letters":
+        return np.dtype(np.int32)
+    if vocab_size > MAX_RAW_ALPHABET:
+        raise CorpusError(f"{label}: its {vocab_size:,} distinct characters do not fit the uint16 "
+                          f"character ids (at most {MAX_RAW_ALPHABET:,}); raise "
+                          "preprocess.min_freq to map the rarest to <unk>")
+    return np.dtype(np.uint16)
+
+
 def write_corpus(path: Path | str, vocabs: Mapping[str, "Vocab"], lines_path: Path | str,
-                 ids_paths: Mapping[str, Path | str], chunk_bytes: int = CHUNK_BYTES) -> None:
-    """Second pass of the streamed preprocess: the cleaned lines (one per line) to `lines_path`
-    and, per tokenizer, the ids of all tokens of all lines concatenated with no separator (seed
-    load_corpus_time_machine) to an int32 .npy, byte-identical to np.save. `vocabs` come from
-    count_tokens of the same file. The files appear together, atomically, when all are written."""
-    word_ids = {tok.encode("ascii"): vocabs["word"][tok] for tok, _ in vocabs["word"].token_freqs}
-    char_ids = np.array([vocabs["char"][chr(c)] for c in range(256)], dtype=np.int32)
+                 ids_paths: Mapping[str, Path | str], chunk_bytes: int = CHUNK_BYTES,
+                 clean: Clean = "letters") -> None:
+    """Second pass of the streamed preprocess: the cleaned text to `lines_path` (under `letters`
+    one cleaned line per line) and, per tokenizer, the ids of all its tokens (under `letters`
+    those of all lines concatenated with no separator, seed load_corpus_time_machine) to a .npy,
+    byte-identical to np.save: int32, and uint16 for the characters under `none` (char_dtype).
+    `vocabs` come from count_tokens of the same file. The files appear together, atomically, when
+    all are written."""
+    as_text = clean == "none"
+    word_ids = {(tok if as_text else tok.encode("ascii")): vocabs["word"][tok]
+                for tok, _ in vocabs["word"].token_freqs}
+    dtypes = {"word": np.dtype(np.int32), "char": char_dtype(clean, len(vocabs["char"]), str(path))}
+    if as_text:           # code point -> id, for the code points of the text
+        codes = np.array(sorted(ord(t) for t, _ in vocabs["char"].token_freqs), dtype=np.uint32)
+        code_ids = np.array([vocabs["char"][chr(c)] for c in codes], dtype=dtypes["char"])
+    else:
+        char_ids = np.array([vocabs["char"][chr(c)] for c in range(256)], dtype=np.int32)
     lengths = {level: sum(f for _, f in vocab.token_freqs) for level, vocab in vocabs.items()}
     written = dict.fromkeys(lengths, 0)
     with contextlib.ExitStack() as stack:
@@ -184,13 +262,15 @@ def write_corpus(path: Path | str, vocabs: Mapping[str, "Vocab"], lines_path: Pa
         npy = {level: stack.enter_context(atomic_open(ids_paths[level], "wb")) for level in lengths}
         for level, handle in npy.items():    # the header np.save writes: its length is known
             npy_format.write_array_header_1_0(handle, {
-                "descr": npy_format.dtype_to_descr(np.dtype(np.int32)), "fortran_order": False,
+                "descr": npy_format.dtype_to_descr(dtypes[level]), "fortran_order": False,
                 "shape": (lengths[level],)})
-        for piece in clean_chunks(path, chunk_bytes):
+        for piece in clean_chunks(path, chunk_bytes, clean=clean):
             lines.write(piece)
-            words = piece.split()
+            words = piece.decode("utf-8").split() if as_text else piece.split()
+            chars = _chars(piece, clean)
             ids = {"word": np.fromiter(map(word_ids.get, words, repeat(0)), np.int32, len(words)),
-                   "char": char_ids[_chars(piece)]}
+                   "char": code_ids[np.searchsorted(codes, chars)] if as_text else
+                   char_ids[chars]}
             for level, handle in npy.items():
                 handle.write(ids[level].tobytes())
                 written[level] += len(ids[level])

@@ -28,10 +28,15 @@ def training_slots(params: Params) -> int:
     """Language-model trainings at a time: on the CPU as many as the cores hold with
     train_lm.cpu_threads each; on a GPU one (a second would only wait for the first's
     kernels)."""
-    device = params.train_lm.device
-    if device == "cuda" or (device == "auto" and cuda_available()):
+    if cuda_in_use(params):
         return 1
     return max(1, cores() // params.train_lm.cpu_threads)
+
+
+def cuda_in_use(params: Params) -> bool:
+    """Whether the language models train on a GPU."""
+    device = params.train_lm.device
+    return device == "cuda" or (device == "auto" and cuda_available())
 
 
 def side_by_side(params: Params) -> bool:

@@ -39,6 +39,7 @@ os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 CHAMPION = "champion"
+CLEAN_TAG = "clean"          # a version's preprocess.clean: champions compare within one only
 PIPELINE_TAG = {"seqlm.run": "pipeline"}     # marks a pipeline's parent run
 # Epoch metrics are sent at most this often (and when the run ends): one store transaction for a
 # few epochs instead of one per epoch, which took several ms of the training thread each.
@@ -456,11 +457,20 @@ def _register(run: Run, model_dir: Path, model: str, val_perplexity: float, val_
     # repr round-trips exactly: an equal model never takes the alias from the champion.
     client.set_model_version_tag(name, version, "val_perplexity", repr(float(val_perplexity)))
     client.set_model_version_tag(name, version, "val_digest", val_digest)
+    clean = run.params.preprocess.clean
+    client.set_model_version_tag(name, version, CLEAN_TAG, clean)
     val_tokens = run.params.preprocess.val_tokens
     if val_tokens < CHAMPION_MIN_VAL_TOKENS:
         log.info("%s v%s is registered but cannot be champion: its validation text has %d "
                  "tokens, fewer than the %d a comparison needs (preprocess.val_tokens)", name,
                  version, val_tokens, CHAMPION_MIN_VAL_TOKENS)
+        return version
+    other = _champion_clean(client, name)
+    if other not in (None, clean):
+        log.warning("%s v%s is registered but cannot be champion: the champion reads text "
+                    "cleaned %r, this model text cleaned %r (preprocess.clean); set "
+                    "tracking.corpus_name to register it under a name of its own", name, version,
+                    other, clean)
         return version
     champion = _champion_perplexity(client, name, val_digest, rescore)
     if champion is None or val_perplexity < champion:
@@ -487,6 +497,17 @@ def fluent_store(uri: str) -> Iterator[None]:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+def _champion_clean(client: Any, name: str) -> str | None:
+    """The `preprocess.clean` of the champion's text (versions registered before the setting
+    existed read the chapter's), None without a champion."""
+    import mlflow
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+    except mlflow.exceptions.MlflowException:
+        return None
+    return current.tags.get(CLEAN_TAG, "letters")
 
 
 def _champion_perplexity(client: Any, name: str, val_digest: str, rescore: Rescore,

@@ -33,7 +33,8 @@ def usable_corpus(params: Params) -> Callable[[Path, str], None]:
     def check(fetched: Path, source: str) -> None:
         from seqlm.protocol import split_of
         from seqlm.text import corpus_length
-        split_of(corpus_length(fetched, label=source), p.train_tokens, p.val_tokens)
+        split_of(corpus_length(fetched, label=source, clean=p.clean), p.train_tokens,
+                 p.val_tokens, p.test_tokens)
     return check
 
 

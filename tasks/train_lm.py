@@ -5,7 +5,9 @@ the stage cached never loads them (bench/main_job.py, the re-run with nothing ch
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import math
 import platform
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,8 +21,9 @@ from seqlm.params import Params, check_model_name
 from seqlm.runtime.preflight import check_preprocessed
 from seqlm.runtime.records import Record, stage_task
 from seqlm.runtime.session import training_slot
-from seqlm.threads import side_by_side
+from seqlm.threads import cores, cuda_in_use, side_by_side
 from seqlm.stages import CORPUS, STAGE_BY_NAME, VOCAB
+from seqlm.text import markdown_code
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -28,7 +31,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from seqlm.text import Vocab
-    from seqlm.train import EpochCallback, TrainResult
+    from seqlm.train import EpochCallback, ProgressCallback, TrainResult
 
 STAGE = STAGE_BY_NAME["train_lm"]
 CHECKPOINTS = Path("checkpoints")        # outside the DVC outs: `dvc repro` deletes outs first
@@ -47,12 +50,14 @@ def train_lm(params: Params, model: str) -> Record:
     out = Path(STAGE.at(params, model).outs.model)
     with training_slot(params), \
             tracking.training_run(params, model, _logged_params(params, model)) as run:
-        with progress_bar(model, params.train_lm.epochs) as bar:
-            def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-                bar(epoch, metrics)
-                run.log_epoch(epoch, metrics)
+        lm = params.train_lm
+        with progress_bar(model, lm.budget, lm.unit) as (bar, progress):
+            def on_epoch(done: int, metrics: dict[str, float]) -> None:
+                bar(done, metrics)
+                run.log_epoch(done, metrics)
             result = trainer(params)(model, corpus, vocab, params,
-                                     checkpoint_dir=CHECKPOINTS / model, on_epoch=on_epoch)
+                                     checkpoint_dir=CHECKPOINTS / model, on_epoch=on_epoch,
+                                     on_progress=progress if lm.unit == "step" else None)
         from seqlm.train import model_of
         meta = write_model_dir(out, result, vocab, params)
         kept = model_of(result.config)
@@ -68,12 +73,16 @@ def train_lm(params: Params, model: str) -> Record:
 
 def trainer(params: Params) -> Callable[..., TrainResult]:
     """seqlm.train.train, or, for trainings side by side on the local runner, the same in a
-    process of its own (seqlm.runtime.own_process); on Dask each runs in a worker process."""
-    if params.execution.task_runner == "local" and side_by_side(params):
+    process of its own (seqlm.runtime.own_process); on Dask each runs in a worker process. A
+    training alone on the local runner's CPU computes on every core."""
+    local = params.execution.task_runner == "local"
+    if local and side_by_side(params):
         # torch is imported by the training's process first: this one needs it only after
         from seqlm.runtime.own_process import train_in_own_process
         return train_in_own_process
     from seqlm.train import train
+    if local and len(params.train_lm.models) == 1 and not cuda_in_use(params):
+        return functools.partial(train, threads=cores)
     return train
 
 
@@ -90,10 +99,11 @@ def continuations(model: torch.nn.Module, vocab: Vocab, params: Params,
     """Greedy and seeded sampled continuations of evaluate.prefixes by `model`."""
     from seqlm.generate import predict
     ev = params.evaluate
-    return {prefix: {"greedy": predict(prefix, ev.num_chars, model, vocab, "cpu"),
+    clean = params.preprocess.clean
+    return {prefix: {"greedy": predict(prefix, ev.num_chars, model, vocab, "cpu", clean=clean),
                      "sampled": predict(prefix, ev.num_chars, model, vocab, "cpu",
                                         temperature=ev.temperature, top_k=ev.top_k,
-                                        seed=params.seed)}
+                                        seed=params.seed, clean=clean)}
             for prefix in ev.prefixes}
 
 
@@ -122,7 +132,11 @@ def _log_training(run: tracking.Run, params: Params, corpus: np.ndarray, result:
     from seqlm.generate import HISTORY_FILE, META_FILE
     from seqlm.train import split_of
     # the names of reports/metrics and the summary (tasks/evaluate.py)
-    metrics = {"best_epoch": meta["best_epoch"], "val_ppl_best": meta["best_val_perplexity"],
+    metrics = {"best_epoch": meta["best_epoch"], **({"best_step": meta["best_step"]}
+                                                     if "best_step" in meta else {}),
+               "val_ppl_best": meta["best_val_perplexity"],
+               "val_nats_best": math.log(meta["best_val_perplexity"]),
+               "val_bits_best": math.log2(meta["best_val_perplexity"]),
                "train_ppl_best": meta["best_train_perplexity"],
                "val_ppl_last": meta["final_val_perplexity"],
                "train_ppl_last": meta["final_train_perplexity"]}
@@ -140,34 +154,48 @@ def _log_training(run: tracking.Run, params: Params, corpus: np.ndarray, result:
     run.log_dict(samples, "samples.json")
     run.log_artifacts([str(out / HISTORY_FILE), str(out / META_FILE)])
     history = pd.DataFrame(result.history)
-    run.log_png(png(lambda: perplexity_figure(history, meta["model"])), "perplexity.png")
+    run.log_png(png(lambda: perplexity_figure(history, meta["model"], meta["unit"])),
+                "perplexity.png")
 
 
 @contextlib.contextmanager
-def progress_bar(model: str, epochs: int) -> Iterator[EpochCallback]:
-    """A live progress bar in the terminal (epoch, train/val perplexity, tokens/s, ETA); none
-    when the output is not a terminal (logs, CI, a Prefect worker: the training logs a line at
-    every checkpoint there)."""
+def progress_bar(model: str, total: int, unit: str = "epoch",
+                 ) -> Iterator[tuple[EpochCallback, ProgressCallback]]:
+    """A live progress bar in the terminal (epoch or step, train/val perplexity, tokens/s, ETA);
+    none when the output is not a terminal (logs, CI, a Prefect worker: the training logs a line
+    at every checkpoint, and by steps at every evaluation, there). Yields the callback of a
+    validated round and, by steps, that of the steps between two evaluations."""
     from tqdm import tqdm
-    bar = tqdm(total=epochs, desc=f"train_lm[{model}]", unit="epoch", disable=None,
+    bar = tqdm(total=total, desc=f"train_lm[{model}]", unit=unit, disable=None,
                dynamic_ncols=True, leave=True)
     first = True
+    shown: dict[str, str] = {}
 
-    def report(epoch: int, metrics: dict[str, float]) -> None:
+    def start(done: int) -> None:
         nonlocal first
         if first:
-            # The pace counts from the first epoch reported, not from the bar's start: epochs
+            # The pace counts from the first round reported, not from the bar's start: epochs
             # resumed from a checkpoint (hundreds at once) and the start-up of a training's
             # process gave a rate, and an ETA, wrong for as many epochs as tqdm smooths over
             # (minutes, when epochs are long). The elapsed time stays the whole stage's.
             first = False
-            bar.initial = bar.n = bar.last_print_n = epoch
-        bar.set_postfix(train_ppl=f"{metrics['train_perplexity']:.3f}",
-                        val_ppl=f"{metrics['val_perplexity']:.3f}",
-                        tok_s=f"{metrics['tokens_per_s']:,.0f}", refresh=False)
-        bar.update(epoch - bar.n)                # redraws, with this epoch's numbers
+            bar.initial = bar.n = bar.last_print_n = done
+
+    def report(done: int, metrics: dict[str, float]) -> None:
+        start(done)
+        shown.update(train_ppl=f"{metrics['train_perplexity']:.3f}",
+                     val_ppl=f"{metrics['val_perplexity']:.3f}",
+                     tok_s=f"{metrics['tokens_per_s']:,.0f}")
+        bar.set_postfix(shown, refresh=False)
+        bar.update(done - bar.n)                 # redraws, with this round's numbers
+
+    def progress(step: int, train_perplexity: float) -> None:
+        start(step)
+        # the last validation stays beside the training perplexity of the steps since it
+        bar.set_postfix({**shown, "train_ppl": f"{train_perplexity:.3f}"}, refresh=False)
+        bar.update(step - bar.n)
     try:
-        yield report
+        yield report, progress
     finally:
         bar.close()
 
@@ -181,11 +209,16 @@ def write_model_dir(out: Path, result: TrainResult, vocab: Vocab, params: Params
     import torch
 
     from seqlm.generate import HISTORY_FILE, META_FILE, MODEL_FILE, VOCAB_FILE
-    from seqlm.train import HISTORY_COLUMNS
+    from seqlm.train import HISTORY_COLUMNS, STEP_HISTORY_COLUMNS
     config = result.config
     build = {k: config[k] for k in ("vocab_size", "hidden", "num_layers", "dropout")}
     build["name"] = config["model"]
+    if config.get("embedding"):
+        build["embedding"] = config["embedding"]
     last, best = result.history[-1], result.best
+    by_steps = params.train_lm.unit == "step"
+    # By steps an epoch is a fraction (passes over the training text); the step counts.
+    epochs = (lambda row: row["epoch"]) if by_steps else (lambda row: int(row["epoch"]))
     # On the CPU, so that a GPU-trained model loads anywhere.
     state_dict = {k: v.detach().cpu() for k, v in result.best_state.items()}
     meta = {
@@ -194,16 +227,19 @@ def write_model_dir(out: Path, result: TrainResult, vocab: Vocab, params: Params
         "vocab_fingerprint": vocab.fingerprint(),
         "device": str(result.device), "torch": torch.__version__,
         "python": platform.python_version(),
-        "epochs": int(last["epoch"]), "stopped_early": result.stopped_early,
+        "unit": params.train_lm.unit,
+        **({"steps": int(last["step"]), "best_step": int(best["step"])} if by_steps else {}),
+        "epochs": epochs(last), "stopped_early": result.stopped_early,
         "final_train_perplexity": last["train_perplexity"],
         "final_val_perplexity": last["val_perplexity"],
-        "best_epoch": int(best["epoch"]),
+        "best_epoch": epochs(best),
         "best_train_perplexity": best["train_perplexity"],
         "best_val_perplexity": best["val_perplexity"],
         "validation_digest": result.validation_digest,
         "params": {"seed": params.seed,
                    "preprocess": params.preprocess.model_dump(
-                       mode="json", include={"train_tokens", "val_tokens"}),
+                       mode="json", include={"clean", "train_tokens", "val_tokens",
+                                             "test_tokens"}),
                    "train_lm": params.train_lm.model_dump(mode="json")},
         "run_config": config,
     }
@@ -212,31 +248,33 @@ def write_model_dir(out: Path, result: TrainResult, vocab: Vocab, params: Params
         save_torch(folder / MODEL_FILE, {"state_dict": state_dict, "config": build,
                                          "vocab_fingerprint": vocab.fingerprint()})
         vocab.save(folder / VOCAB_FILE)          # the folder is self-contained
-        write_csv(folder / HISTORY_FILE,
-                  pd.DataFrame(result.history, columns=list(HISTORY_COLUMNS)))
+        write_csv(folder / HISTORY_FILE, pd.DataFrame(
+            result.history, columns=list(STEP_HISTORY_COLUMNS if by_steps else HISTORY_COLUMNS)))
         write_json(folder / META_FILE, meta)
     return meta
 
 
 def _version_description(meta: dict, samples: dict[str, dict[str, str]]) -> str:
-    lines = [f"Best epoch {meta['best_epoch']} of {meta['epochs']}: validation perplexity "
-             f"{meta['best_val_perplexity']:.3f} (final epoch: train "
-             f"{meta['final_train_perplexity']:.3f}, validation "
+    where = (f"Best epoch {meta['best_epoch']} of {meta['epochs']}" if "steps" not in meta else
+             f"Best at step {meta['best_step']} of {meta['steps']}")
+    lines = [f"{where}: validation perplexity {meta['best_val_perplexity']:.3f}, "
+             f"{math.log(meta['best_val_perplexity']):.4f} nats/char (final {meta['unit']}: "
+             f"train {meta['final_train_perplexity']:.3f}, validation "
              f"{meta['final_val_perplexity']:.3f}).", "", "Continuations:"]
     for texts in samples.values():
-        lines.append(f"- greedy: `{texts['greedy']}`")
-        lines.append(f"- sampled: `{texts['sampled']}`")
+        lines.append(f"- greedy: {markdown_code(texts['greedy'])}")
+        lines.append(f"- sampled: {markdown_code(texts['sampled'])}")
     return "\n".join(lines)
 
 
-def perplexity_figure(history: pd.DataFrame, title: str) -> Figure:
-    """Training and validation perplexity per epoch (d2l's animator plot, log scale)."""
+def perplexity_figure(history: pd.DataFrame, title: str, unit: str = "epoch") -> Figure:
+    """Training and validation perplexity per epoch, or step (d2l's animator plot, log scale)."""
     from matplotlib.figure import Figure
     figure = Figure(figsize=(6, 3))
     axes = figure.subplots()
-    axes.plot(history["epoch"], history["train_perplexity"], label="train")
-    axes.plot(history["epoch"], history["val_perplexity"], "--", label="validation")
-    axes.set(xlabel="epoch", ylabel="perplexity", yscale="log", title=title)
+    axes.plot(history[unit], history["train_perplexity"], label="train")
+    axes.plot(history[unit], history["val_perplexity"], "--", label="validation")
+    axes.set(xlabel=unit, ylabel="perplexity", yscale="log", title=title)
     axes.grid(True)
     axes.legend()
     figure.tight_layout()

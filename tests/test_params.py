@@ -90,13 +90,15 @@ def test_digest_depends_only_on_the_keys_asked_for(tmp_path):
     assert base.digest() != changed.digest()
 
 
-def test_the_full_corpus_experiment_is_params_yaml_but_for_its_marked_keys():
+@pytest.mark.parametrize("experiment, marker", [("full-corpus", "# full corpus"),
+                                                ("shakespeare", "# shakespeare")])
+def test_an_experiment_is_params_yaml_but_for_its_marked_keys(experiment: str, marker: str):
     from seqlm.tracking import flatten
+    path = REPO / "experiments" / f"{experiment}.yaml"
     base = flatten(load_params(REPO / "params.yaml").model_dump(mode="json"))
-    full = flatten(load_params(REPO / "experiments" / "full-corpus.yaml").model_dump(mode="json"))
+    full = flatten(load_params(path).model_dump(mode="json"))
     changed = {key for key in base if base[key] != full[key]}
-    marked = {line.split(":")[0].strip() for line in
-              (REPO / "experiments" / "full-corpus.yaml").read_text().splitlines()
-              if "# full corpus" in line and not line.startswith("#")}
+    marked = {line.split(":")[0].strip() for line in path.read_text().splitlines()
+              if marker in line and not line.startswith("#")}
     assert {key.rsplit(".", 1)[-1] for key in changed} == marked
     assert full["preprocess.train_tokens"] is None

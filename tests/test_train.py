@@ -252,7 +252,7 @@ def test_config_hash_covers_every_training_param(data) -> None:
     corpus, vocab = data
     not_hashed = {"models", "epochs", "checkpoint_every", "patience"}  # where a run stops
     resolved = {"device", "hidden", "hidden_scratch", "num_layers", "dropout",
-                "compile"}                                            # the values used
+                "compile", "embedding"}                               # the values used
     params = make_params()
     config = run_config("rnn", params, vocab, torch.device("cpu"), corpus,
                         split_of(corpus, params))

@@ -43,7 +43,7 @@ from seqlm.text import Vocab
 from seqlm.threads import cores, lower_priority, yields_cores
 
 if TYPE_CHECKING:          # torch: imported by the training's process first (see _child)
-    from seqlm.train import EpochCallback, TrainResult
+    from seqlm.train import EpochCallback, ProgressCallback, TrainResult
 
 POLL_S = 0.2                 # how often the task's thread looks for a stop request
 
@@ -85,7 +85,8 @@ class ChildTraceback(Exception):
 
 def train_in_own_process(name: str, corpus: np.ndarray, vocab: Vocab, params: Params, *,
                          checkpoint_dir: Path | str | None = None,
-                         on_epoch: EpochCallback | None = None) -> TrainResult:
+                         on_epoch: EpochCallback | None = None,
+                         on_progress: ProgressCallback | None = None) -> TrainResult:
     """seqlm.train.train() in a new process: the same arguments, result, callbacks (in this
     thread, in order), log records (to this process's loggers) and errors."""
     context = multiprocessing.get_context("spawn")     # no threads or locks of this process
@@ -96,14 +97,14 @@ def train_in_own_process(name: str, corpus: np.ndarray, vocab: Vocab, params: Pa
     process = context.Process(
         target=_child, name=f"train-{name}",
         args=(sender, name, corpus, vocab, params, checkpoint_dir,
-              logging.getLogger("seqlm").getEffectiveLevel(), grant))
+              logging.getLogger("seqlm").getEffectiveLevel(), grant, on_progress is not None))
     process.start()
     if yields_cores(name, params):       # from its start (the import of torch) on, not only
         lower_priority(process.pid)      # once it trains: the longest training starts first
     sender.close()                                     # EOF once the child's end is closed
     try:
         with SHARES.share(grant, params.train_lm.cpu_threads):
-            return _relay(name, process, receiver, on_epoch)
+            return _relay(name, process, receiver, on_epoch, on_progress)
     finally:
         if process.is_alive():                         # an error here (the callback, Ctrl-C)
             process.terminate()
@@ -112,7 +113,7 @@ def train_in_own_process(name: str, corpus: np.ndarray, vocab: Vocab, params: Pa
 
 
 def _relay(name: str, process: multiprocessing.process.BaseProcess, receiver: Connection,
-           on_epoch: EpochCallback | None) -> TrainResult:
+           on_epoch: EpochCallback | None, on_progress: ProgressCallback | None) -> TrainResult:
     stopping = False
     while True:
         if interrupt.STOP.is_set() and not stopping:
@@ -136,6 +137,8 @@ def _relay(name: str, process: multiprocessing.process.BaseProcess, receiver: Co
         if kind == "epoch":
             if on_epoch is not None:
                 on_epoch(*payload)
+        elif kind == "progress":
+            on_progress(*payload)
         elif kind == "log":
             logging.getLogger(payload.name).handle(payload)
         elif kind == "result":
@@ -146,7 +149,8 @@ def _relay(name: str, process: multiprocessing.process.BaseProcess, receiver: Co
 
 
 def _child(sender: Connection, name: str, corpus: np.ndarray, vocab: Vocab, params: Params,
-           checkpoint_dir: Path | str | None, log_level: int, grant: Any) -> None:
+           checkpoint_dir: Path | str | None, log_level: int, grant: Any,
+           progress: bool) -> None:
     interrupt.die_with_parent()
     # Ctrl-C signals the terminal's whole process group: the flow's process decides, and stops
     # this one with SIGTERM, which ends the training the way Ctrl-C does in a thread.
@@ -166,7 +170,9 @@ def _child(sender: Connection, name: str, corpus: np.ndarray, vocab: Vocab, para
     try:
         result = train(name, corpus, vocab, params, checkpoint_dir=checkpoint_dir,
                        on_epoch=lambda epoch, metrics: send("epoch", (epoch, metrics)),
-                       threads=lambda: grant.value)
+                       threads=lambda: grant.value,
+                       on_progress=(lambda step, ppl: send("progress", (step, ppl)))
+                       if progress else None)
         send("result", _pack(result))
     except BaseException as exc:  # noqa: BLE001 - every error goes back to the task
         with contextlib.suppress(OSError):     # the flow's process is gone: nobody to tell

@@ -229,8 +229,8 @@ def check_corpus(params: Params, corpus: np.ndarray, vocabs: dict[str, Vocab]) -
     from seqlm.ngrams import NgramError, check_key_fits
     from seqlm.text import normalize_prefix
     try:
-        split = protocol.split_of(len(corpus), params.preprocess.train_tokens,
-                                  params.preprocess.val_tokens)
+        pre = params.preprocess
+        split = protocol.split_of(len(corpus), pre.train_tokens, pre.val_tokens, pre.test_tokens)
     except protocol.SplitError as exc:
         raise PreflightError(str(exc)) from None
     lm = params.train_lm
@@ -252,7 +252,7 @@ def check_corpus(params: Params, corpus: np.ndarray, vocabs: dict[str, Vocab]) -
             raise PreflightError(f"evaluate.ngram_orders: {order}: {exc}") from None
     known = set(vocabs["char"].idx_to_token)
     for prefix in params.evaluate.prefixes:
-        missing = sorted(set(normalize_prefix(prefix)) - known)
+        missing = sorted(set(normalize_prefix(prefix, params.preprocess.clean)) - known)
         if missing:
             raise PreflightError(f"evaluate.prefixes: {prefix!r} has characters the corpus "
                                  f"never uses: {''.join(missing)!r}")
