@@ -85,7 +85,7 @@ def scored_text(corpus: np.ndarray, start: int, end: int) -> tuple[np.ndarray, i
     return np.asarray(corpus[context_start:end]), start - context_start
 
 
-def test_text(corpus: np.ndarray, split: Split) -> tuple[np.ndarray, int] | None:
+def heldout_text(corpus: np.ndarray, split: Split) -> tuple[np.ndarray, int] | None:
     """scored_text of the test split, None without one."""
     if split.test_start is None:
         return None

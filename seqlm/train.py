@@ -377,9 +377,10 @@ def _train(name: str, corpus: np.ndarray, vocab: Vocab, params: Params,
             validator.close()
     best, last = best_row(history), history[-1]
     rounds = "epochs" if unit == "epoch" else "evaluations"
-    log.info("%s: %d %ss (%d %s this run) in %.1f s; best val ppl %.3f at %s %d; final %s: "
+    this_run = len(history) - resumed_from
+    log.info("%s: %d %ss (%s this run) in %.1f s; best val ppl %.3f at %s %d; final %s: "
              "train ppl %.3f, val ppl %.3f", name, int(last[unit]), unit,
-             len(history) - resumed_from, rounds,
+             this_run if unit == "epoch" else f"{this_run} evaluations",
              sum(row["seconds"] for row in history[resumed_from:]), best["val_perplexity"],
              unit, int(best[unit]), unit, last["train_perplexity"], last["val_perplexity"])
     if stopped:

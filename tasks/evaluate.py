@@ -50,7 +50,7 @@ def evaluate(params: Params) -> Record:
     train_ids = corpus[:split.train_end]
     text = protocol.validation_text(corpus, split)
     first = split.val_start - split.context_start
-    test = protocol.test_text(corpus, split)      # (text, first), or None: no test split
+    test = protocol.heldout_text(corpus, split)      # (text, first), or None: no test split
 
     rows = []
     samples: dict[str, dict[str, dict[str, str]]] = {}
@@ -87,7 +87,7 @@ def evaluate(params: Params) -> Record:
                               kn.token_log_probs(*test) if test else None))
     rows.append(_baseline("unigram", unigram_perplexity(train_ids, train_ids, len(vocab)),
                           unigram_log_probs(train_ids, text, len(vocab), first),
-                          unigram_log_probs(train_ids, *test, len(vocab)) if test else None))
+                          unigram_log_probs(train_ids, test[0], len(vocab), test[1]) if test else None))
     columns = summary_columns(lm.unit, test is not None)
     table = pd.DataFrame(rows, columns=columns).astype(
         {column: "Int64" for column in INTEGER_COLUMNS if column in columns})
@@ -106,7 +106,7 @@ def evaluate(params: Params) -> Record:
             write_csv(plots / f"{metric}.csv", _per_epoch(curves, metric, table[baselines]))
         write_csv(plots / "kstep.csv", kstep[["k", "mse"]])
         save_png(plots / "comparison.png",
-                 lambda: comparison_figure(curves, table, baselines, lm.unit))
+                 lambda: comparison_figure(curves, table, lm.unit))
         write_csv(outputs.file(paths.outs.table), table)
         write_json(outputs.file(paths.outs.samples), samples)
         with open(outputs.file(paths.outs.summary), "w", encoding="utf-8") as handle:
@@ -194,8 +194,13 @@ def _per_epoch(curves: dict[str, pd.DataFrame], metric: str, baselines: pd.DataF
         columns=["epoch", "model", metric])
 
 
+# A dash per baseline (the full-corpus and raw-text experiments have five: orders 3-6, unigram).
+BASELINE_DASHES = ["--", ":", "-.", (0, (1, 4)), (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)),
+                   (0, (8, 3)), (0, (1, 1))]
+
+
 def comparison_figure(curves: dict[str, pd.DataFrame], table: pd.DataFrame,
-                      baselines: pd.Series, unit: str = "epoch") -> Figure:
+                      unit: str = "epoch") -> Figure:
     """Validation perplexity per epoch (or step) of every model, a dot on the one it keeps;
     the n-gram baselines as flat grey lines (each its own dash: axhline does not take the next
     colour, so they came out in the first model's)."""
@@ -208,7 +213,8 @@ def comparison_figure(curves: dict[str, pd.DataFrame], table: pd.DataFrame,
         axes.plot(curve[unit], curve["val_perplexity"], marker="o",
                   markevery=np.flatnonzero(curve[unit].to_numpy() == at).tolist(),
                   label=f"{name} (kept: {unit} {at:.0f}, {ppl:.2f})")
-    for row, style in zip(table[baselines].to_dict("records"), ["--", ":", "-.", (0, (1, 4))]):
+    baselines = table[~table["model"].isin(curves)].to_dict("records")
+    for row, style in zip(baselines, BASELINE_DASHES):
         axes.axhline(row["val_ppl_best"], linestyle=style, linewidth=1.2, color="0.35",
                      label=f"{row['model']} ({row['val_ppl_best']:.2f})")
     axes.set(xlabel=unit, ylabel="validation perplexity", yscale="log",

@@ -78,7 +78,7 @@ def test_a_resumed_training_gets_its_eta_from_its_own_pace(monkeypatch):
     terminal = _Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     metrics = {"train_perplexity": 2.0, "val_perplexity": 3.0, "tokens_per_s": 1000.0}
-    with progress_bar("rnn", 500) as report:
+    with progress_bar("rnn", 500) as (report, _):
         time.sleep(0.3)                     # the process's start-up and the first epoch
         report(251, metrics)
         start = time.monotonic()
