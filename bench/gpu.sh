@@ -4,7 +4,8 @@
 # as wheels in .whl/, fetched beforehand with bench/gpu-wheels.sh).
 #   1. the main job's trainings on CUDA (the chapter's 500 epochs, best-epoch kept), then
 #   2. the seed's train_ch8 loop vs this project's loop for rnn_scratch, rnn, gru and lstm,
-#      side by side on the same GPU: tokens/s and ratios.
+#      side by side on the same GPU: tokens/s and ratios, then
+#   3. the raw-text experiment (experiments/shakespeare.yaml) by steps with a GPU's batch.
 # Results go to $OUT (the device tool's output folder), else bench/results/.
 # Without a GPU it runs the same scripts on the CPU with few epochs (a check that it works).
 set -euo pipefail
@@ -26,3 +27,16 @@ fi
 "$python" bench/gpu_training.py --device "$device" "${epochs[@]}" | tee "$out/gpu-training-$device.txt"
 "$python" bench/train_speed.py --device "$device" --epochs "$speed_epochs" \
   --models rnn_scratch rnn gru lstm | tee "$out/gpu-train-speed-$device.txt"
+# 3. the raw-text experiment (tinyshakespeare, every character) by steps on the same device: a
+#    batch that fills the card, a larger LSTM (TF32 and cuDNN on CUDA); nats/char per evaluation
+#    with the training time it was reached at (target on a GPU: <= 1.40 within 3 minutes).
+if [ "$device" = cuda ]; then
+  shakespeare=(--set train_lm.batch_size=128 --set train_lm.num_steps=256 --set train_lm.hidden=1024
+               --set train_lm.num_layers=2 --set train_lm.dropout=0.25 --set train_lm.embedding=128
+               --set train_lm.max_steps=3000 --set train_lm.eval_every=250)
+else
+  shakespeare=(--set train_lm.max_steps=20 --set train_lm.eval_every=10 --set train_lm.warmup_steps=5
+               --set train_lm.hidden=64)
+fi
+"$python" bench/gpu_training.py --device "$device" --params experiments/shakespeare.yaml \
+  "${shakespeare[@]}" | tee "$out/gpu-shakespeare-$device.txt"

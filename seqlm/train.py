@@ -237,6 +237,9 @@ def _train(name: str, corpus: np.ndarray, vocab: Vocab, params: Params,
     unit = p.unit
     check_model_name(name)
     device = resolve_device(p.device)
+    if device.type == "cuda":
+        # TF32 tensor cores for the float32 products of the layers and the head.
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     use_cpu_threads(params)
     split = split_of(corpus, params)
     _check_train_split(split.train_end, params)
