@@ -96,11 +96,13 @@ def check_dvc_lock(path: Path = Path("dvc.lock")) -> None:
 
 
 def weight_count(params: Params, model: str, vocab_size: int = 100) -> int:
-    """Parameters of `model` (input, recurrent and output weights and biases)."""
+    """Parameters of `model` (an embedding, input, recurrent and output weights and biases)."""
     p = params.train_lm
     hidden, layers, gates = p.hidden_size(model), p.layers(model), GATES[model]
-    return gates * hidden * (vocab_size + hidden + 2) + (layers - 1) * gates * hidden * \
-        (2 * hidden + 2) + hidden * vocab_size + vocab_size
+    embedding = p.embedding_of(model)
+    inputs = embedding or vocab_size
+    return gates * hidden * (inputs + hidden + 2) + (layers - 1) * gates * hidden * \
+        (2 * hidden + 2) + hidden * vocab_size + vocab_size + vocab_size * (embedding or 0)
 
 
 def training_memory(params: Params, model: str, vocab_size: int = 100) -> tuple[float, float]:
@@ -124,7 +126,7 @@ def _size_key(params: Params, model: str) -> str:
 def checkpoint_bytes(params: Params, model: str) -> float:
     """A checkpoint holds the weights twice (current and best epoch), the optimizer's state
     (Adam: two moments; SGD: none) and the history; the published model.pt once more."""
-    copies = 2 + (2 if params.train_lm.optimizer == "adam" else 0)
+    copies = 2 + (2 if params.train_lm.optimizer in ("adam", "adamw") else 0)
     return 4.0 * copies * weight_count(params, model)
 
 
@@ -150,12 +152,18 @@ FASTEST_CORE_FLOPS = 1e12
 
 def training_seconds(params: Params, model: str, flops_per_s: float) -> float:
     """Seconds a training of `model` from scratch takes here, roughly: 6 FLOPs per weight and
-    token (forward and backward) for every training token of every epoch, plus the validation
-    (forward only) of every epoch."""
+    token (forward and backward) for every token trained on, plus the validations (forward
+    only): every epoch's, or by steps every eval_every steps'."""
+    return 2 * weight_count(params, model) * _token_passes(params) / flops_per_s
+
+
+def _token_passes(params: Params) -> float:
+    """Tokens trained on, three times (forward and backward), plus the tokens validated."""
     p, pre = params.train_lm, params.preprocess
-    train_tokens = pre.train_tokens or 170_000
-    flops = 2 * weight_count(params, model) * p.epochs * (3 * train_tokens + pre.val_tokens)
-    return flops / flops_per_s
+    if p.max_steps is not None:
+        evaluations = -(-p.max_steps // p.eval_every)
+        return 3 * p.max_steps * p.batch_size * p.num_steps + evaluations * pre.val_tokens
+    return p.epochs * (3 * (pre.train_tokens or 170_000) + pre.val_tokens)
 
 
 def matmul_flops_per_s(hidden: int, batch: int, seconds: float = 0.05) -> float:
@@ -194,11 +202,11 @@ def warn_long_trainings(params: Params, log: logging.Logger | logging.LoggerAdap
         rate = matmul_flops_per_s(p.hidden_size(model), p.batch_size)
         seconds = training_seconds(params, model, rate)
         if seconds > LONG_TRAINING_S:
-            tokens_per_s = (params.preprocess.train_tokens or 170_000) * p.epochs / seconds
+            tokens_per_s = _token_passes(params) / 3 / seconds
             log.warning("%s: training %s from scratch takes about %.1f h on this machine's "
-                        "CPU (~%s tokens/s, %d epochs), checkpoints of ~%s MiB",
+                        "CPU (~%s tokens/s, %d %ss), checkpoints of ~%s MiB",
                         _size_key(params, model), model, seconds / 3600,
-                        f"{tokens_per_s:,.0f}", p.epochs,
+                        f"{tokens_per_s:,.0f}", p.budget, p.unit,
                         f"{checkpoint_bytes(params, model) / 2**20:,.0f}")
 
 
