@@ -210,6 +210,22 @@ def dvc_yaml(check: Annotated[bool, typer.Option(help="only check dvc.yaml is cu
     typer.echo(f"wrote {path}")
 
 
+@app.command("params-doc")
+def params_doc(check: Annotated[bool, typer.Option(
+        help="only check docs/parameters.md is current")] = False) -> None:
+    """Write docs/parameters.md from the schema in seqlm/params.py."""
+    from seqlm.params_doc import DOC_FILE, UndocumentedField, render, write
+    try:
+        if check:
+            if not DOC_FILE.exists() or DOC_FILE.read_text(encoding="utf-8") != render():
+                _fail(f"{DOC_FILE} is out of date with seqlm/params.py: run `seqlm params-doc`")
+            typer.echo(f"{DOC_FILE} is up to date")
+            return
+        typer.echo(f"wrote {write()}")
+    except (UndocumentedField, ParamsError) as exc:
+        _fail(str(exc))
+
+
 @app.command()
 def schedule(cron: Annotated[str, typer.Option(help="cron schedule (UTC)")] = "0 3 * * *",
              port: Annotated[int, typer.Option(help="port of the Prefect server on 127.0.0.1 "

@@ -39,13 +39,13 @@ class Section(BaseModel):
 
 
 class DownloadParams(Section):
-    sources: list[str] = Field(min_length=1)
-    # None: the source's content may change; every run fetches it and records its sha256.
-    checksum: str | None = None
-    out: str
-    connect_timeout_s: PositiveFloat = 5.0
-    read_timeout_s: PositiveFloat = 30.0
-    retries: Annotated[int, Field(ge=0, le=10)] = 2
+    """Where the corpus comes from and how it is checked."""
+    sources: list[str] = Field(min_length=1, description="Tried in order: `https://`, `http://`, `file://` or a path relative to the repository root.")
+    checksum: str | None = Field(None, description="sha1 (40 hex digits) or sha256 (64) of the corpus; a cached file that matches is not fetched again. `null`: the source's content may change; every run fetches it and records its sha256.")
+    out: str = Field(description="Where the corpus is stored: a relative path inside the repository (DVC tracks only what lies there).")
+    connect_timeout_s: PositiveFloat = Field(5.0, description="Seconds to wait for a connection.")
+    read_timeout_s: PositiveFloat = Field(30.0, description="Seconds to wait for the next bytes.")
+    retries: Annotated[int, Field(ge=0, le=10)] = Field(2, description="Prefect retries on network errors, with exponential backoff.")
 
     @field_validator("checksum")
     @classmethod
@@ -80,20 +80,14 @@ CHAMPION_MIN_VAL_TOKENS = 1_000
 
 
 class PreprocessParams(Section):
-    clean: Literal["letters", "none"] = Field(
-        "letters", description="letters: the chapter's rule (every run of characters outside "
-        "A-Z/a-z becomes one space, lower case); none: the text as it is (every character UTF-8 "
-        "decodes, a byte-order mark dropped, CRLF read as LF)")
-    min_freq: Annotated[int, Field(ge=0)] = 0
-    reserved_tokens: list[Annotated[str, Field(min_length=1)]] = []
-    # The first train_tokens character ids train, the next val_tokens validate; None trains on
-    # everything before the last val_tokens (a split of the whole corpus). A perplexity needs
-    # at least one token scored after one of context: 2 at least.
-    train_tokens: PositiveInt | None = 10_000
-    val_tokens: Annotated[int, Field(ge=2)] = 5_000
-    test_tokens: Annotated[int, Field(ge=2)] | None = Field(
-        None, description="the last N tokens of the corpus, held out: never trained on nor used "
-        "to choose the kept model or the champion, only reported; null: no test split")
+    """Vocabularies and the split of the character corpus."""
+    clean: Literal["letters", "none"] = Field("letters", description="`letters`: the chapter's rule (every run of characters outside A-Z/a-z becomes one space, then lower case; lines joined with no separator). `none`: the text as it is: every character UTF-8 decodes, newlines included, a byte-order mark dropped, CRLF read as LF.")
+    min_freq: Annotated[int, Field(ge=0)] = Field(0, description="Tokens rarer than this map to `<unk>`.")
+    reserved_tokens: list[Annotated[str, Field(min_length=1)]] = Field([], description="Placed after `<unk>` (always index 0) in the vocabularies; none twice.")
+    # A perplexity needs at least one token scored after one of context: val_tokens 2 at least.
+    train_tokens: PositiveInt | None = Field(10_000, description="The first N character ids train the language models. `null`: everything before the last `val_tokens` (and `test_tokens`): a split of the whole corpus.")
+    val_tokens: Annotated[int, Field(ge=2)] = Field(5_000, description="The next N character ids validate them: they choose the kept model and the champion.")
+    test_tokens: Annotated[int, Field(ge=2)] | None = Field(None, description="The last N character ids of the corpus, held out: never trained on nor used to choose a model; every model and baseline is scored on them and reported. `null`: no test split.")
 
     @field_validator("reserved_tokens")
     @classmethod
@@ -107,25 +101,28 @@ class PreprocessParams(Section):
 
 
 class NgramParams(Section):
-    max_n: Annotated[int, Field(ge=1, le=10)] = 3
-    chunk_tokens: Annotated[int, Field(ge=1_000)] = 16_000_000
-    shard_tokens: Annotated[int, Field(ge=1_000)] | None = None
-    partitions: Annotated[int, Field(ge=1, le=256)] = 8
+    """Word and character n-gram counts of the whole corpus."""
+    max_n: Annotated[int, Field(ge=1, le=10)] = Field(3, description="n-grams for n = 1..max_n, word and character level.")
+    chunk_tokens: Annotated[int, Field(ge=1_000)] = Field(16_000_000, description="Tokens counted at a time in one task, on every core. Memory: about 90 bytes per token of a chunk for words, 30 for characters (max_n 5), besides the distinct n-grams. Larger chunks merge less.")
+    shard_tokens: Annotated[int, Field(ge=1_000)] | None = Field(None, description="`null`: counted in the `ngrams` task. N: one `ngrams_shard` task per N tokens of each corpus (over the Dask workers), `ngrams_reduce` tasks add up their counts, `ngrams` merges them. The same bytes either way.")
+    partitions: Annotated[int, Field(ge=1, le=256)] = Field(8, description="With `shard_tokens`: `ngrams_reduce` tasks per level, each holding about 1/partitions of the distinct n-grams. Raise it when a reduce runs out of memory.")
 
 
 class SineParams(Section):
-    T: Annotated[int, Field(ge=2)] = 1000
-    noise_std: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.2
+    """The synthetic series x_t = sin(0.01 t) + N(0, noise_std²), t = 1..T."""
+    T: Annotated[int, Field(ge=2)] = Field(1000, description="Length of the series; at least `train_ar.n_train + tau + max(k_steps)`.")
+    noise_std: Annotated[float, Field(ge=0, allow_inf_nan=False)] = Field(0.2, description="Standard deviation of the Gaussian noise.")
 
 
 class TrainArParams(Section):
-    tau: PositiveInt = 4
-    n_train: PositiveInt = 600
-    batch_size: PositiveInt = 16
-    hidden: PositiveInt = 10
-    lr: PositiveFloat = 0.01
-    epochs: PositiveInt = 5
-    k_steps: list[PositiveInt] = Field(default=[1, 4, 16, 64], min_length=1)
+    """The chapter's MLP on tau lagged values of the sine series (Adam)."""
+    tau: PositiveInt = Field(4, description="Lagged values per feature vector.")
+    n_train: PositiveInt = Field(600, description="The first N samples train; the rest is held out.")
+    batch_size: PositiveInt = Field(16, description="Minibatch size.")
+    hidden: PositiveInt = Field(10, description="Hidden units of the MLP.")
+    lr: PositiveFloat = Field(0.01, description="Adam's learning rate.")
+    epochs: PositiveInt = Field(5, description="Training epochs.")
+    k_steps: list[PositiveInt] = Field(default=[1, 4, 16, 64], min_length=1, description="Horizons of the k-step error (MSE on the held-out range); none twice.")
 
     @field_validator("k_steps")
     @classmethod
@@ -136,52 +133,32 @@ class TrainArParams(Section):
 
 
 class TrainLmParams(Section):
-    models: list[ModelName] = Field(default=["rnn_scratch", "rnn"], min_length=1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    # torch's CPU threads per training (and for the other torch stages); on the CPU, trainings
-    # run side by side, cores // cpu_threads at a time. A param, not the machine's: the float
-    # sums, hence the results, can depend on the number of threads.
-    cpu_threads: PositiveInt = 1
-    # torch.compile the training step (CUDA graphs on a GPU); auto: on CUDA, for the scratch
-    # RNN, whose Python loop over time steps is bound by kernel launches there.
-    compile: Literal["auto", "on", "off"] = "auto"
-    sampling: Literal["sequential", "random"] = "sequential"
-    batch_size: PositiveInt = 32
-    num_steps: PositiveInt = 35
-    epochs: PositiveInt = 500
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: PositiveFloat = 1.0
-    weight_decay: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = Field(
-        0.0, description="AdamW's decoupled weight decay of the weight matrices and embeddings "
-        "(not of the biases); adamw only")
-    # After every epoch without a better validation perplexity the learning rate is multiplied
-    # by lr_decay (1: constant, the chapter's).
-    lr_decay: Annotated[float, Field(gt=0, le=1)] = 1.0
-    clip_theta: PositiveFloat = 1.0
-    hidden_scratch: PositiveInt = 512
-    hidden: PositiveInt = 256
-    num_layers: PositiveInt = 1
-    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0   # torch layers only
-    patience: Annotated[int, Field(ge=0)] = 0            # epochs without a better val ppl; 0: off
-    checkpoint_every: PositiveInt = 50
-    embedding: PositiveInt | None = Field(
-        None, description="an input embedding of this size for the torch models (rnn, gru, "
-        "lstm); null: one-hot inputs, the chapter's")
-    max_steps: PositiveInt | None = Field(
-        None, description="train by steps: this many optimizer steps, validated every "
-        "`eval_every` steps; `patience`, `checkpoint_every` and `lr_decay` then count "
-        "evaluations instead of epochs, and `epochs` is not used; null: train_lm.epochs epochs")
-    eval_every: PositiveInt = Field(
-        200, description="with max_steps: optimizer steps between two evaluations on the whole "
-        "validation text")
-    warmup_steps: Annotated[int, Field(ge=0)] = Field(
-        0, description="with max_steps: the learning rate rises linearly from lr/warmup_steps "
-        "to lr over the first steps")
-    lr_schedule: Literal["constant", "cosine"] = Field(
-        "constant", description="with max_steps: cosine decays lr to lr_min between the end of "
-        "the warm-up and max_steps; constant keeps it")
-    lr_min: Annotated[float, Field(ge=0, allow_inf_nan=False)] = Field(
-        0.0, description="the floor of the cosine schedule")
+    """The character language models: one training task per model."""
+    models: list[ModelName] = Field(default=["rnn_scratch", "rnn"], min_length=1, description="Any of `rnn_scratch` (the chapter's RNN from scratch), `rnn`, `gru`, `lstm`; none twice. One task each.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`: CUDA when torch sees a GPU, else the CPU.")
+    cpu_threads: PositiveInt = Field(1, description="torch's CPU threads per training (and for the other torch stages). On the CPU, cores // cpu_threads trainings run side by side; a training alone on the local runner takes every core. A param, not the machine's: the float sums, hence the results, can depend on the number of threads.")
+    compile: Literal["auto", "on", "off"] = Field("auto", description="`torch.compile` the training step (CUDA graphs on a GPU). `auto`: on CUDA, for `rnn_scratch`, whose Python loop over time steps is bound by kernel launches there.")
+    sampling: Literal["sequential", "random"] = Field("sequential", description="`sequential`: the state is carried between minibatches (truncated BPTT). `random`: random subsequences, the state reset per minibatch.")
+    batch_size: PositiveInt = Field(32, description="Subsequences per minibatch.")
+    num_steps: PositiveInt = Field(35, description="Time steps per subsequence.")
+    epochs: PositiveInt = Field(500, description="Training epochs; every epoch is validated. Not used with `max_steps`.")
+    optimizer: Literal["sgd", "adam", "adamw"] = Field("sgd", description="`sgd` (the chapter's), `adam` or `adamw` (with `weight_decay`).")
+    lr: PositiveFloat = Field(1.0, description="Learning rate (with `max_steps`: the top of the schedule).")
+    weight_decay: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = Field(0.0, description="AdamW's decoupled weight decay of the weight matrices and embeddings (not of the biases); `adamw` only.")
+    lr_decay: Annotated[float, Field(gt=0, le=1)] = Field(1.0, description="The learning rate is multiplied by this after every epoch (with `max_steps`: evaluation) without a better validation perplexity. 1: constant (the chapter's).")
+    clip_theta: PositiveFloat = Field(1.0, description="Gradients are clipped to this global L2 norm.")
+    hidden_scratch: PositiveInt = Field(512, description="Hidden size of `rnn_scratch`.")
+    hidden: PositiveInt = Field(256, description="Hidden size of the torch layers (`rnn`, `gru`, `lstm`).")
+    num_layers: PositiveInt = Field(1, description="Layers of the torch models; `rnn_scratch` has one.")
+    dropout: Annotated[float, Field(ge=0, lt=1)] = Field(0.0, description="Dropout on the outputs of each torch layer while training; `rnn_scratch` has none.")
+    patience: Annotated[int, Field(ge=0)] = Field(0, description="Early stopping: epochs (with `max_steps`: evaluations) without a better validation perplexity. 0: off.")
+    checkpoint_every: PositiveInt = Field(50, description="Epochs (with `max_steps`: evaluations) between checkpoints in `checkpoints/<model>/`, and the last one. A killed run resumes there.")
+    embedding: PositiveInt | None = Field(None, description="An input embedding of this size for the torch models (`rnn`, `gru`, `lstm`). `null`: one-hot inputs (the chapter's).")
+    max_steps: PositiveInt | None = Field(None, description="Train by steps: this many optimizer steps, the batches drawn epoch after epoch, validated every `eval_every` steps; `patience`, `checkpoint_every` and `lr_decay` then count evaluations and `epochs` is not used. `null`: train `epochs` epochs.")
+    eval_every: PositiveInt = Field(200, description="With `max_steps`: optimizer steps between two evaluations on the whole validation text.")
+    warmup_steps: Annotated[int, Field(ge=0)] = Field(0, description="With `max_steps`: the learning rate rises linearly to `lr` over the first steps.")
+    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="With `max_steps`: `cosine` decays `lr` to `lr_min` between the end of the warm-up and `max_steps`; `constant` keeps it.")
+    lr_min: Annotated[float, Field(ge=0, allow_inf_nan=False)] = Field(0.0, description="The floor of the cosine schedule.")
 
     @field_validator("models")
     @classmethod
@@ -250,14 +227,12 @@ class TrainLmParams(Section):
 
 
 class EvaluateParams(Section):
-    # Orders of the Kneser-Ney character baselines, each scored like the language models.
-    ngram_orders: list[Annotated[int, Field(ge=1, le=12)]] = Field(default=[3], min_length=1)
-    # Normalised as the corpus is (lower case, other characters -> one space) before use.
-    prefixes: list[Annotated[str, Field(min_length=1)]] = Field(
-        default=["time traveller", "traveller"], min_length=1)
-    num_chars: PositiveInt = 50
-    temperature: PositiveFloat = 0.8
-    top_k: PositiveInt = 5
+    """Baselines, scoring and the continuations in the report."""
+    ngram_orders: list[Annotated[int, Field(ge=1, le=12)]] = Field(default=[3], min_length=1, description="Orders of the interpolated Kneser-Ney character baselines, each scored like the language models; none twice.")
+    prefixes: list[Annotated[str, Field(min_length=1)]] = Field(default=["time traveller", "traveller"], min_length=1, description="Prefixes to continue. Read as the corpus is: under `preprocess.clean: letters` lower-cased, other characters -> one space; under `none` as written.")
+    num_chars: PositiveInt = Field(50, description="Characters generated after each prefix.")
+    temperature: PositiveFloat = Field(0.8, description="Temperature of the seeded sample beside the greedy continuation.")
+    top_k: PositiveInt = Field(5, description="The sample draws from the k likeliest characters.")
 
     @field_validator("ngram_orders")
     @classmethod
@@ -268,23 +243,19 @@ class EvaluateParams(Section):
 
 
 class ExecutionParams(Section):
-    # local: the stages run in threads of the `seqlm run` process. dask: on a Dask cluster
-    # through prefect-dask, each training on a worker with a free `GPU` resource.
-    task_runner: Literal["local", "dask"] = "local"
-    # None: a LocalCluster sized to this machine; "tcp://host:8786": join that scheduler.
-    dask_address: str | None = None
+    """Where the stages run."""
+    task_runner: Literal["local", "dask"] = Field("local", description="`local`: the stages run in threads of the `seqlm run` process. `dask`: on a Dask cluster through prefect-dask, each training on a worker with a free `GPU` resource.")
+    dask_address: str | None = Field(None, description="`null`: a LocalCluster sized to this machine. `tcp://host:8786`: join that scheduler.")
 
 
 class TrackingParams(Section):
-    experiment: Annotated[str, Field(min_length=1)] = "seqlm"
-    # Names the registered models (<corpus_name>-<model>) and the MLflow datasets; None: the
-    # file name of the first download source without its suffix (and `-raw` with
-    # preprocess.clean: none).
-    corpus_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")] | None = None
+    """MLflow's experiment and the names in the registry."""
+    experiment: Annotated[str, Field(min_length=1)] = Field("seqlm", description="The MLflow experiment.")
+    corpus_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")] | None = Field(None, description="Names the registered models (`<corpus_name>-<model>`) and the MLflow datasets. `null`: the file name of the first download source without its suffix (`timemachine`), with `-raw` under `preprocess.clean: none`.")
 
 
 class Params(Section):
-    seed: Annotated[int, Field(ge=0)] = 0
+    seed: Annotated[int, Field(ge=0)] = Field(0, description="Seeds the sine noise, weight initialisation, batch order and sampling.")
     download: DownloadParams
     preprocess: PreprocessParams = PreprocessParams()
     ngrams: NgramParams = NgramParams()
