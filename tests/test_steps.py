@@ -148,3 +148,32 @@ def test_a_schedule_that_cannot_fit_is_one_line_naming_the_keys(tmp_path: Path, 
         load_params(path)
     assert str(error.value).startswith(f"{path}: {message}")
     assert "\n" not in str(error.value)
+
+
+def test_a_training_alone_computes_on_every_core() -> None:
+    from seqlm.threads import cores
+    from tasks.train_lm import trainer
+    alone = trainer(make_params(**STEPS))
+    assert alone.keywords["threads"]() == cores()
+    side_by_side = trainer(make_params(models=["rnn", "gru"]))
+    assert getattr(side_by_side, "keywords", {}).get("threads") is None
+
+
+def test_the_bar_moves_between_evaluations(monkeypatch) -> None:
+    import io
+    from tasks.train_lm import progress_bar
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with progress_bar("lstm", 600, "step") as (report, progress):
+        progress(10, 30.0)
+        time.sleep(0.2)                              # tqdm redraws at most every 0.1 s
+        report(200, {"train_perplexity": 6.0, "val_perplexity": 7.0, "tokens_per_s": 9000.0})
+        time.sleep(0.2)
+        progress(210, 5.5)
+        frame = terminal.getvalue().split("\r")[-1]
+    assert "210/600" in frame and "step" in frame, frame
+    assert "train_ppl=5.500" in frame and "val_ppl=7.000" in frame, frame
