@@ -166,8 +166,10 @@ def progress_bar(model: str, total: int, unit: str = "epoch",
     at every checkpoint, and by steps at every evaluation, there). Yields the callback of a
     validated round and, by steps, that of the steps between two evaluations."""
     from tqdm import tqdm
+    # miniters=1: tqdm would otherwise learn from an evaluation's jump (hundreds of steps) to
+    # wait for as many before it redraws, and skip the progress reports between evaluations.
     bar = tqdm(total=total, desc=f"train_lm[{model}]", unit=unit, disable=None,
-               dynamic_ncols=True, leave=True)
+               dynamic_ncols=True, leave=True, miniters=1)
     first = True
     shown: dict[str, str] = {}
 
