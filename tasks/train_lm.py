@@ -182,6 +182,7 @@ def progress_bar(model: str, total: int, unit: str = "epoch",
             # (minutes, when epochs are long). The elapsed time stays the whole stage's.
             first = False
             bar.initial = bar.n = bar.last_print_n = done
+            bar.last_print_t = bar._time()
 
     def report(done: int, metrics: dict[str, float]) -> None:
         start(done)
