@@ -9,6 +9,7 @@ import functools
 import hashlib
 import math
 import platform
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -182,7 +183,7 @@ def progress_bar(model: str, total: int, unit: str = "epoch",
             # (minutes, when epochs are long). The elapsed time stays the whole stage's.
             first = False
             bar.initial = bar.n = bar.last_print_n = done
-            bar.last_print_t = bar._time()
+            bar.last_print_t = time.time()           # tqdm's clock
 
     def report(done: int, metrics: dict[str, float]) -> None:
         start(done)

@@ -177,3 +177,13 @@ def test_the_bar_moves_between_evaluations(monkeypatch) -> None:
         frame = terminal.getvalue().split("\r")[-1]
     assert "210/600" in frame and "step" in frame, frame
     assert "train_ppl=5.500" in frame and "val_ppl=7.000" in frame, frame
+
+
+def test_without_a_terminal_the_bar_is_off_and_its_reports_are_harmless(monkeypatch) -> None:
+    import io
+    from tasks.train_lm import progress_bar
+    monkeypatch.setattr(sys, "stderr", io.StringIO())        # a log file, CI, a worker
+    with progress_bar("lstm", 600, "step") as (report, progress):
+        progress(10, 30.0)
+        report(200, {"train_perplexity": 6.0, "val_perplexity": 7.0, "tokens_per_s": 9000.0})
+    assert sys.stderr.getvalue() == ""
