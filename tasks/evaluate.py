@@ -234,9 +234,12 @@ def _summary_markdown(table: pd.DataFrame, split: protocol.Split, kstep: pd.Data
     lines = ["# Evaluation", "",
              f"## Language models (character level, the same {split.scored:,} validation "
              "characters)", "",
-             f"The kept model of each RNN is its best-validation {unit}; the final {unit}'s "
-             "perplexities are the chapter's numbers. Cross-entropy of the kept model in nats "
-             "and bits per character (the units published results use).", "",
+             ("The kept model of each RNN is its best-validation epoch; the final epoch's "
+              "perplexities are the chapter's numbers." if unit == "epoch" else
+              "The kept model of each RNN is the weights of its best evaluation; the last "
+              "evaluation's perplexities beside them.") +
+             " Cross-entropy of the kept model in nats and bits per character (the units "
+             "published results use).", "",
              f"| model | {rounds} | best {unit} | val_ppl_best (kept model) | val nats/char | "
              "val bits/char | val_ppl_last | train_ppl_last | train_ppl (baseline) |" +
              (" test_ppl | test nats/char | test bits/char |" if test else ""),
@@ -259,5 +262,8 @@ def _summary_markdown(table: pd.DataFrame, split: protocol.Split, kstep: pd.Data
     lines += ["", "## Greedy continuations", ""]
     for name, by_prefix in samples.items():
         for prefix, texts in by_prefix.items():
-            lines.append(f"- **{name}** {markdown_code(prefix)} → {markdown_code(texts['greedy'])}")
+            if "\n" in texts["greedy"] or "`" in texts["greedy"]:   # a raw text: one block
+                lines.append(f"- **{name}** from {prefix!r}:{markdown_code(texts['greedy'])}")
+            else:
+                lines.append(f"- **{name}** `{prefix}` → `{texts['greedy']}`")
     return "\n".join(lines) + "\n"
