@@ -83,6 +83,7 @@ def load_automations(block_id: Any, path: Path = AUTOMATIONS_FILE) -> list[Any]:
             raise NotifyError(f"{where}: {key}: {error['msg']}") from None
         if any(isinstance(action, UnknownAction) for action in automation.actions):
             raise NotifyError(f"{where}: an action of unknown type")
+        _check_templates(automation, where)
         automations.append(automation)
     names = [automation.name for automation in automations]
     if len(set(names)) != len(names):
@@ -91,6 +92,22 @@ def load_automations(block_id: Any, path: Path = AUTOMATIONS_FILE) -> list[Any]:
 
 
 UNSAVED = "00000000-0000-0000-0000-000000000000"   # the block's id while the file is checked
+
+
+def _check_templates(automation: Any, where: str) -> None:
+    """The messages' templates as the server checks them when it stores an automation (a
+    template it refuses would leave the file applied in part)."""
+    from prefect.events.actions import SendNotification
+    from prefect.server.utilities.user_templates import validate_user_template
+    for j, action in enumerate(automation.actions):
+        if not isinstance(action, SendNotification):
+            continue
+        for field in ("subject", "body"):
+            try:
+                validate_user_template(getattr(action, field))
+            except Exception as exc:  # noqa: BLE001 - Jinja's syntax and sandbox errors
+                raise NotifyError(f"{where}: actions.{j}.{field}: not a valid template: "
+                                  f"{exc}") from None
 
 
 @dataclass

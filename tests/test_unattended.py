@@ -99,7 +99,7 @@ class Unattended:
         deadline = time.monotonic() + seconds
         while len(self.receiver.messages) < count and time.monotonic() < deadline:
             time.sleep(0.5)
-        time.sleep(5)
+        time.sleep(3)
         messages, self.receiver.messages[:] = list(self.receiver.messages), []
         return messages
 
@@ -129,6 +129,8 @@ def unattended(tmp_path_factory: pytest.TempPathFactory):
     # A queued run asks for the slot again every 2 s instead of Prefect's 30.
     server_env = {**{k: v for k, v in env.items() if k != "PREFECT_API_URL"},
                   "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2"}
+    # The home's database copied from the machine's template, as `seqlm schedule` does.
+    subprocess.run([sys.executable, "-m", "seqlm.runtime.prefect_db"], env=server_env, check=True)
     procs = [subprocess.Popen([*prefect, "server", "start", "--host", "127.0.0.1", "--port",
                                str(port)], env=server_env, stdout=open(logs / "server.log", "w"),
                               stderr=subprocess.STDOUT, start_new_session=True)]
@@ -143,7 +145,9 @@ def unattended(tmp_path_factory: pytest.TempPathFactory):
         procs.append(subprocess.Popen([*prefect, "worker", "start", "--pool", "seqlm"], cwd=root,
                                       env=env, stdout=open(logs / "worker.log", "w"),
                                       stderr=subprocess.STDOUT, start_new_session=True))
-        yield Unattended(root, env, url, receiver, logs)
+        unattended = Unattended(root, env, url, receiver, logs)
+        unattended.seqlm("notify", "--url", f"{receiver.url}/hook")
+        yield unattended
     finally:
         receiver.stop()
         for proc in procs[::-1]:
@@ -158,26 +162,25 @@ def seqlm_automations(url: str) -> dict[str, dict]:
     return {a["name"]: a for a in api(f"{url}/automations/filter") if "seqlm" in a["tags"]}
 
 
-def test_notify_makes_the_block_and_automations_once_and_removes_them(unattended):
-    hook = f"{unattended.receiver.url}/hook"
-    said = unattended.seqlm("notify", "--url", hook)
-    assert "seqlm-pipeline-failed: on" in said and "seqlm-champion-rejected: off" in said, said
+def seqlm_blocks(url: str) -> list[dict]:
+    return api(f"{url}/block_documents/filter",
+               {"block_documents": {"name": {"any_": ["seqlm-notify"]}}})
+
+
+def test_notify_makes_the_block_and_automations_once(unattended):
     first = seqlm_automations(unattended.url)
     assert set(first) == {"seqlm-pipeline-failed", "seqlm-champion-moved",
                           "seqlm-champion-rejected"}
-    [block] = api(f"{unattended.url}/block_documents/filter",
-                  {"block_documents": {"name": {"any_": ["seqlm-notify"]}}})
+    assert [n for n, a in first.items() if not a["enabled"]] == ["seqlm-champion-rejected"]
+    [block] = seqlm_blocks(unattended.url)
     assert {a["actions"][0]["block_document_id"] for a in first.values()} == {block["id"]}
-    # the URL is the block's secret, not shown
-    assert hook not in json.dumps(block)
-    unattended.seqlm("notify", "--url", hook)                     # again: the same ones
+    hook = f"{unattended.receiver.url}/hook"
+    assert hook not in json.dumps(block)                  # the URL is the block's secret
+    said = unattended.seqlm("notify", "--url", hook)      # again: the same ones, updated
+    assert "automation seqlm-champion-rejected: off" in said, said
     assert {n: a["id"] for n, a in seqlm_automations(unattended.url).items()} == \
         {n: a["id"] for n, a in first.items()}
-    assert "automation seqlm-champion-moved" in unattended.seqlm("notify", "--remove")
-    assert seqlm_automations(unattended.url) == {}
-    assert api(f"{unattended.url}/block_documents/filter",
-               {"block_documents": {"name": {"any_": ["seqlm-notify"]}}}) == []
-    unattended.seqlm("notify", "--url", hook)                     # for the tests below
+    assert [b["id"] for b in seqlm_blocks(unattended.url)] == [block["id"]]
 
 
 def test_a_run_due_while_another_runs_waits_and_only_a_moved_champion_is_news(unattended):
@@ -261,3 +264,9 @@ def test_a_run_past_its_bound_times_out_and_the_next_resumes_with_the_receiver_d
                   unattended.events("prefect.automation.triggered")):
         assert time.monotonic() < deadline, "the champion's automation never fired"
         time.sleep(1)                                         # ... and the server tried it
+
+
+def test_notify_remove_deletes_the_automations_and_the_block(unattended):
+    said = unattended.seqlm("notify", "--remove")
+    assert "automation seqlm-champion-moved" in said and "block seqlm-notify" in said, said
+    assert seqlm_automations(unattended.url) == {} and seqlm_blocks(unattended.url) == []
