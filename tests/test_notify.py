@@ -167,3 +167,27 @@ def test_a_passed_deadline_is_a_timeout_naming_the_bound():
     assert isinstance(info.value, TimeoutError)          # Prefect's engine: state TimedOut
     assert str(info.value) == ("the run passed its time bound of 0 s (execution.timeout_minutes "
                                "= 0.5) before its first stage")
+
+
+def test_a_run_in_a_subflow_labels_the_run_a_deployment_started(prefect_server):
+    """With execution.task_runner: dask the stages run in a subflow of the deployment's run:
+    the labels a message reads go on that run."""
+    from prefect import flow, get_client
+
+    from seqlm.runtime.news import RunNews
+
+    @flow
+    def stages() -> None:
+        RunNews().failed("train_lm[rnn]", RuntimeError("rnn: diverged\n at epoch 3"))
+
+    @flow
+    def outer() -> str:
+        stages()
+        from prefect.runtime import flow_run
+        return flow_run.id
+
+    outer_id = outer()
+    with get_client(sync_client=True) as client:
+        labels = client.read_flow_run(outer_id).labels
+    assert labels["seqlm.failed_stage"] == "train_lm[rnn]"
+    assert labels["seqlm.error"] == "RuntimeError: rnn: diverged at epoch 3"

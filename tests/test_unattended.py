@@ -6,6 +6,7 @@ next resumes; a champion that moves is news, and a receiver that is down changes
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+import zc.lockfile
 from mlflow import MlflowClient
 
 from test_deployment import api, free_port, wait_healthy
@@ -103,6 +105,10 @@ class Unattended:
         messages, self.receiver.messages[:] = list(self.receiver.messages), []
         return messages
 
+    def log_lines(self, *flow_run_ids: str) -> list[str]:
+        return [entry["message"] for entry in api(f"{self.url}/logs/filter", {
+            "logs": {"flow_run_id": {"any_": list(flow_run_ids)}}, "limit": 200})]
+
     def events(self, name: str) -> list[dict]:
         return api(f"{self.url}/events/filter", {"filter": {"event": {"name": [name]}},
                                                    "limit": 50})["events"]
@@ -184,7 +190,21 @@ def test_notify_makes_the_block_and_automations_once(unattended):
 
 
 def test_a_run_due_while_another_runs_waits_and_only_a_moved_champion_is_news(unattended):
-    first, second = unattended.trigger(), unattended.trigger()
+    # a `seqlm run` holds the workspace: the deployment's run waits for it, the next one for
+    # the deployment's slot
+    (unattended.root / ".seqlm").mkdir(exist_ok=True)
+    held = zc.lockfile.LockFile(str(unattended.root / ".seqlm" / "lock"),
+                                content_template="{pid} seqlm run, since a minute ago")
+    try:
+        first, second = unattended.trigger(), unattended.trigger()
+        deadline = time.monotonic() + 300
+        while not any(line.startswith("waiting for the workspace: this workspace is in use by "
+                                      f"pid {os.getpid()} (seqlm run, since a minute ago)")
+                      for line in unattended.log_lines(first, second)):
+            assert time.monotonic() < deadline, (unattended.logs / "worker.log").read_text()[-3000:]
+            time.sleep(1)
+    finally:
+        held.close()
     runs = unattended.wait(first, second)
     assert [run["state_name"] for run in runs] == ["Completed", "Completed"]
     # one of them waited for the other's slot, never failed for it

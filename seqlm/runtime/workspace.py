@@ -2,7 +2,8 @@
 
 `seqlm run`, `seqlm stage` and scheduled runs hold `.seqlm/lock`, an flock that the kernel
 releases when the process ends, however it ends: a second run is refused at once with the
-holder's PID, and the lock of a dead process is simply taken over. `seqlm run` also holds DVC's
+holder's PID (a run a deployment started waits for it instead: seqlm.runtime.session), and the
+lock of a dead process is simply taken over. `seqlm run` also holds DVC's
 repository lock (`.dvc/tmp/lock`), so a `dvc repro` started meanwhile fails at once instead of
 deleting stage outputs before its command is refused.
 
