@@ -24,7 +24,7 @@ from seqlm.runtime.deadline import Deadline, RunTimedOut
 from seqlm.runtime.news import RunNews
 from seqlm.runtime.preflight import check_dask_address
 from seqlm.runtime.runners import local_runner, one_gpu_each, task_runner_for
-from seqlm.runtime.session import Session, pipeline_session
+from seqlm.runtime.session import Session, pipeline_session, prefect_run_url
 from seqlm.runtime.workspace import dvc_lock_released, dvc_recorded, dvc_state, record_dvc
 from seqlm.stages import nodes
 from tasks import task_of
@@ -55,6 +55,7 @@ def pipeline(params_file: str = str(PARAMS_FILE), record_dvc: bool = True) -> di
             params_file=params_file, record_dvc=record_dvc)
     deadline = Deadline.of(params, log)
     news = RunNews()
+    news.label(prefect_run=prefect_run_url(str(news.top.id)))    # the message's link to the run
     doing = Doing("start-up (the workspace, the machine, the MLflow store, dvc.lock)")
     try:
         return _run(params, params_file, record_dvc, deadline, news, doing)

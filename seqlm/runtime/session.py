@@ -68,8 +68,8 @@ def pipeline_session(params: Params, record_dvc: bool, deadline: Deadline,
                          "prefect.flow_run_url": prefect_run_url(flow_run_id)})
             parent.log_params(tracking.flatten(params.model_dump(mode="json")))
             link_mlflow_run(parent)
-            news.label(prefect_run=prefect_run_url(str(news.top.id)),
-                       **({"mlflow_run": parent.url()} if parent.url() else {}))
+            if parent.url():
+                news.label(mlflow_run=parent.url())
             try:
                 yield Session(parent, news)
             except BaseException as exc:
