@@ -88,12 +88,13 @@ def pipeline_session(params: Params, record_dvc: bool, deadline: Deadline,
 def waiting_for_workspace(deadline: Deadline) -> Wait:
     """For a run a deployment started: wait while the workspace is busy (said once in the log),
     until the run's deadline."""
-    since: list[float] = []
+    said = False
 
     def wait(busy: str) -> None:
-        if not since:
-            since.append(time.monotonic())
+        nonlocal said
+        if not said:
             log.warning("waiting for the workspace: %s", busy)
+            said = True
         deadline.check(f"waiting for the workspace: {busy}")
         time.sleep(min(WORKSPACE_POLL_S, max(deadline.remaining(), 0.1)))
     return wait
