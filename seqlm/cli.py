@@ -216,7 +216,8 @@ def schedule(cron: Annotated[str, typer.Option(help="cron schedule (UTC)")] = "0
                                                     "(and its UI)")] = 4200,
              params: ParamsOption = PARAMS_FILE) -> None:
     """Start a Prefect server on 127.0.0.1 (unless one answers there) and serve the pipeline on
-    a cron schedule. Ctrl-C stops both; the schedule stays active for the next start."""
+    a cron schedule, one run at a time (a run due meanwhile waits). Ctrl-C stops both; the
+    schedule stays active for the next start. `seqlm notify` sends messages about its runs."""
     _params(params)
     from seqlm import interrupt
     from seqlm.runtime import server
