@@ -8,20 +8,23 @@ from __future__ import annotations
 
 import datetime
 import logging
+import queue
 import subprocess
 import sys
 from pathlib import Path
 
 from prefect import flow
 from prefect.artifacts import create_table_artifact
-from prefect.futures import PrefectFuture, as_completed, wait
+from prefect.futures import PrefectFuture, wait
 
 from seqlm import tracking
 from seqlm.params import PARAMS_FILE, Params, load_params
-from seqlm import interrupt
+from seqlm import data_change, interrupt
+from seqlm.runtime.deadline import Deadline, RunTimedOut
+from seqlm.runtime.news import RunNews
 from seqlm.runtime.preflight import check_dask_address
 from seqlm.runtime.runners import local_runner, one_gpu_each, task_runner_for
-from seqlm.runtime.session import Session, pipeline_session
+from seqlm.runtime.session import Session, pipeline_session, prefect_run_url
 from seqlm.runtime.workspace import dvc_lock_released, dvc_recorded, dvc_state, record_dvc
 from seqlm.stages import nodes
 from tasks import task_of
@@ -50,27 +53,105 @@ def pipeline(params_file: str = str(PARAMS_FILE), record_dvc: bool = True) -> di
         check_dask_address(params.execution.dask_address)
         return pipeline.with_options(task_runner=task_runner_for(params))(
             params_file=params_file, record_dvc=record_dvc)
-    with pipeline_session(params, record_dvc) as session:
+    deadline = Deadline.of(params, log)
+    news = RunNews()
+    news.label(prefect_run=prefect_run_url(str(news.top.id)))    # the message's link to the run
+    doing = Doing("start-up (the workspace, the machine, the MLflow store, dvc.lock)")
+    try:
+        return _run(params, params_file, record_dvc, deadline, news, doing)
+    except Exception as exc:
+        news.failed(doing.now, exc)         # for the message of a failed run (seqlm notify)
+        raise
+
+
+class Doing:
+    """What the run is doing: the stage a failure is told of."""
+
+    def __init__(self, now: str) -> None:
+        self.now = now
+
+
+def _run(params: Params, params_file: str, record_dvc: bool, deadline: Deadline,
+         news: RunNews, doing: Doing) -> dict[str, str]:
+    with pipeline_session(params, record_dvc, deadline, news) as session:
         futures: dict[str, PrefectFuture] = {}
+        records: dict[str, dict] = {}
+        announcements = Announcements(params, session)
         try:
+            deadline.check("before its first stage")
+            doing.now = "submitting the stages"
             submit_stages(params, futures)
-            records = {label: _finished(future, session) for label, future in _completed(futures)}
-        except BaseException:
-            # A failed stage or Ctrl-C: the stages still running stop within a batch (their
-            # last checkpoints kept) before the run ends.
+            for label, future in _completed(futures, records, deadline):
+                doing.now = label
+                records[label] = _finished(future, session)
+                announcements.finished(label, future.state.name == "Cached", records[label])
+        except BaseException as exc:
+            # A failed stage, the deadline or Ctrl-C: the stages still running stop within a
+            # batch (their last checkpoints kept) before the run ends.
+            if isinstance(exc, RunTimedOut):
+                doing.now = ", ".join(_running(futures, records)) or doing.now
             interrupt.stop_and_wait(list(futures.values()))
             raise
+        finally:
+            announcements.flush()
+        doing.now = "the report"
         _report(params, session, records, futures)
         if record_dvc:
+            doing.now = "dvc commit and push"
             _record_in_dvc(params_file, records)
         tracking.log_lock(session.parent)
     errors = [session.parent.error, *(r.get("tracking_error") for r in records.values())]
     if any(errors):
+        doing.now = "MLflow tracking"
         raise tracking.TrackingError(
             f"MLflow store {tracking.tracking_uri()!r} failed ({next(e for e in errors if e)}); "
             f"all pipeline artifacts were written. {tracking.FIX_URI} and re-run: unchanged "
             "stages are skipped.")
     return {node.label: futures[node.label].state.name for node in nodes(params)}
+
+
+class Announcements:
+    """What the stages that ran tell: the change of the corpus (an unpinned source, after its
+    ngrams stage ran), into the MLflow run and the flow run's labels, and every champion
+    decision of a training that ran, as a Prefect event carrying that change; a decision waits
+    for the change to be known, so that its message tells it."""
+
+    def __init__(self, params: Params, session: Session) -> None:
+        self.session = session
+        # Kept before the ngrams stage replaces the tables: the last run's, to compare with.
+        self.comparing = params.download.checksum is None and data_change.keep_previous()
+        self.decisions: list[dict] = []
+
+    def finished(self, label: str, cached: bool, record: dict) -> None:
+        """A stage ended; a cached one changed nothing and retrained nothing."""
+        if label == "ngrams" and self.comparing:
+            self.comparing = False
+            if not cached:
+                self._record_change()
+        if not cached and record.get("champion"):
+            self.decisions.append(record["champion"])
+        if not self.comparing:
+            self.flush()
+
+    def _record_change(self) -> None:
+        try:
+            change = data_change.describe()
+        except Exception as exc:  # noqa: BLE001 - a record of the run, never its failure
+            log.warning("could not compare the corpus with the last run's: %s", exc)
+            return
+        if change is None:
+            return
+        summary = data_change.summary(change)
+        log.info("%s", summary)
+        self.session.parent.log_metrics(data_change.metrics(change))
+        self.session.parent.log_dict(change, "data_change.json")
+        self.session.news.changed_data(summary)
+
+    def flush(self) -> None:
+        """Announce the decisions taken so far."""
+        for decision in self.decisions:
+            self.session.news.champion(decision)
+        self.decisions.clear()
 
 
 def submit_stages(params: Params, futures: dict[str, PrefectFuture]) -> None:
@@ -106,11 +187,39 @@ def submitted_late(stage: str, sharded: bool) -> int:
     return 0 if stage in ("download", "preprocess", "train_lm") else 1
 
 
-def _completed(futures: dict[str, PrefectFuture]):
-    """(label, future) as each stage finishes: a failing stage ends the run at once."""
+def _completed(futures: dict[str, PrefectFuture], records: dict[str, dict],
+               deadline: Deadline):
+    """(label, future) as each stage finishes: a failing stage ends the run at once, and so
+    does the deadline (RunTimedOut), whatever the stages are doing."""
     labels = {id(future): label for label, future in futures.items()}
-    for future in as_completed(list(futures.values())):
+    done: queue.SimpleQueue[PrefectFuture] = queue.SimpleQueue()
+    for future in futures.values():
+        future.add_done_callback(done.put)
+    for _ in futures:
+        while True:
+            try:
+                future = done.get(timeout=deadline.remaining())
+                break
+            except queue.Empty:
+                if deadline.passed():
+                    raise deadline.timed_out(
+                        f"while {', '.join(_running(futures, records))} ran: stopped, with "
+                        "their last checkpoints kept; the next run resumes") from None
         yield labels[id(future)], future
+
+
+def _running(futures: dict[str, PrefectFuture], records: dict[str, dict]) -> list[str]:
+    """The stages that started and have not ended (or, if none is known to have started, all
+    that have not ended)."""
+    unfinished = [label for label in futures if label not in records]
+    started = []
+    for label in unfinished:
+        try:
+            if futures[label].state.is_running():
+                started.append(label)
+        except Exception:  # noqa: BLE001 - a state that cannot be read: not known to run
+            continue
+    return started or unfinished
 
 
 def _finished(future: PrefectFuture, session: Session) -> dict:

@@ -232,7 +232,8 @@ def schedule(cron: Annotated[str, typer.Option(help="cron schedule (UTC)")] = "0
                                                     "(and its UI)")] = 4200,
              params: ParamsOption = PARAMS_FILE) -> None:
     """Start a Prefect server on 127.0.0.1 (unless one answers there) and serve the pipeline on
-    a cron schedule. Ctrl-C stops both; the schedule stays active for the next start."""
+    a cron schedule, one run at a time (a run due meanwhile waits). Ctrl-C stops both; the
+    schedule stays active for the next start. `seqlm notify` sends messages about its runs."""
     _params(params)
     from seqlm import interrupt
     from seqlm.runtime import server
@@ -242,17 +243,74 @@ def schedule(cron: Annotated[str, typer.Option(help="cron schedule (UTC)")] = "0
     try:
         os.environ["PREFECT_API_URL"] = api_url
         typer.echo(f"Prefect UI: http://127.0.0.1:{port}  schedule: {cron} (Ctrl-C stops)")
+        from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
         from flows.pipeline import pipeline
         with interrupt.stop_on_signals():
             # Prefect's serve ends on Ctrl-C by itself (or raises it, when it comes mid-step).
+            # One run at a time, as the deployment of prefect.yaml: a run due while another runs
+            # waits for it (AwaitingConcurrencySlot), never fails.
             with contextlib.suppress(KeyboardInterrupt):
                 pipeline.serve(name="scheduled", cron=cron,
                                parameters={"params_file": str(params)}, pause_on_shutdown=False,
-                               print_starting_message=False)
+                               print_starting_message=False,
+                               global_limit=ConcurrencyLimitConfig(
+                                   limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE))
     finally:
         if process is not None:
             server.stop(process)
     typer.echo("stopped serving; the schedule stays active for the next start")
+
+
+@app.command()
+def notify(url: Annotated[Optional[str], typer.Option(
+               help="where the messages go: an Apprise URL (mailto://, slack://, ntfy://, "
+                    "tgram://, ...) or an http(s):// webhook that receives a POST of JSON "
+                    "{subject, body}")] = None,
+           remove: Annotated[bool, typer.Option(
+               "--remove", help="delete the automations and the notification block")] = False,
+           port: Annotated[int, typer.Option(
+               help="port on 127.0.0.1 of this clone's Prefect server (`seqlm schedule`'s), "
+                    "used when PREFECT_API_URL is unset")] = 4200,
+           automations: Annotated[Path, typer.Option(
+               help="the automations to apply")] = Path("automations.yaml")) -> None:
+    """Send a message when a scheduled pipeline run fails, crashes or times out, and when a
+    champion moves: the notification block and the automations of automations.yaml, made (or
+    updated) on the Prefect server of PREFECT_API_URL, else on this clone's (started for the
+    command if it is not running)."""
+    if (url is None) == (not remove):
+        _fail("give --url URL (where messages go) or --remove")
+    from seqlm.runtime import server
+    own = f"http://127.0.0.1:{port}/api"
+    api_url = os.environ.get("PREFECT_API_URL") or own
+    os.environ["PREFECT_API_URL"] = api_url       # before Prefect is imported: it reads it once
+    process = None
+    with _one_line_errors():
+        from seqlm import notify as notifications
+        planned = notifications.plan(url, automations) if url else None   # checked first
+        if api_url == own:
+            process = server.start_lasting_server(port)       # None: one answers there already
+        elif not server.healthy(api_url):
+            raise server.ServerError(f"PREFECT_API_URL = {api_url!r}: no Prefect server answers")
+    try:
+        with _one_line_errors():
+            if planned is None:
+                gone = notifications.remove()
+                typer.echo(f"removed from {api_url}: {', '.join(gone) or 'nothing was there'}")
+                return
+            stale = notifications.apply(planned)
+        typer.echo(f"notifications on {api_url}: block {notifications.BLOCK_NAME}, "
+                   f"{planned.sends_to}")
+        for automation in planned.automations:
+            typer.echo(f"  automation {automation.name}: "
+                       f"{'on' if automation.enabled else 'off'} ({automation.description})")
+        for name in stale:
+            typer.echo(f"  automation {name}: deleted (no longer in {automations})")
+        if process is not None:
+            typer.echo("They act while this clone's Prefect server runs (`seqlm schedule`).")
+    finally:
+        if process is not None:
+            server.stop(process)
 
 
 @app.command()

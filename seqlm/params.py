@@ -246,6 +246,15 @@ class ExecutionParams(Section):
     """Where the stages run."""
     task_runner: Literal["local", "dask"] = Field("local", description="`local`: the stages run in threads of the `seqlm run` process. `dask`: on a Dask cluster through prefect-dask, each training on a worker with a free `GPU` resource.")
     dask_address: str | None = Field(None, description="`null`: a LocalCluster sized to this machine. `tcp://host:8786`: join that scheduler.")
+    timeout_minutes: PositiveFloat | Literal["auto"] = Field("auto", description="A run still going after this many minutes ends TimedOut: its trainings stop within a batch (their last checkpoints kept), the workspace is released and the next run resumes. `auto`: 4 times the expected duration of the configured work, at least 30 minutes (seqlm/runtime/deadline.py).")
+
+    @field_validator("timeout_minutes", mode="before")
+    @classmethod
+    def _minutes_or_auto(cls, value: object) -> object:
+        if value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                               and value > 0 and value != float("inf")):
+            return value
+        raise ValueError("must be a number of minutes > 0, or auto")
 
 
 class TrackingParams(Section):

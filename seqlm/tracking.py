@@ -197,6 +197,7 @@ class Run:
         self.client = None
         self.run_id: str | None = None
         self.experiment_id: str | None = None
+        self.champion: dict[str, Any] | None = None   # the registry's decision on its model
         self._unsent: list[tuple[int, dict[str, float], int]] = []
         self._sent_at = 0.0
         self._lock = threading.Lock()
@@ -460,27 +461,56 @@ def _register(run: Run, model_dir: Path, model: str, val_perplexity: float, val_
     clean = run.params.preprocess.clean
     client.set_model_version_tag(name, version, CLEAN_TAG, clean)
     val_tokens = run.params.preprocess.val_tokens
+    # The decision, for the champion's event (seqlm.runtime.news): the versions and the
+    # validation perplexities before and after, and the text they were measured on.
+    decision = {"name": name, "model": model, "version": version,
+                "val_perplexity": float(val_perplexity),
+                "validation_text": {"digest": val_digest, "tokens": val_tokens,
+                                    "corpus": run.params.corpus_name},
+                "mlflow_run": run.url()}
     if val_tokens < CHAMPION_MIN_VAL_TOKENS:
-        log.info("%s v%s is registered but cannot be champion: its validation text has %d "
-                 "tokens, fewer than the %d a comparison needs (preprocess.val_tokens)", name,
-                 version, val_tokens, CHAMPION_MIN_VAL_TOKENS)
+        reason = (f"its validation text has {val_tokens} tokens, fewer than the "
+                  f"{CHAMPION_MIN_VAL_TOKENS} a comparison needs (preprocess.val_tokens)")
+        log.info("%s v%s is registered but cannot be champion: %s", name, version, reason)
+        run.champion = {**decision, "moved": False, "reason": reason, **_current(client, name)}
         return version
     other = _champion_clean(client, name)
     if other not in (None, clean):
-        log.warning("%s v%s is registered but cannot be champion: the champion reads text "
-                    "cleaned %r, this model text cleaned %r (preprocess.clean); set "
-                    "tracking.corpus_name to register it under a name of its own", name, version,
-                    other, clean)
+        reason = (f"the champion reads text cleaned {other!r}, this model text cleaned "
+                  f"{clean!r} (preprocess.clean)")
+        log.warning("%s v%s is registered but cannot be champion: %s; set tracking.corpus_name "
+                    "to register it under a name of its own", name, version, reason)
+        run.champion = {**decision, "moved": False, "reason": reason, **_current(client, name)}
         return version
     champion = _champion_perplexity(client, name, val_digest, rescore)
-    if champion is None or val_perplexity < champion:
+    before = {"champion_version": champion[0], "champion_val_perplexity": champion[1]} \
+        if champion else {"champion_version": None, "champion_val_perplexity": None}
+    if champion is None or val_perplexity < champion[1]:
         client.set_registered_model_alias(name, CHAMPION, version)
+        reason = "the first" if champion is None else f"was {champion[1]:.3f}"
         log.info("%s v%s is the new champion (val perplexity %.3f, %s)", name, version,
-                 val_perplexity, "the first" if champion is None else f"was {champion:.3f}")
+                 val_perplexity, reason)
+        run.champion = {**decision, **before, "moved": True,
+                        "reason": f"better on the same validation text ({reason})"}
     else:
         log.info("%s v%s (val perplexity %.3f) does not beat the champion (%.3f): alias kept",
-                 name, version, val_perplexity, champion)
+                 name, version, val_perplexity, champion[1])
+        run.champion = {**decision, **before, "moved": False,
+                        "reason": f"does not beat champion v{champion[0]} "
+                                  f"({champion[1]:.3f}) on the same validation text"}
     return version
+
+
+def _current(client: Any, name: str) -> dict[str, Any]:
+    """The champion as it stays: its version and its recorded validation perplexity."""
+    import mlflow
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+    except mlflow.exceptions.MlflowException:
+        return {"champion_version": None, "champion_val_perplexity": None}
+    value = current.tags.get("val_perplexity")
+    return {"champion_version": str(current.version),
+            "champion_val_perplexity": float(value) if value is not None else None}
 
 
 @contextlib.contextmanager
@@ -511,8 +541,9 @@ def _champion_clean(client: Any, name: str) -> str | None:
 
 
 def _champion_perplexity(client: Any, name: str, val_digest: str, rescore: Rescore,
-                         ) -> float | None:
-    """The champion's validation perplexity on the text of `val_digest`; None without one."""
+                         ) -> tuple[str, float] | None:
+    """The champion's version and validation perplexity on the text of `val_digest`; None
+    without one."""
     import mlflow
     try:
         current = client.get_model_version_by_alias(name, CHAMPION)
@@ -520,7 +551,7 @@ def _champion_perplexity(client: Any, name: str, val_digest: str, rescore: Resco
         return None
     value = current.tags.get("val_perplexity")
     if value is not None and current.tags.get("val_digest") == val_digest:
-        return float(value)
+        return str(current.version), float(value)
     # Its weights and vocabulary only, read as data (torch.load with weights_only): loading the
     # pyfunc would run the Python code stored beside them, which anyone who can write the store
     # could have replaced.
@@ -541,7 +572,7 @@ def _champion_perplexity(client: Any, name: str, val_digest: str, rescore: Resco
     score = rescore(model, vocab)
     log.info("%s champion v%s was measured on other validation text; on this run's it scores "
              "%.3f", name, current.version, score)
-    return score
+    return str(current.version), score
 
 
 def log_record(run: Run, record: dict[str, Any], cached: bool) -> None:

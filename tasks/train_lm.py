@@ -68,8 +68,9 @@ def train_lm(params: Params, model: str) -> Record:
         version = tracking.register_language_model(
             run, out, model, meta["best_val_perplexity"], meta["validation_digest"],
             rescorer(corpus, vocab, params), _version_description(meta, samples))
+    # "champion": the registry's decision, announced by the flow for a training that ran
     return {"mlflow_run": run.run_id, "model_version": version, "tracked": run.error is None,
-            "tracking_error": run.error}
+            "tracking_error": run.error, "champion": run.champion}
 
 
 def trainer(params: Params) -> Callable[..., TrainResult]:

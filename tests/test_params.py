@@ -61,6 +61,10 @@ def test_repository_params_are_valid():
      "download.out = '../../outside.txt': Value error, '../../outside.txt' must be a relative "
      "path inside the repository"),
     (lambda p: p["download"].update(out="/tmp/abs.txt"), "download.out = '/tmp/abs.txt'"),
+    (lambda p: p["execution"].update(timeout_minutes=0),
+     "execution.timeout_minutes = 0: Value error, must be a number of minutes > 0, or auto"),
+    (lambda p: p["execution"].update(timeout_minutes="never"),
+     "execution.timeout_minutes = 'never': Value error, must be a number of minutes > 0, or auto"),
 ])
 def test_bad_params_name_key_and_value(tmp_path, mutate, expected):
     with pytest.raises(ParamsError) as info:

@@ -1,4 +1,5 @@
 """The flow end to end on a real Prefect test server and a real MLflow sqlite store."""
+import datetime
 import hashlib
 import json
 import os
@@ -314,6 +315,7 @@ def test_scheduled_retraining_follows_the_content_of_an_unpinned_source(
                                         "checksum": None})
         client = MlflowClient(small_pipeline)
         states, datasets = [], []
+        since = datetime.datetime.now(datetime.timezone.utc)
         for content in (v1, v1, v2):
             server.plans["/timemachine.txt"] = [content]
             states.append(pipeline(params_file="params.yaml", record_dvc=False))
@@ -347,6 +349,42 @@ def test_scheduled_retraining_follows_the_content_of_an_unpinned_source(
     old_ppl = perplexity(old.model, old_ids, protocol.CONTEXT, "cpu")
     champion = int(client.get_model_version_by_alias("timemachine-rnn", "champion").version)
     assert champion == (2 if meta["best_val_perplexity"] < old_ppl else 1), (meta, old_ppl)
+    # what changed in the data, in the run that fetched the new content only
+    changes = [r.data.metrics.get("data_change.jsd_word_1") for r in
+               sorted(parents, key=lambda r: r.info.start_time)[-3:]]
+    assert changes[:2] == [None, None] and 0 < changes[2] < 1, changes
+    assert latest.data.metrics["data_change.chars_before"] == 170_580
+    # each "Time Traveller" became two characters shorter
+    assert latest.data.metrics["data_change.chars_after"] == \
+        170_580 - 2 * v1.count(b"Time Traveller")
+    with get_client(sync_client=True) as prefect_client:
+        labels = prefect_client.read_flow_run(latest.data.tags["prefect.flow_run_id"]).labels
+    assert labels["seqlm.data_change"].startswith("corpus changed: 170,580 -> "), labels
+    # one champion event per training that ran, the last one telling that change
+    decisions = champion_events(since)
+    assert [e.event for e in decisions][0] == "seqlm.champion.moved"
+    assert [e.payload["version"] for e in decisions] == ["1", "2"], decisions
+    assert decisions[0].payload["data_change"] is None
+    assert decisions[1].payload["data_change"] == labels["seqlm.data_change"]
+    assert decisions[1].event == ("seqlm.champion.moved" if champion == 2
+                                  else "seqlm.champion.rejected")
+
+
+def champion_events(since: datetime.datetime) -> list:
+    """The champion events emitted since `since` (once the server has stored them)."""
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter
+    from prefect.events.worker import EventsWorker
+    EventsWorker.drain_all(at_exit=False)
+    deadline = time.monotonic() + 60
+    with get_client(sync_client=True) as client:
+        while True:
+            event_filter = EventFilter(event=EventNameFilter(prefix=["seqlm.champion."]),
+                                       occurred=EventOccurredFilter(since=since))
+            events = sorted(client.read_events(event_filter, limit=50).events,
+                            key=lambda e: e.occurred)
+            if len(events) >= 2 or time.monotonic() > deadline:
+                return events
+            time.sleep(1)
 
 
 def test_a_second_corpus_by_params_alone_trains_its_own_models(small_pipeline, workdir):

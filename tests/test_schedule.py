@@ -98,6 +98,9 @@ def test_schedule_serves_in_a_terminal_and_ctrl_c_stops_it(tmp_path):
         assert deployment["parameters"] == {"params_file": "params.yaml"}
         assert [s["schedule"]["cron"] for s in deployment["schedules"]] == [CRON]
         assert all(s["active"] for s in deployment["schedules"])
+        # one run at a time; a run due meanwhile is queued, as the deployment of prefect.yaml's
+        assert deployment["global_concurrency_limit"]["limit"] == 1
+        assert deployment["concurrency_options"]["collision_strategy"] == "ENQUEUE"
         output = terminal.read(3)
         assert f"Prefect UI: http://127.0.0.1:{port}" in output
         # served by this server: no temporary server of Prefect's own beside it

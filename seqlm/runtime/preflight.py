@@ -150,20 +150,22 @@ LONG_TRAINING_S = 3600.0       # a run expected to train longer is announced wit
 FASTEST_CORE_FLOPS = 1e12
 
 
-def training_seconds(params: Params, model: str, flops_per_s: float) -> float:
-    """Seconds a training of `model` from scratch takes here, roughly: 6 FLOPs per weight and
-    token (forward and backward) for every token trained on, plus the validations (forward
-    only): every epoch's, or by steps every eval_every steps'."""
-    return 2 * weight_count(params, model) * _token_passes(params) / flops_per_s
+def training_seconds(params: Params, model: str, flops_per_s: float,
+                     corpus_chars: int = 170_000) -> float:
+    """Seconds a training of `model` from scratch takes at `flops_per_s`, roughly: 6 FLOPs per
+    weight and token (forward and backward) for every token trained on, plus the validations
+    (forward only): every epoch's, or by steps every eval_every steps'. `corpus_chars` sizes
+    an epoch where train_tokens is null (a split of the whole corpus)."""
+    return 2 * weight_count(params, model) * _token_passes(params, corpus_chars) / flops_per_s
 
 
-def _token_passes(params: Params) -> float:
+def _token_passes(params: Params, corpus_chars: int = 170_000) -> float:
     """Tokens trained on, three times (forward and backward), plus the tokens validated."""
     p, pre = params.train_lm, params.preprocess
     if p.max_steps is not None:
         evaluations = -(-p.max_steps // p.eval_every)
         return 3 * p.max_steps * p.batch_size * p.num_steps + evaluations * pre.val_tokens
-    return p.epochs * (3 * (pre.train_tokens or 170_000) + pre.val_tokens)
+    return p.epochs * (3 * (pre.train_tokens or corpus_chars) + pre.val_tokens)
 
 
 def matmul_flops_per_s(hidden: int, batch: int, seconds: float = 0.05) -> float:

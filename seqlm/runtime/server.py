@@ -57,7 +57,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _healthy(api_url: str) -> bool:
+def healthy(api_url: str) -> bool:
     try:
         with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
             return response.status == 200
@@ -109,7 +109,7 @@ def wait_for_server() -> None:
         return
     process, api_url = _starting
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while not _healthy(api_url):
+    while not healthy(api_url):
         if process.poll() is not None or time.monotonic() > deadline:
             stop(process)
             raise ServerError(f"the temporary Prefect server did not start on {api_url} "
@@ -125,8 +125,10 @@ def start_lasting_server(port: int) -> subprocess.Popen | None:
     (a terminal would otherwise get Prefect's interactive profile question), and its UI calls
     the API on the same port. ServerError if it does not answer within STARTUP_TIMEOUT_S."""
     api_url = f"http://127.0.0.1:{port}/api"
+    # PREFECT_UI_URL: the links the server writes into the messages of `seqlm notify`.
     env = {**os.environ, "PREFECT_CLI_PROMPT": "false", "PREFECT_SERVER_API_HOST": "127.0.0.1",
-           "PREFECT_SERVER_API_PORT": str(port), "PREFECT_UI_API_URL": api_url}
+           "PREFECT_SERVER_API_PORT": str(port), "PREFECT_UI_API_URL": api_url,
+           "PREFECT_UI_URL": f"http://127.0.0.1:{port}"}
     env.pop("PREFECT_API_URL", None)
     # The home's database, given in a process of its own: Prefect reads its settings once, when
     # imported, and this process has still to set PREFECT_API_URL to this server (`seqlm
@@ -148,14 +150,14 @@ def _serve(args: list[str], env: dict[str, str], url: str, log: Path,
            what: str) -> subprocess.Popen | None:
     """Start the server `args` (output appended to `log`) and wait until `url`/health answers;
     None if something answers there already."""
-    if _healthy(url):
+    if healthy(url):
         return None
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as output:
         process = spawn(args, env, stdout=output, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     try:
-        while not _healthy(url):
+        while not healthy(url):
             if process.poll() is not None or time.monotonic() > deadline:
                 raise ServerError(f"the {what} did not start on {url.removesuffix('/api')} "
                                   f"(exit code {process.poll()}); its output is in {log}")

@@ -1,11 +1,16 @@
 """What a pipeline run holds while its stages run, taken and given back in one place, whatever
 started the flow (`seqlm run`, `seqlm schedule`, a Prefect worker): the workspace, the signal
 handlers, the checks of the machine and the MLflow store, the clean-up after a killed run, the
-run's training slots and its MLflow parent run."""
+run's training slots and its MLflow parent run.
+
+A run a deployment started (a worker's, `seqlm schedule`'s) that finds the workspace busy (a
+`seqlm run`, a `dvc repro`, a run of another deployment) waits for it, within its time bound,
+instead of failing: a scheduled run is never turned into a failure by another run."""
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -19,24 +24,32 @@ from seqlm import tracking
 from seqlm.params import Params
 from seqlm import interrupt
 from seqlm.runtime import server
+from seqlm.runtime.deadline import Deadline
+from seqlm.runtime.news import RunNews
 from seqlm.runtime.preflight import check_dvc_lock, check_machine, warn_long_trainings
 from seqlm.threads import training_slots
-from seqlm.runtime.workspace import run_record, workspace_lock
+from seqlm.runtime.workspace import Wait, run_record, workspace_lock
 
 log = logging.getLogger("seqlm.pipeline")
+WORKSPACE_POLL_S = 5.0          # how often a waiting run tries the busy workspace again
 
 
 @dataclass
 class Session:
     parent: tracking.Run          # the pipeline's MLflow run
+    news: RunNews                 # what the run tells the Prefect server (seqlm notify)
 
 
 @contextlib.contextmanager
-def pipeline_session(params: Params, record_dvc: bool) -> Iterator[Session]:
+def pipeline_session(params: Params, record_dvc: bool, deadline: Deadline,
+                     news: RunNews) -> Iterator[Session]:
     """Hold the workspace (and DVC's lock), check what can be checked before any stage runs,
     close what a killed run left open, and open the run's MLflow parent run and training
     slots; on the way out close them FINISHED, or KILLED / FAILED with the stages told to stop."""
-    with workspace_lock("seqlm run", dvc=record_dvc), interrupt.stop_on_signals():
+    deployed = news.top is not None and news.top.deployment_id is not None
+    with interrupt.stop_on_signals(), workspace_lock(
+            "seqlm run" if not deployed else f"the deployment run {news.top.name}",
+            dvc=record_dvc, wait=waiting_for_workspace(deadline) if deployed else None):
         tracking.check_store()          # an unusable store fails now, not after the stages
         check_machine(params)
         warn_long_trainings(params, log)
@@ -55,17 +68,36 @@ def pipeline_session(params: Params, record_dvc: bool) -> Iterator[Session]:
                          "prefect.flow_run_url": prefect_run_url(flow_run_id)})
             parent.log_params(tracking.flatten(params.model_dump(mode="json")))
             link_mlflow_run(parent)
+            if parent.url():
+                news.label(mlflow_run=parent.url())
             try:
-                yield Session(parent)
+                yield Session(parent, news)
             except BaseException as exc:
-                parent.finish("KILLED" if isinstance(exc, (KeyboardInterrupt,
-                                                           interrupt.Interrupted)) else "FAILED")
+                interrupted = isinstance(exc, (KeyboardInterrupt, interrupt.Interrupted))
+                if not interrupted:
+                    parent.set_tags({"failure_reason": f"{type(exc).__name__}: {exc}"[:5000]})
+                parent.finish("KILLED" if interrupted else "FAILED")
                 raise
             else:
                 parent.finish()
             finally:
                 if limit:
                     close_training_slots(limit)
+
+
+def waiting_for_workspace(deadline: Deadline) -> Wait:
+    """For a run a deployment started: wait while the workspace is busy (said once in the log),
+    until the run's deadline."""
+    said = False
+
+    def wait(busy: str) -> None:
+        nonlocal said
+        if not said:
+            log.warning("waiting for the workspace: %s", busy)
+            said = True
+        deadline.check(f"waiting for the workspace: {busy}")
+        time.sleep(min(WORKSPACE_POLL_S, max(deadline.remaining(), 0.1)))
+    return wait
 
 
 def slots_can_bind(params: Params) -> bool:

@@ -2,7 +2,8 @@
 
 `seqlm run`, `seqlm stage` and scheduled runs hold `.seqlm/lock`, an flock that the kernel
 releases when the process ends, however it ends: a second run is refused at once with the
-holder's PID, and the lock of a dead process is simply taken over. `seqlm run` also holds DVC's
+holder's PID (a run a deployment started waits for it instead: seqlm.runtime.session), and the
+lock of a dead process is simply taken over. `seqlm run` also holds DVC's
 repository lock (`.dvc/tmp/lock`), so a `dvc repro` started meanwhile fails at once instead of
 deleting stage outputs before its command is refused.
 
@@ -22,7 +23,7 @@ import datetime
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,17 +59,27 @@ def holder(lock: Path) -> str:
     return f"pid {pid} ({rest})" if rest else f"pid {pid}"
 
 
+# Called with what holds the workspace while it is busy, instead of refusing at once: returns
+# when the lock should be tried again, or raises to give up (a run's deadline, Ctrl-C).
+Wait = Callable[[str], None]
+
+
 @contextlib.contextmanager
-def _locked(lock: Path, label: str, busy: str) -> Iterator[None]:
+def _locked(lock: Path, label: str, busy: str, wait: Wait | None = None) -> Iterator[None]:
     if lock in _held:                       # this process holds it already: nested use
         yield
         return
     lock.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        handle = zc.lockfile.LockFile(str(lock), content_template=f"{{pid}} {label}, since {_now()}")
-    except zc.lockfile.LockError:
-        raise WorkspaceBusy(f"{busy} {holder(lock)} ({lock}); wait for it to end or stop it "
-                            "(kill that PID)") from None
+    while True:
+        try:
+            handle = zc.lockfile.LockFile(str(lock),
+                                          content_template=f"{{pid}} {label}, since {_now()}")
+            break
+        except zc.lockfile.LockError:
+            if wait is None:
+                raise WorkspaceBusy(f"{busy} {holder(lock)} ({lock}); wait for it to end or "
+                                    "stop it (kill that PID)") from None
+            wait(f"{busy} {holder(lock)} ({lock})")
     _held[lock] = handle
     try:
         yield
@@ -78,11 +89,12 @@ def _locked(lock: Path, label: str, busy: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def workspace_lock(command: str, dvc: bool = False) -> Iterator[None]:
-    """Hold the workspace for `command`; with dvc=True DVC's repository lock too."""
-    with _locked(LOCK, command, "this workspace is in use by"):
+def workspace_lock(command: str, dvc: bool = False, wait: Wait | None = None) -> Iterator[None]:
+    """Hold the workspace for `command`; with dvc=True DVC's repository lock too. A busy
+    workspace is refused at once (WorkspaceBusy), or waited for with `wait`."""
+    with _locked(LOCK, command, "this workspace is in use by", wait):
         if dvc and DVC_LOCK.parent.parent.is_dir():
-            with _locked(DVC_LOCK, command, "DVC is running in this workspace:"):
+            with _locked(DVC_LOCK, command, "DVC is running in this workspace:", wait):
                 yield
         else:
             yield
