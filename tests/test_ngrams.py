@@ -156,12 +156,17 @@ def test_missing_partition_is_named(processed: Path) -> None:
     assert not Path("data/ngrams").exists()
 
 
-def test_key_overflow_is_refused_before_writing(processed: Path) -> None:
-    write_params(processed, ngrams={"max_n": 6})       # 4580**6 > 2**63
-    with pytest.raises(NgramError, match=r"ngrams.max_n = 6: word level: 6-grams over a vocabulary "
-                                         r"of 4580 tokens do not fit a 63-bit key"):
-        ngrams.fn(load_params())
-    assert not Path("data/ngrams").exists() and not Path("reports/ngrams.json").exists()
+def test_orders_past_a_63_bit_key_are_counted(processed: Path, corpus) -> None:
+    """4580**6 > 2**63: the word 6-grams' keys take two int64 words (the old code refused them
+    with "do not fit a 63-bit key"); the table is the seed's Counter ranking."""
+    write_params(processed, ngrams={"max_n": 6})
+    metrics = ngrams.fn(load_params())["metrics"]
+    vocab, ids = corpus["word"]
+    frame = pd.read_parquet(table_path("word", 6))
+    expected = seed_ranking(ids.tolist(), 6)
+    assert metrics["word_6_distinct"] == len(frame) == len(expected)
+    got = [(tuple(vocab[list(row[:6])]), row[6]) for row in frame.itertuples(index=False)]
+    assert got == expected
 
 
 def test_out_of_vocabulary_id_names_file_and_position(processed: Path, corpus) -> None:
@@ -212,10 +217,10 @@ def test_levels_derived_from_the_dense_top_level_equal_np_unique(start: int, sto
     tables = count_shard(ids, start, stop, 5, 3)
     for n in range(1, 6):
         last = min(stop, len(ids) - n + 1)
-        keys = pack([ids[start + j:last + j] for j in range(n)], 3)
+        [keys] = pack([ids[start + j:last + j] for j in range(n)], 3)
         distinct, first, counts = np.unique(keys, return_index=True, return_counts=True)
         table = tables[n]
-        assert np.array_equal(table.keys, distinct) and np.array_equal(table.counts, counts)
+        assert np.array_equal(table.keys, [distinct]) and np.array_equal(table.counts, counts)
         assert np.array_equal(table.first, first + start)
 
 
