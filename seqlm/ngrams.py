@@ -405,12 +405,24 @@ def save_partial(partitions: Sequence[Mapping[int, NgramTable]], path: Path | st
     return Path(path)
 
 
-def load_partial(path: Path | str, partition: int = 0) -> dict[int, NgramTable]:
-    """Partition `partition` of what save_partial wrote; NgramError naming the file when it is
-    not such a file or lacks that partition."""
+def partial_orders(path: Path | str) -> list[int]:
+    """The orders n of the tables in what save_partial wrote."""
     try:
         with np.load(path, allow_pickle=False) as archive:
-            orders = sorted({int(name.split("_")[1]) for name in archive.files})
+            return sorted({int(name.split("_")[1]) for name in archive.files})
+    except (OSError, ValueError, IndexError) as exc:
+        raise NgramError(f"{path}: unreadable partial n-gram counts ({exc})") from None
+
+
+def load_partial(path: Path | str, partition: int = 0, n: int | None = None
+                 ) -> dict[int, NgramTable]:
+    """Partition `partition` of what save_partial wrote (of order `n` only, or all of them);
+    NgramError naming the file when it is not such a file or lacks that partition. An .npz is
+    read an array at a time: only what is asked for is read."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            orders = [n] if n is not None else \
+                sorted({int(name.split("_")[1]) for name in archive.files})
             tables = {n: NgramTable(n, *(archive[f"{field}_{n}_{partition}"]
                                          for field in ("keys", "counts", "first")))
                       for n in orders}
@@ -721,14 +733,15 @@ def to_arrow(table: NgramTable, tokens: Sequence[str] | pa.Array, first_rank: in
     return pa.table(columns)
 
 
-def write_parquet(pieces: NgramTable | Iterable[NgramTable], tokens: Sequence[str],
+def write_parquet(pieces: NgramTable | Iterable[NgramTable], tokens: Sequence[str] | pa.Array,
                   path: Path | str, rows: int = PARQUET_ROWS) -> int:
     """A ranked table, whole or as consecutive pieces of one (merge_ranked), as zstd Parquet:
     `rows` rows (one row group) converted and written at a time, so memory is a row group's and
     the bytes are those of pq.write_table of the whole table however it is cut. Returns the
     number of rows."""
     written = 0
-    dictionary = pa.array(list(tokens), type=pa.string())    # once, not per row group
+    dictionary = tokens if isinstance(tokens, pa.Array) else \
+        pa.array(list(tokens), type=pa.string())           # once, not per row group
     with contextlib.ExitStack() as stack:
         writer = None
         for group in _row_groups([pieces] if isinstance(pieces, NgramTable) else pieces, rows):

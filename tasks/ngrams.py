@@ -13,9 +13,11 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from prefect import task
@@ -24,20 +26,22 @@ from prefect.futures import PrefectFuture, wait
 
 from seqlm.io import publish, write_json
 from seqlm.ngrams import (ZIPF_MIN_COUNT, NgramError, NgramTable, count_ngrams,
-                          count_shard, load_partial, load_ranked, merge_ranked, plot_zipf,
+                          count_shard, load_partial, load_ranked, merge_ranked, partial_orders,
+                          plot_zipf,
                           reduce_partials, save_partial, save_ranked, shard_bounds,
                           split_partitions, write_parquet, zipf_exponent)
 from seqlm.params import Params
 from seqlm.runtime.records import Record, stage_task, up_to_date
 from seqlm.stages import CORPUS, NGRAMS, STAGE_BY_NAME, VOCAB
 from seqlm.text import TOKENIZERS, Vocab
-from seqlm.threads import beside_the_trainings
+from seqlm.threads import beside_the_trainings, cores
 
 ZIPF_PLOT = f"{NGRAMS}/zipf.png"
 ZIPF_MAX_N = 3                     # the seed plots unigrams, bigrams and trigrams
 SHARDS = Path(".seqlm/ngram-shards")  # the map's and reduce's files (git-ignored, shared tree)
 Partitions = dict[str, list[str]]  # level -> the folders of its reduced partitions
 MAX_SHARD_TASKS = 10_000           # per level: a task run each, in the Prefect server and UI
+MERGE_ROWS = 1 << 21               # rows a merge of ranked partitions reads per round, in all
 STAGE = STAGE_BY_NAME["ngrams"]
 log = logging.getLogger("seqlm.ngrams")
 
@@ -87,10 +91,11 @@ def ngrams_shard(params: Params, level: str, start: int, stop: int) -> str:
 @task(name="ngrams_reduce", cache_policy=NO_CACHE, persist_result=False)
 def ngrams_reduce(level: str, partition: int, partials: list[str]) -> str:
     """Merge partition `partition` of the shards' `partials` (in any order) and write it ranked
-    to partition_path(); returns that folder. Memory: the partition's distinct n-grams."""
-    tables = reduce_partials(load_partial(path, partition) for path in partials)
+    to partition_path(); returns that folder. One n at a time (a partial file is read an array
+    at a time): memory is the partition's distinct n-grams of one order."""
     folder = partition_path(level, partition)
-    for n in sorted(tables):
+    for n in partial_orders(partials[0]) if partials else []:
+        tables = reduce_partials(load_partial(path, partition, n) for path in partials)
         save_ranked({n: tables.pop(n).ranked()}, folder)
     return folder
 
@@ -109,17 +114,19 @@ def ngrams(params: Params, partitions: Partitions | None = None) -> Record:
     # Each table is written as soon as it is counted (memory holds one level's tables at a
     # time) into a folder that replaces data/ngrams only when every output is written: a bad
     # corpus file or a full disk leaves the previous outputs, and tables of a larger max_n of
-    # an earlier run go with the old folder.
-    with publish() as outputs:
+    # an earlier run go with the old folder. A level's tables are written side by side, one
+    # thread each on the cores (pyarrow encodes and compresses without the GIL): writing
+    # Parquet, not counting, takes most of the stage's time on large corpora.
+    with publish() as outputs, ThreadPoolExecutor(cores()) as pool:
         folder = outputs.folder(NGRAMS)
         for level, vocab in vocabs.items():
             plotted[level] = {}
-            for n, pieces in _ranked_tables(level, vocab, params, partitions):
-                counts: list[np.ndarray] = []   # what the Zipf fit and plot need, in rank order
-                metrics[f"{level}_{n}_distinct"] = write_parquet(
-                    _keep_counts(pieces, counts, everything=n <= ZIPF_MAX_N), vocab.idx_to_token,
-                    folder / table_path(level, n).name)
-                ranked_counts = np.concatenate(counts) if counts else np.empty(0, np.int64)
+            tokens = pa.array(vocab.idx_to_token, type=pa.string())
+            writes = [(n, pool.submit(_write_table, pieces, tokens,
+                                      folder / table_path(level, n).name, n <= ZIPF_MAX_N))
+                      for n, pieces in _ranked_tables(level, vocab, params, partitions)]
+            for n, write in writes:
+                metrics[f"{level}_{n}_distinct"], ranked_counts = write.result()
                 alpha = zipf_exponent(ranked_counts)
                 if alpha is not None:        # absent when fewer than two n-grams occur twice
                     metrics[f"{level}_{n}_zipf_exponent"] = alpha
@@ -162,7 +169,8 @@ def _ranked_tables(level: str, vocab: Vocab, params: Params, partitions: Partiti
     p = params.ngrams
     if partitions is not None:
         for n in range(1, p.max_n + 1):
-            yield n, merge_ranked([load_ranked(folder, n) for folder in partitions[level]])
+            parts = [load_ranked(folder, n) for folder in partitions[level]]
+            yield n, merge_ranked(parts, max(MERGE_ROWS // max(len(parts), 1), 1))
         return
     try:
         counted = count_ngrams(_load_ids(CORPUS[level]), p.max_n, len(vocab), p.chunk_tokens)
@@ -170,6 +178,15 @@ def _ranked_tables(level: str, vocab: Vocab, params: Params, partitions: Partiti
         raise NgramError(f"{CORPUS[level]}: {exc} ({VOCAB[level]})") from None
     for n in sorted(counted):
         yield n, [counted.pop(n).ranked()]
+
+
+def _write_table(pieces: Iterable[NgramTable], tokens: pa.Array, path: Path, everything: bool
+                 ) -> tuple[int, np.ndarray]:
+    """A ranked table (in pieces) as Parquet: its number of rows, and its counts in rank order,
+    all of them or only those the Zipf fit uses (`everything` False)."""
+    counts: list[np.ndarray] = []
+    rows = write_parquet(_keep_counts(pieces, counts, everything), tokens, path)
+    return rows, np.concatenate(counts) if counts else np.empty(0, np.int64)
 
 
 def _keep_counts(pieces: Iterable[NgramTable], kept: list[np.ndarray], everything: bool

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
@@ -154,6 +156,28 @@ def test_missing_partition_is_named(processed: Path) -> None:
     with pytest.raises(NgramError, match=r"word-partition-0/1.npy: not a readable .npy array"):
         ngrams.fn(load_params(), partitions={"word": [partition_path("word", 0)], "char": []})
     assert not Path("data/ngrams").exists()
+
+
+# sha256 (first 16 hex digits) of the stage's outputs on the chapter's corpus with max_n 5, as
+# the code before keys of several words wrote them (commit 58d1156), one task or sharded alike.
+# Parquet files name the pyarrow that wrote them: the digests hold for that version.
+PREVIOUS_OUTPUTS = ("25.0.1", {
+    "char_1.parquet": "cf477633629c171f", "char_2.parquet": "9738a38671321a70",
+    "char_3.parquet": "eea2bca12b1c394d", "char_4.parquet": "c1dff2d1fa6de41f",
+    "char_5.parquet": "1a5e7213bc383a42", "word_1.parquet": "919108dc31a625da",
+    "word_2.parquet": "ea4b6831a025543b", "word_3.parquet": "31de01228ff358dd",
+    "word_4.parquet": "3ac747adeb53052a", "word_5.parquet": "b24d465d98a0ec1d",
+    "ngrams.json": "bb0f7eb4495ed8e5"})
+
+
+@pytest.mark.skipif(pa.__version__ != PREVIOUS_OUTPUTS[0],
+                    reason=f"digests recorded with pyarrow {PREVIOUS_OUTPUTS[0]}")
+def test_chapter_outputs_are_the_bytes_the_previous_code_wrote(processed: Path) -> None:
+    write_params(processed, ngrams={"max_n": 5})
+    ngrams.fn(load_params())
+    files = [*Path("data/ngrams").glob("*.parquet"), Path("reports/ngrams.json")]
+    assert {f.name: hashlib.sha256(f.read_bytes()).hexdigest()[:16] for f in files} == \
+        PREVIOUS_OUTPUTS[1]
 
 
 def test_orders_past_a_63_bit_key_are_counted(processed: Path, corpus) -> None:
