@@ -377,6 +377,13 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its finished children (the Dask workers):
+    what a step costs whatever else the machine runs."""
+    return sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
+               for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+
+
 def outputs_digest() -> str:
     """One digest of the stage's outputs (data/ngrams and reports/ngrams.json)."""
     files = sorted(Path("data/ngrams").iterdir()) + [Path("reports/ngrams.json")]
@@ -436,8 +443,8 @@ class Report:
 
     def row(self, label: str, result: dict, base: float, nbytes: int, extra: str = "") -> None:
         above = result["peak_mb"] - base
-        self(f"{label:44s} {result['s']:7.1f} {result['peak_mb']:8.0f} {above:11.0f} "
-             f"{above * 1e6 / nbytes:11.2f}x   {result['load']}{extra}")
+        self(f"{label:44s} {result['s']:7.1f} {result['cpu_s']:7.1f} {result['peak_mb']:8.0f} "
+             f"{above:11.0f} {above * 1e6 / nbytes:11.2f}x   {result['load']}{extra}")
 
 
 def timed_step(work: Path, *args: object) -> dict:
@@ -490,8 +497,11 @@ def prepare_book(args: argparse.Namespace, work: Path, say: Report, idle: float,
 
 
 def header(say: Report) -> None:
-    say(f"{'stage':44s} {'s':>7s} {'peak MB':>8s} {'above idle':>11s} {'/ file size':>12s}   "
-        "load average after (1, 5, 15 min)")
+    say("(s: wall seconds; cpu s: user + system seconds of the step's processes, the Dask "
+        "workers included, which the machine's load does not inflate; peak MB: the peak RSS of "
+        "the step's process)")
+    say(f"{'stage':44s} {'s':>7s} {'cpu s':>7s} {'peak MB':>8s} {'above idle':>11s} "
+        f"{'/ file size':>12s}   load average after (1, 5, 15 min)")
 
 
 def ngram_rows(args: argparse.Namespace, work: Path, say: Report, nbytes: int, idle: float,
@@ -577,7 +587,7 @@ def main() -> None:
     if args.step:                       # a child process: one step, JSON on the last line
         name, *rest = args.step
         result = STEPS[name](*(int(x) if x.isdigit() else x for x in rest))
-        print(json.dumps({**result, "peak_mb": peak_mb()}))
+        print(json.dumps({**result, "peak_mb": peak_mb(), "cpu_s": cpu_seconds()}))
         return
 
     say = Report()

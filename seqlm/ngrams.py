@@ -369,27 +369,33 @@ def merge_tables(tables: list[NgramTable]) -> NgramTable:
     return NgramTable(n, np.take(keys, starts, axis=1), counts, first)
 
 
-def split_partitions(tables: Mapping[int, NgramTable], partitions: int
+def split_partitions(tables: dict[int, NgramTable], partitions: int
                      ) -> list[dict[int, NgramTable]]:
     """`tables` cut into `partitions` parts by a hash of the packed key (each part still sorted
     by key): a given n-gram goes to the same part from every shard, and the frequent leading
-    words of a language spread over all parts instead of filling the first."""
-    if partitions < 1:
-        raise NgramError(f"partitions must be >= 1, got {partitions}")
+    words of a language spread over all parts instead of filling the first.
+
+    Empties `tables` as it goes, so that memory holds the parts and one table, not the tables
+    twice."""
+    if not 1 <= partitions <= 1 << 16:
+        raise NgramError(f"partitions must be between 1 and 65536, got {partitions}")
     parts: list[dict[int, NgramTable]] = [{} for _ in range(partitions)]
     golden = np.uint64(0x9E3779B97F4A7C15)
-    for n, table in tables.items():
+    for n in sorted(tables):
+        table = tables.pop(n)
         # Fibonacci hashing: the high bits of key * 2**64/phi (mod 2**64) are well mixed; a
         # key of several words folds each next word in before multiplying again.
         mixed = table.keys[0].astype(np.uint64) * golden
         for word in table.keys[1:]:
             mixed ^= word.astype(np.uint64)
             mixed *= golden
-        part = ((mixed >> np.uint64(33)) % np.uint64(partitions)).astype(np.intp)
-        order = np.argsort(part, kind="stable")
-        ends = np.cumsum(np.bincount(part, minlength=partitions))
-        for p, (start, stop) in enumerate(zip(np.r_[0, ends[:-1]], ends)):
-            parts[p][n] = table.take(order[start:stop])
+        part = ((mixed >> np.uint64(33)) % np.uint64(partitions)).astype(np.uint16)
+        del mixed
+        order = np.argsort(part, kind="stable")     # a radix sort (16-bit): by part, key order
+        ends = np.cumsum(np.bincount(part, minlength=partitions)).tolist()
+        table = table.take(order)                   # one gather; the parts are slices of it
+        for p, (start, stop) in enumerate(zip([0, *ends[:-1]], ends)):
+            parts[p][n] = table.rows(start, stop)
     return parts
 
 
@@ -798,23 +804,59 @@ def zipf_exponent(counts: np.ndarray) -> float | None:
     return float(-slope)
 
 
-def plot_zipf(counts: Mapping[str, Mapping[int, np.ndarray]], path: Path | str) -> Path:
+class CountRuns:
+    """The counts of a ranked table, in rank order, as runs of equal counts, gathered piece by
+    piece as the table is written: what the Zipf fit and plot need, in kilobytes. Counts fall as
+    the rank grows, so runs are few (the last one, the singletons, holds most n-grams of a large
+    corpus) where the counts themselves are hundreds of millions."""
+
+    def __init__(self) -> None:
+        self._values: list[np.ndarray] = []
+        self._lengths: list[np.ndarray] = []
+
+    def add(self, counts: np.ndarray) -> None:
+        """The counts of the table's next rows."""
+        starts = group_starts(counts)
+        self._values.append(counts[starts])
+        self._lengths.append(np.diff(np.r_[starts, len(counts)]))
+
+    def runs(self) -> tuple[np.ndarray, np.ndarray]:
+        """(count, number of rows) of each run, in rank order."""
+        values = np.concatenate([np.empty(0, np.int64), *self._values])
+        lengths = np.concatenate([np.empty(0, np.int64), *self._lengths])
+        starts = group_starts(values)                  # a run the pieces cut, joined again
+        return values[starts], np.add.reduceat(lengths, starts) if len(starts) else lengths
+
+    def counts(self, minimum: int = 1) -> np.ndarray:
+        """The ranked counts that are >= minimum."""
+        values, lengths = self.runs()
+        kept = values >= minimum
+        return np.repeat(values[kept], lengths[kept])
+
+    def corners(self) -> tuple[np.ndarray, np.ndarray]:
+        """(rank - 1, count) of the first and the last row of each run, in rank order: the
+        corners of the ranked curve, a staircase, which draw the same line as all its points."""
+        values, lengths = self.runs()
+        ends = np.cumsum(lengths)
+        index = np.column_stack([ends - lengths, ends - 1]).ravel()
+        kept = np.column_stack([np.ones(len(values), dtype=bool), lengths > 1]).ravel()
+        return index[kept], np.repeat(values, 2)[kept]
+
+
+def plot_zipf(counts: Mapping[str, Mapping[int, CountRuns]], path: Path | str) -> Path:
     """Log-log frequency vs rank, one panel per level (e.g. word, char), one line per n.
-    `counts[level][n]` are ranked counts."""
+    `counts[level][n]` are a ranked table's counts."""
     return save_png(path, lambda: _zipf_figure(counts), dpi=100)
 
 
-def _zipf_figure(counts: Mapping[str, Mapping[int, np.ndarray]]) -> Figure:
+def _zipf_figure(counts: Mapping[str, Mapping[int, CountRuns]]) -> Figure:
     from matplotlib.figure import Figure
     fig = Figure(figsize=(5 * len(counts), 4), layout="constrained")
     for ax, (level, by_n) in zip(fig.subplots(1, len(counts), squeeze=False)[0], counts.items()):
-        for n, freqs in by_n.items():
-            if not len(freqs):
-                continue
-            # A ranked curve is a staircase; its corners draw the same line from far fewer points.
-            change = freqs[1:] != freqs[:-1]
-            corners = np.flatnonzero(np.r_[True, change] | np.r_[change, True])
-            ax.loglog(corners + 1, freqs[corners], label=f"{n}-gram")
+        for n, runs in by_n.items():
+            corners, freqs = runs.corners()
+            if len(corners):
+                ax.loglog(corners + 1, freqs, label=f"{n}-gram")
         ax.set(title=f"{level} n-grams", xlabel="rank", ylabel="frequency")
         ax.grid(True, which="major", alpha=0.3)
         if ax.lines:

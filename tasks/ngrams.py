@@ -25,15 +25,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, wait
 
 from seqlm.io import publish, write_json
-from seqlm.ngrams import (ZIPF_MIN_COUNT, NgramError, NgramTable, count_ngrams,
+from seqlm.ngrams import (ZIPF_MIN_COUNT, CountRuns, NgramError, NgramTable, count_ngrams,
                           count_shard, load_partial, load_ranked, merge_ranked, partial_orders,
-                          plot_zipf,
-                          reduce_partials, save_partial, save_ranked, shard_bounds,
+                          plot_zipf, reduce_partials, save_partial, save_ranked, shard_bounds,
                           split_partitions, write_parquet, zipf_exponent)
 from seqlm.params import Params
 from seqlm.runtime.records import Record, stage_task, up_to_date
 from seqlm.stages import CORPUS, NGRAMS, STAGE_BY_NAME, VOCAB
-from seqlm.text import TOKENIZERS, Vocab
+from seqlm.text import TOKENIZERS
 from seqlm.threads import beside_the_trainings, cores
 
 ZIPF_PLOT = f"{NGRAMS}/zipf.png"
@@ -41,7 +40,7 @@ ZIPF_MAX_N = 3                     # the seed plots unigrams, bigrams and trigra
 SHARDS = Path(".seqlm/ngram-shards")  # the map's and reduce's files (git-ignored, shared tree)
 Partitions = dict[str, list[str]]  # level -> the folders of its reduced partitions
 MAX_SHARD_TASKS = 10_000           # per level: a task run each, in the Prefect server and UI
-MERGE_ROWS = 1 << 21               # rows a merge of ranked partitions reads per round, in all
+MERGE_ROWS = 1 << 20               # rows a merge of ranked partitions reads per round, in all
 STAGE = STAGE_BY_NAME["ngrams"]
 log = logging.getLogger("seqlm.ngrams")
 
@@ -107,10 +106,10 @@ def ngrams(params: Params, partitions: Partitions | None = None) -> Record:
     beside_the_trainings(params)
     p = params.ngrams
     metrics_path = STAGE.at(params).reports.zipf
-    vocabs = {level: Vocab.load(_existing(VOCAB[level])) for level in TOKENIZERS}
+    vocabs = {level: _tokens(VOCAB[level]) for level in TOKENIZERS}
 
     metrics: dict[str, float | int] = {}
-    plotted: dict[str, dict[int, np.ndarray]] = {}
+    plotted: dict[str, dict[int, CountRuns]] = {}
     # Each table is written as soon as it is counted (memory holds one level's tables at a
     # time) into a folder that replaces data/ngrams only when every output is written: a bad
     # corpus file or a full disk leaves the previous outputs, and tables of a larger max_n of
@@ -119,19 +118,18 @@ def ngrams(params: Params, partitions: Partitions | None = None) -> Record:
     # Parquet, not counting, takes most of the stage's time on large corpora.
     with publish() as outputs, ThreadPoolExecutor(cores()) as pool:
         folder = outputs.folder(NGRAMS)
-        for level, vocab in vocabs.items():
+        for level, tokens in vocabs.items():
             plotted[level] = {}
-            tokens = pa.array(vocab.idx_to_token, type=pa.string())
             writes = [(n, pool.submit(_write_table, pieces, tokens,
-                                      folder / table_path(level, n).name, n <= ZIPF_MAX_N))
-                      for n, pieces in _ranked_tables(level, vocab, params, partitions)]
+                                      folder / table_path(level, n).name))
+                      for n, pieces in _ranked_tables(level, len(tokens), params, partitions)]
             for n, write in writes:
-                metrics[f"{level}_{n}_distinct"], ranked_counts = write.result()
-                alpha = zipf_exponent(ranked_counts)
+                metrics[f"{level}_{n}_distinct"], runs = write.result()
+                alpha = zipf_exponent(runs.counts(ZIPF_MIN_COUNT))
                 if alpha is not None:        # absent when fewer than two n-grams occur twice
                     metrics[f"{level}_{n}_zipf_exponent"] = alpha
                 if n <= ZIPF_MAX_N:
-                    plotted[level][n] = ranked_counts
+                    plotted[level][n] = runs
         plot_zipf(plotted, folder / Path(ZIPF_PLOT).name)
         write_json(outputs.file(metrics_path), metrics)
     if partitions is not None:
@@ -162,7 +160,7 @@ def submit_sharded(params: Params, upstream: list[PrefectFuture]) -> PrefectFutu
     return ngrams.submit(params, partitions=reduced, wait_for=upstream)
 
 
-def _ranked_tables(level: str, vocab: Vocab, params: Params, partitions: Partitions | None
+def _ranked_tables(level: str, vocab_size: int, params: Params, partitions: Partitions | None
                    ) -> Iterator[tuple[int, Iterable[NgramTable]]]:
     """(n, its ranked table as consecutive pieces), n = 1..max_n: the reduced partitions merged
     as they are read, or the tables counted here (one level's at a time in memory)."""
@@ -173,28 +171,25 @@ def _ranked_tables(level: str, vocab: Vocab, params: Params, partitions: Partiti
             yield n, merge_ranked(parts, max(MERGE_ROWS // max(len(parts), 1), 1))
         return
     try:
-        counted = count_ngrams(_load_ids(CORPUS[level]), p.max_n, len(vocab), p.chunk_tokens)
+        counted = count_ngrams(_load_ids(CORPUS[level]), p.max_n, vocab_size, p.chunk_tokens)
     except NgramError as exc:
         raise NgramError(f"{CORPUS[level]}: {exc} ({VOCAB[level]})") from None
     for n in sorted(counted):
         yield n, [counted.pop(n).ranked()]
 
 
-def _write_table(pieces: Iterable[NgramTable], tokens: pa.Array, path: Path, everything: bool
-                 ) -> tuple[int, np.ndarray]:
-    """A ranked table (in pieces) as Parquet: its number of rows, and its counts in rank order,
-    all of them or only those the Zipf fit uses (`everything` False)."""
-    counts: list[np.ndarray] = []
-    rows = write_parquet(_keep_counts(pieces, counts, everything), tokens, path)
-    return rows, np.concatenate(counts) if counts else np.empty(0, np.int64)
+def _write_table(pieces: Iterable[NgramTable], tokens: pa.Array, path: Path
+                 ) -> tuple[int, CountRuns]:
+    """A ranked table (in pieces) as Parquet: its number of rows, and its counts as runs (what
+    the Zipf fit and plot need)."""
+    runs = CountRuns()
+    return write_parquet(_add_counts(pieces, runs), tokens, path), runs
 
 
-def _keep_counts(pieces: Iterable[NgramTable], kept: list[np.ndarray], everything: bool
-                 ) -> Iterator[NgramTable]:
-    """The pieces, passing by; appends their counts to `kept`: all of them, or only those the
-    Zipf fit uses (the singletons, most of the long n-grams, are left out)."""
+def _add_counts(pieces: Iterable[NgramTable], runs: CountRuns) -> Iterator[NgramTable]:
+    """The pieces, passing by; their counts go to `runs`."""
     for piece in pieces:
-        kept.append(piece.counts if everything else piece.counts[piece.counts >= ZIPF_MIN_COUNT])
+        runs.add(piece.counts)
         yield piece
 
 
@@ -202,6 +197,14 @@ def _existing(path: str) -> str:
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: not found; run the preprocess stage first")
     return path
+
+
+def _tokens(path: str) -> pa.Array:
+    """A saved vocabulary's tokens by id (the token column Vocab.save writes), as an arrow
+    array: the tables need no more, and a million words take megabytes where a Vocab, its list
+    and its dict, take hundreds."""
+    return pq.read_table(_existing(path), columns=["token"]).column("token") \
+        .combine_chunks().cast(pa.string())
 
 
 def _vocab_size(path: str) -> int:

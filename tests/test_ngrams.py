@@ -16,8 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from seqlm.io import atomic_path
-from seqlm.ngrams import (NgramError, count_ngrams, count_shard, pack, rank_order, unpack,
-                          zipf_exponent)
+from seqlm.ngrams import (CountRuns, NgramError, count_ngrams, count_shard, pack, rank_order,
+                          unpack, zipf_exponent)
 from seqlm.params import load_params
 from seqlm.stages import CORPUS, VOCAB
 from seqlm.text import TOKENIZERS, Vocab, read_lines, tokenize
@@ -256,6 +256,22 @@ def test_rank_order_packed_and_lexsort_paths_agree() -> None:
     assert np.array_equal(rank_order(counts, first), expected)
     far = first + (1 << 50)               # too many bits to pack: the lexsort fallback
     assert np.array_equal(rank_order(counts, far), expected)
+
+
+@settings(max_examples=200, deadline=None)
+@given(counts=st.lists(st.integers(1, 6), max_size=60), cuts=st.lists(st.integers(0, 60)))
+def test_count_runs_keep_the_counts_and_the_staircase_however_cut(counts: list[int],
+                                                                  cuts: list[int]) -> None:
+    ranked = np.array(sorted(counts, reverse=True), dtype=np.int64)
+    runs = CountRuns()
+    for a, b in zip([0, *sorted(cuts)], [*sorted(cuts), len(ranked)]):
+        runs.add(ranked[a:max(a, b)])
+    assert np.array_equal(runs.counts(), ranked)
+    assert np.array_equal(runs.counts(2), ranked[ranked >= 2])
+    change = ranked[1:] != ranked[:-1]       # the corners as the plot drew them from every count
+    corners = np.flatnonzero(np.r_[True, change] | np.r_[change, True]) if len(ranked) else []
+    index, values = runs.corners()
+    assert np.array_equal(index, corners) and np.array_equal(values, ranked[corners])
 
 
 def test_zipf_exponent_recovers_a_power_law() -> None:
