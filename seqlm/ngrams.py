@@ -38,9 +38,10 @@ shards:
   ids[start:stop + max_n - 1]: the n - 1 ids past its end complete the windows that start in it,
   so a window across a shard border is counted once, by the shard it starts in. `ids` is an array
   (of any integer dtype) or the path of a 1-D .npy (read_range: a task reads only its shard, and
-  only the path and bounds travel to it). Memory: its tables (~50 bytes per token for words,
-  n = 1..5, 8 more per token and key word past the first; next to nothing for characters) plus
-  ~30 bytes per token of the shard.
+  only the path and bounds travel to it). Memory: its tables, 24 bytes per distinct n-gram and
+  8 more per key word past the first (words n = 1..5 of a large vocabulary, whose 3- to 5-grams
+  are nearly all distinct in a shard: ~110 bytes per token; characters: ~15), plus ~30 bytes per
+  token of the shard.
 - split_partitions(tables, P): the tables cut into P parts by a hash of the n-gram, so that
   every shard sends a given n-gram to the same reduce task.
 - reduce_partials(partials) -> {n: NgramTable}: merges partials as they arrive, in any order
@@ -642,8 +643,8 @@ class _Group:
     stay in their sorted order from one level to the next (no scatter back), so a level's codes
     come sorted by prefix and only the windows of a same prefix are out of order: timsort
     (kind="stable"), which merges the runs it finds, orders those several times faster than the
-    default sort. Where code and index do not fit 63 bits together (vocabularies of millions,
-    groups of millions of windows), a stable argsort of the codes orders them the same way.
+    default sort. Where code and index do not fit 63 bits together (a vocabulary of millions and
+    a group of millions of windows), a stable argsort of the codes orders them the same way.
     """
 
     def __init__(self, chunk: np.ndarray, pos: np.ndarray, prefixes: np.ndarray, base: int,
@@ -651,7 +652,7 @@ class _Group:
         self.chunk, self.base, self.offset = chunk, base, offset
         self.pos = pos                                 # int32, ascending until the first sort
         self.prefixes: np.ndarray | None = prefixes    # packed prefix keys, by shard position
-        self.prefix_codes = prefix_codes               # how many codes a prefix may have
+        self.prefix_codes = prefix_codes               # prefix codes are below this
         self.codes = np.empty(0, dtype=np.int64)       # local codes, then the windows' ranks
         self.prefix_keys: np.ndarray | None = None     # rank -> key of the last level's n-grams
         self.is_start: np.ndarray | None = None        # the last sort's first of each n-gram

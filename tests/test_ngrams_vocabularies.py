@@ -9,6 +9,7 @@ import io
 import json
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from seqlm.stages import CORPUS, VOCAB
 from seqlm.text import Vocab
 from tasks.ngrams import SHARDS, ngrams, ngrams_reduce, ngrams_shard, shard_plan, table_path
 
-from conftest import write_params
+from conftest import REPO, write_params
 
 WORDS = 10**6
 # Scripts a user's own text brings (clean: none): accents, Greek, Cyrillic, CJK, emoji (outside
@@ -171,3 +172,28 @@ def test_the_stage_counts_a_million_words_at_n_5_in_one_task_and_sharded(process
     ngrams.fn(params, partitions=partitions)
     assert {p.name: p.read_bytes() for p in Path("data/ngrams").iterdir()} == whole
     assert not SHARDS.exists()
+
+
+def test_the_benchmark_corpus_is_seeded_and_what_preprocess_would_write(tmp_path: Path) -> None:
+    """bench/ngrams.py's realistic corpus: the same bytes for the same seed, ids that spell its
+    text (words split on whitespace, every character kept), vocabularies by frequency."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from ngrams import generate_zipf
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    made = [generate_zipf(300_000, 20_000, 1.0, 7, tmp_path / name) for name in ("a", "b")]
+    files = ["text.txt", *(f"data/processed/{name}" for name in
+                           ("vocab_word.parquet", "vocab_char.parquet", "corpus_word.npy",
+                            "corpus_char.npy"))]
+    assert all((made[0] / f).read_bytes() == (made[1] / f).read_bytes() for f in files)
+    text = (made[0] / "text.txt").read_text(encoding="utf-8")
+    assert 300_000 <= len(text.encode()) < 300_100 and any(ord(c) > 127 for c in text)
+    for level, pieces in (("word", text.split()), ("char", list(text))):
+        vocab = Vocab.load(made[0] / f"data/processed/vocab_{level}.parquet")
+        ids = np.load(made[0] / f"data/processed/corpus_{level}.npy")
+        assert ids.dtype == (np.int32 if level == "word" else np.uint16)
+        assert vocab.to_tokens(ids.tolist()) == pieces
+        assert vocab.freqs[1:] == sorted(vocab.freqs[1:], reverse=True)
+        assert Vocab(pieces).idx_to_token == vocab.idx_to_token     # as preprocess orders them
+    assert generate_zipf(300_000, 20_000, 1.0, 7, made[0]) == made[0]   # found, not redone
