@@ -113,23 +113,26 @@ def ngrams(params: Params, partitions: Partitions | None = None) -> Record:
     # Each table is written as soon as it is counted (memory holds one level's tables at a
     # time) into a folder that replaces data/ngrams only when every output is written: a bad
     # corpus file or a full disk leaves the previous outputs, and tables of a larger max_n of
-    # an earlier run go with the old folder. A level's tables are written side by side, one
-    # thread each on the cores (pyarrow encodes and compresses without the GIL): writing
-    # Parquet, not counting, takes most of the stage's time on large corpora.
+    # an earlier run go with the old folder. The tables are written side by side, one thread
+    # each on the cores (pyarrow encodes and compresses without the GIL): writing Parquet, not
+    # counting, takes most of the stage's time on large corpora.
     with publish() as outputs, ThreadPoolExecutor(cores()) as pool:
         folder = outputs.folder(NGRAMS)
+        writes = []
         for level, tokens in vocabs.items():
-            plotted[level] = {}
-            writes = [(n, pool.submit(_write_table, pieces, tokens,
-                                      folder / table_path(level, n).name))
-                      for n, pieces in _ranked_tables(level, len(tokens), params, partitions)]
-            for n, write in writes:
-                metrics[f"{level}_{n}_distinct"], runs = write.result()
-                alpha = zipf_exponent(runs.counts(ZIPF_MIN_COUNT))
-                if alpha is not None:        # absent when fewer than two n-grams occur twice
-                    metrics[f"{level}_{n}_zipf_exponent"] = alpha
-                if n <= ZIPF_MAX_N:
-                    plotted[level][n] = runs
+            writes += [(level, n, pool.submit(_write_table, pieces, tokens,
+                                              folder / table_path(level, n).name))
+                       for n, pieces in _ranked_tables(level, len(tokens), params, partitions)]
+            if partitions is None:            # counted here: one level's tables at a time
+                for *_, write in writes:
+                    write.result()
+        for level, n, write in writes:
+            metrics[f"{level}_{n}_distinct"], runs = write.result()
+            alpha = zipf_exponent(runs.counts(ZIPF_MIN_COUNT))
+            if alpha is not None:            # absent when fewer than two n-grams occur twice
+                metrics[f"{level}_{n}_zipf_exponent"] = alpha
+            if n <= ZIPF_MAX_N:
+                plotted.setdefault(level, {})[n] = runs
         plot_zipf(plotted, folder / Path(ZIPF_PLOT).name)
         write_json(outputs.file(metrics_path), metrics)
     if partitions is not None:
