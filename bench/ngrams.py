@@ -619,15 +619,14 @@ def main() -> None:
             (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
             idle = run_step(work, "idle", "library")["peak_mb"]
             idle_stages = run_step(work, "idle", "stages")["peak_mb"]
-            if corpus == "zipf":
-                nbytes = prepare_zipf(args, work, say)
-            else:
-                (work / RAW).parent.mkdir(parents=True, exist_ok=True)
-                nbytes = prepare_book(args, work, say, idle, idle_stages)
             say(f"idle peak RSS: {idle:.0f} MB (numpy, pandas, pyarrow, seqlm), {idle_stages:.0f} "
                 f"MB with the stages' modules (Prefect)")
             if corpus == "zipf":
+                nbytes = prepare_zipf(args, work, say)
                 header(say)
+            else:
+                (work / RAW).parent.mkdir(parents=True, exist_ok=True)
+                nbytes = prepare_book(args, work, say, idle, idle_stages)
             ngram_rows(args, work, say, nbytes, idle, idle_stages)
     say()
     say(f"# {load_average()} after (uptime)")
