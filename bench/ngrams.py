@@ -1,17 +1,25 @@
-"""Preprocess and n-gram counting at scale: the streamed preprocess stage against the previous
-in-memory one, single-process and sharded counting, and collections.Counter (the seed's way)
-over the same tokens.
+"""N-gram counting at scale on two corpora, with collections.Counter (the seed's way) over the
+same tokens; for the book corpus also the streamed preprocess stage against the previous
+in-memory one.
 
-The corpus is the shipped one repeated with variation up to --size: every repetition shuffles the
-order of the lines and the words within each line (deterministic seed), so the vocabulary stays
-the book's while the number of distinct n-grams keeps growing with the size, as in real text.
+- zipf (the realistic corpus): a generated text whose words are drawn by Zipf's law over a
+  million spellings (--words) with letters beyond ASCII (accents, Greek, Cyrillic), written with
+  what preprocess writes for it when it keeps every character (clean: none): word ids int32 up
+  to 10**6, character ids uint16 over ~175 symbols. Generated once per size and seed into
+  bench/corpora/ (git-ignored), deterministically.
+- book: the shipped corpus repeated with variation up to --size: every repetition shuffles the
+  order of the lines and the words within each line (deterministic seed), so the vocabulary stays
+  the book's (4,580 words, 28 characters) while the number of distinct n-grams grows with size.
 
-Every step runs in a fresh process in a repository-like folder (params.yaml, data/raw/...) and
+Every step runs in a fresh process in a repository-like folder (params.yaml, data/...) and
 reports the seconds of its work and its peak RSS (getrusage ru_maxrss). "above idle" subtracts
-the peak of a process that only imports the same modules (Prefect alone is ~300 MB).
+the peak of a process that only imports the same modules (Prefect alone is ~300 MB). The load
+average of the machine is printed beside every figure (the machine may be shared).
 
     python bench/ngrams.py --size 5MB --max-n 5
     python bench/ngrams.py --size 100MB --max-n 5 --out bench/results/ngrams-cpu-2core.txt
+    python bench/ngrams.py --size 1GB --max-n 5 --partitions 64 --skip-single \
+        --out bench/results/ngrams-1GB-cpu-2core.txt
 """
 from __future__ import annotations
 
@@ -33,9 +41,10 @@ from itertools import chain
 from pathlib import Path
 
 import numpy as np
+import numpy.lib.format as npy_format
 import yaml
 
-from seqlm.ngrams import count_ngrams
+from seqlm.ngrams import count_ngrams, unpack
 from seqlm.text import TOKENIZERS, Vocab
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,6 +72,144 @@ def generate(size: int, path: Path, seed: int = 0) -> int:
             written += handle.write("".join(chain.from_iterable(zip(words[order], sep))))
             rep += 1
     return path.stat().st_size
+
+
+# -- the realistic corpus: Zipf's law over a million words, beyond ASCII --------------------------
+
+CORPORA = Path(__file__).resolve().parent / "corpora"      # generated corpora (ignores itself)
+GENERATOR_VERSION = 1        # part of a corpus's manifest: a change regenerates it
+# The letters words are spelled with, by script, and each script's share of the letters: mostly
+# ASCII, as in English text, with the accents, Greek and Cyrillic of quoted names and words.
+SCRIPTS = [("abcdefghijklmnopqrstuvwxyz", 0.86), ("ABCDEFGHIJKLMNOPQRSTUVWXYZ", 0.03),
+           ("àáâãäåæçèéêëìíîïñòóôõöøùúûüýÿœšžłńśźżčřůőűğış", 0.06),
+           ("αβγδεζηθικλμνξοπρστυφχψωάέήίόύώ", 0.02), ("абвгдежзийклмнопрстуфхцчшщъыьэюяё", 0.02),
+           ("0123456789'-", 0.01)]
+WORDS_PER_LINE = 12          # a line break after a word with probability 1/12
+GENERATE_TOKENS = 4_000_000  # tokens drawn at a time
+
+
+def zipf_spellings(words: int, rng: np.random.Generator) -> list[str]:
+    """`words` distinct spellings, by frequency rank: short for frequent words, ~2.5 + ln(rank)/2
+    letters on average, as in text."""
+    letters = np.array(list("".join(chars for chars, _ in SCRIPTS)))
+    weights = np.concatenate([np.full(len(chars), share / len(chars)) for chars, share in SCRIPTS])
+    ranks = np.arange(1, words + 1)
+    lengths = np.clip(np.rint(2.5 + 0.5 * np.log(ranks) + rng.normal(0, 1.2, words)), 1, 20)
+    drawn = "".join(rng.choice(letters, size=int(lengths.sum()), p=weights / weights.sum()))
+    ends = np.cumsum(lengths.astype(np.int64)).tolist()
+    spellings, seen = [], set()
+    for start, end in zip([0, *ends[:-1]], ends):
+        word = drawn[start:end]
+        while word in seen:                  # a short word drawn twice: lengthen the second
+            word += letters[rng.integers(0, 26)]
+        seen.add(word)
+        spellings.append(word)
+    return spellings
+
+
+def generate_zipf(size: int, words: int = 1_000_000, exponent: float = 1.0, seed: int = 0,
+                  folder: Path | None = None) -> Path:
+    """A text of ~`size` UTF-8 bytes whose words are drawn independently by Zipf's law
+    (frequency ~ rank**-exponent) over `words` spellings, lines of ~WORDS_PER_LINE words, and
+    what preprocess writes for it with every character kept (clean: none): the vocabularies and
+    the id arrays (words int32, characters uint16) in `folder`/data/processed, besides
+    `folder`/text.txt. Deterministic (seeded); a folder whose manifest matches is reused.
+
+    Independent words are the hard case for counting: text repeats its phrases, so it has fewer
+    distinct n-grams per token than this corpus (every 4- and 5-gram here is all but unique)."""
+    manifest = {"generator": GENERATOR_VERSION, "size": size, "words": words,
+                "exponent": exponent, "seed": seed}
+    if folder is None:
+        folder = CORPORA / f"zipf-{size}-{words}w-s{exponent:g}-seed{seed}"
+        CORPORA.mkdir(exist_ok=True)
+        (CORPORA / ".gitignore").write_text("# generated by bench/ngrams.py\n*\n")
+    if (folder / "manifest.json").is_file() and \
+            json.loads((folder / "manifest.json").read_text()).get("params") == manifest:
+        return folder
+    processed = folder / PROCESSED
+    processed.mkdir(parents=True, exist_ok=True)
+    spellings = zipf_spellings(words, np.random.default_rng([seed, 0]))
+    encoded = [word.encode() for word in spellings]
+    cdf = np.cumsum(np.arange(1, words + 1, dtype=np.float64) ** -exponent)
+    cdf /= cdf[-1]
+    # Characters: the symbols of the spellings, then " " and "\n".
+    symbols = sorted(set("".join(spellings))) + [" ", "\n"]
+    symbol_of = {c: i for i, c in enumerate(symbols)}
+    char_flat = np.array([symbol_of[c] for c in "".join(spellings)], dtype=np.uint16)
+    char_offsets = np.r_[0, np.cumsum([len(w) for w in spellings])]
+    byte_offsets = np.r_[0, np.cumsum([len(b) for b in encoded])]
+    byte_flat = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+
+    # Pass 1: the text, and the tokens as ranks and symbols (temporary files), with the counts
+    # and first appearances the vocabularies are ordered by.
+    word_counts, word_first = np.zeros(words, np.int64), np.full(words, -1, np.int64)
+    char_counts, char_first = np.zeros(len(symbols), np.int64), np.full(len(symbols), -1, np.int64)
+    written = tokens = chars = 0
+    with open(folder / "text.txt", "wb") as text, open(folder / "ranks.tmp", "wb") as ranks_out, \
+            open(folder / "chars.tmp", "wb") as chars_out:
+        for block in range(1 << 40):
+            if written >= size:
+                break
+            rng = np.random.default_rng([seed, 1, block])
+            draw = min(GENERATE_TOKENS, size // 2 + 1000)     # a token takes >= 2 bytes
+            ranks = np.searchsorted(cdf, rng.random(draw))
+            newline = rng.random(draw) < 1 / WORDS_PER_LINE
+            nbytes = byte_offsets[ranks + 1] - byte_offsets[ranks] + 1
+            keep = int(np.searchsorted(np.cumsum(nbytes), size - written)) + 1
+            ranks, newline, nbytes = ranks[:keep], newline[:keep], nbytes[:keep]
+            data = _ragged(byte_flat, byte_offsets, ranks, np.where(newline, 10, 32))
+            symbols_of = _ragged(char_flat, char_offsets, ranks,
+                                 np.where(newline, len(symbols) - 1, len(symbols) - 2))
+            text.write(data.tobytes())
+            ranks_out.write(ranks.astype(np.int32).tobytes())
+            chars_out.write(symbols_of.tobytes())
+            for counts, first, values, offset in ((word_counts, word_first, ranks, tokens),
+                                                  (char_counts, char_first, symbols_of, chars)):
+                counts += np.bincount(values, minlength=len(counts))
+                new, at = np.unique(values, return_index=True)
+                fresh = first[new] < 0
+                first[new[fresh]] = at[fresh] + offset
+            written, tokens, chars = written + len(data), tokens + len(ranks), \
+                chars + len(symbols_of)
+
+    # The vocabularies (frequency order, ties by first appearance), then pass 2: the ids.
+    id_of = {}
+    for level, names, counts, first in (("word", spellings, word_counts, word_first),
+                                        ("char", symbols, char_counts, char_first)):
+        seen = np.flatnonzero(counts)
+        seen = seen[np.argsort(first[seen], kind="stable")]
+        vocab = Vocab({names[i]: int(counts[i]) for i in seen})
+        vocab.save(processed / f"vocab_{level}.parquet")
+        id_of[level] = np.array([vocab.token_to_idx.get(name, 0) for name in names],
+                                dtype=np.int32 if level == "word" else np.uint16)
+    for level, tmp, dtype, count in (("word", "ranks.tmp", np.int32, tokens),
+                                     ("char", "chars.tmp", np.uint16, chars)):
+        with open(folder / tmp, "rb") as source, \
+                open(processed / f"corpus_{level}.npy", "wb") as out:
+            npy_format.write_array_header_1_0(out, {"descr": npy_format.dtype_to_descr(
+                np.dtype(dtype)), "fortran_order": False, "shape": (count,)})
+            source_dtype = np.int32 if level == "word" else np.uint16
+            while len(block := np.fromfile(source, source_dtype, count=1 << 24)):
+                out.write(id_of[level][block].tobytes())
+        (folder / tmp).unlink()
+    (folder / "manifest.json").write_text(json.dumps(
+        {"params": manifest, "bytes": written, "words": tokens, "chars": chars,
+         "distinct_words": int(np.count_nonzero(word_counts)), "symbols": len(symbols)},
+        indent=1))
+    return folder
+
+
+def _ragged(flat: np.ndarray, offsets: np.ndarray, items: np.ndarray,
+            separators: np.ndarray) -> np.ndarray:
+    """The pieces flat[offsets[i]:offsets[i + 1]] of the items, each followed by its separator."""
+    lengths = offsets[items + 1] - offsets[items] + 1
+    ends = np.cumsum(lengths)
+    out = np.empty(int(ends[-1]) if len(ends) else 0, dtype=flat.dtype)
+    index = np.arange(len(out), dtype=np.int64) - np.repeat(ends - lengths - offsets[items],
+                                                              lengths)
+    out[:] = flat[np.minimum(index, len(flat) - 1)]
+    out[ends - 1] = separators
+    return out
 
 
 # -- the steps, each run in its own process (cwd: the work folder) ------------------------------
@@ -120,13 +267,14 @@ def load(level: str) -> tuple[Path, np.ndarray, int]:
     return path, np.load(path, mmap_mode="r"), len(Vocab.load(PROCESSED / f"vocab_{level}.parquet"))
 
 
-def _task(name: str, *args: object) -> tuple[object, float, float]:
+def _task(name: str, *args: object) -> tuple[object, float, float, float]:
     """Run the stage task `name` (tasks/ngrams.py, its function without Prefect) where this is
-    called: (its result, seconds, peak RSS of the process that ran it)."""
+    called: (its result, seconds, peak RSS of the process that ran it, CPU seconds of that
+    process meanwhile: the task's own where the process runs one task at a time)."""
     import tasks.ngrams
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), cpu_seconds()
     result = getattr(tasks.ngrams, name).fn(*args)
-    return result, time.perf_counter() - began, peak_mb()
+    return result, time.perf_counter() - began, peak_mb(), cpu_seconds() - cpu
 
 
 def step_sharded(runner: str, workers: int) -> dict:
@@ -140,6 +288,7 @@ def step_sharded(runner: str, workers: int) -> dict:
     params = load_params()
     plan, partitions = shard_plan(params), params.ngrams.partitions
     phases: dict[str, float] = {}
+    phases_cpu: dict[str, float] = {}
     peaks: list[float] = []
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
@@ -158,11 +307,14 @@ def step_sharded(runner: str, workers: int) -> dict:
                 return client.gather([client.submit(_task, *call, pure=False) for call in calls])
 
         def phase(name: str, calls: list[tuple]) -> list:
-            began = time.perf_counter()
+            began, cpu = time.perf_counter(), cpu_seconds()
             results = run_all(calls)
             phases[name] = time.perf_counter() - began
-            peaks.extend(peak for _, _, peak in results)
-            return [result for result, _, _ in results]
+            # Local: the tasks share this process; Dask: each worker runs one task at a time.
+            phases_cpu[name] = cpu_seconds() - cpu if runner == "local" else \
+                sum(task_cpu for *_, task_cpu in results)
+            peaks.extend(peak for _, _, peak, _ in results)
+            return [result for result, *_ in results]
 
         partials = {level: phase(f"map {level}", [("ngrams_shard", params, level, a, b)
                                                    for a, b in bounds])
@@ -171,7 +323,7 @@ def step_sharded(runner: str, workers: int) -> dict:
                                                      for p in range(partitions)])
                    for level, paths in partials.items()}
         phase("merge + Parquet", [("ngrams", params, reduced)])
-    return {"s": time.perf_counter() - start, "phases": phases,
+    return {"s": time.perf_counter() - start, "phases": phases, "phases_cpu": phases_cpu,
             "tasks": sum(map(len, plan.values())) + 2 * partitions + 1,
             "shards": {level: len(bounds) for level, bounds in plan.items()},
             "task_peak_mb": max(peaks), "outputs": outputs_digest()}
@@ -179,7 +331,9 @@ def step_sharded(runner: str, workers: int) -> dict:
 
 def step_counter(level: str, max_n: int, tokens: int, chunk_tokens: int) -> dict:
     """collections.Counter of n-tuples (the seed's count) vs count_ngrams on the same prefix,
-    with the stage's chunks and as one shard."""
+    with the stage's chunks and as one shard; then the tables compared whole: the same n-grams
+    with the same counts, in the same order of first appearance (Counter keeps insertion order),
+    which fixes the ranking (count, then first appearance)."""
     _, ids, vocab_size = load(level)
     prefix = np.array(ids[:tokens])
     ours_s = {}
@@ -190,15 +344,27 @@ def step_counter(level: str, max_n: int, tokens: int, chunk_tokens: int) -> dict
             ours = count_ngrams(prefix, max_n, vocab_size, chunk)
             runs.append(time.perf_counter() - start)
         ours_s[name] = sorted(runs)[1]
-    listed, counter_s = prefix.tolist(), {}
+    listed, counter_s, equal = prefix.tolist(), {}, True
     for n in range(1, max_n + 1):
         start = time.perf_counter()
         counter = collections.Counter(zip(*(listed[j:len(listed) - n + 1 + j] for j in range(n))))
         counter_s[n] = time.perf_counter() - start
-        if len(counter) != len(ours[n]) or max(counter.values()) != ours[n].counts.max():
-            raise AssertionError(f"{level} {n}-grams: Counter and count_ngrams disagree")
-        del counter
-    return {"tokens": len(prefix), "ours_s": ours_s, "counter_s": counter_s}
+        table = ours.pop(n)
+        table = table.take(np.argsort(table.first))              # by first appearance
+        grams = np.fromiter(chain.from_iterable(counter), np.int64, len(counter) * n)
+        equal &= len(counter) == len(table) and np.array_equal(
+            np.fromiter(counter.values(), np.int64, len(counter)), table.counts) and \
+            np.array_equal(grams.reshape(-1, n), unpack(table.keys, n, vocab_size))
+        del counter, grams, table
+    return {"tokens": len(prefix), "ours_s": ours_s, "counter_s": counter_s, "equal": equal}
+
+
+def step_generate_zipf(size: int, words: int, exponent: str, seed: int) -> dict:
+    """generate_zipf in a process of its own: the bench's process stays small, and the peak RSS
+    a later step reports is its own (a child starts from its parent's high-water mark)."""
+    start = time.perf_counter()
+    folder = generate_zipf(size, words, float(exponent), seed)
+    return {"folder": str(folder), "s": time.perf_counter() - start}
 
 
 def step_idle(stages: str) -> dict:
@@ -209,13 +375,20 @@ def step_idle(stages: str) -> dict:
 
 STEPS = {"idle": step_idle, "preprocess": step_preprocess, "previous": step_previous_preprocess,
          "stage-ngrams": step_stage_ngrams, "sharded": step_sharded,
-         "counter": step_counter}
+         "counter": step_counter, "generate-zipf": step_generate_zipf}
 
 
 # -- helpers -------------------------------------------------------------------------------------
 
 def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its finished children (the Dask workers):
+    what a step costs whatever else the machine runs."""
+    return sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
+               for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
 
 
 def outputs_digest() -> str:
@@ -248,16 +421,161 @@ def parse_size(text: str) -> int:
 
 
 def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                  if line.startswith("model name")), platform.processor())
+    """The CPU as lscpu names it, the cores, memory, kernel and the libraries that count."""
+    try:
+        lscpu = dict(line.split(":", 1) for line in subprocess.run(
+            ["lscpu"], capture_output=True, text=True).stdout.splitlines() if ":" in line)
+        model = lscpu.get("Model name", "").strip() or platform.processor()
+    except OSError:
+        model = platform.processor()
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"machine: {model}, nproc {os.cpu_count()}, {memory:.0f} GiB RAM, "
-            f"{platform.machine()}, Python {platform.python_version()}, numpy {np.__version__}")
+    return (f"machine: {model} (lscpu), {os.cpu_count()} cores, {memory:.0f} GiB RAM, Linux "
+            f"{platform.release()}, {platform.machine()}, Python {platform.python_version()}, "
+            f"numpy {np.__version__}")
+
+
+def load_average() -> str:
+    return "load {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+
+
+class Report:
+    """The lines printed, kept for --out."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def __call__(self, line: str = "") -> None:
+        print(line, flush=True)
+        self.lines.append(line)
+
+    def row(self, label: str, result: dict, base: float, nbytes: int, extra: str = "") -> None:
+        above = result["peak_mb"] - base
+        self(f"{label:44s} {result['s']:7.1f} {result['cpu_s']:7.1f} {result['peak_mb']:8.0f} "
+             f"{above:11.0f} {above * 1e6 / nbytes:11.2f}x   {result['load']}{extra}")
+
+
+def timed_step(work: Path, *args: object) -> dict:
+    """run_step with the load average when it ended (over its last minute)."""
+    result = run_step(work, *args)
+    result["load"] = load_average()
+    return result
+
+
+def prepare_zipf(args: argparse.Namespace, work: Path, say: Report) -> int:
+    """The realistic corpus, generated (or reused) under bench/corpora; its preprocessed files
+    linked into the work folder. Returns its size in bytes."""
+    made = run_step(work, "generate-zipf", parse_size(args.size), args.words,
+                    repr(args.zipf_exponent), args.seed)
+    folder = Path(made["folder"])
+    facts = json.loads((folder / "manifest.json").read_text())
+    say(f"corpus: {facts['bytes'] / 1e6:.1f} MB of UTF-8 text, words drawn independently by "
+        f"Zipf's law (exponent {args.zipf_exponent:g}) over {args.words:,} spellings, seed "
+        f"{args.seed} ({folder.relative_to(REPO)}, generated or found in {made['s']:.0f} s)")
+    (work / PROCESSED).parent.mkdir(parents=True, exist_ok=True)
+    (work / PROCESSED).symlink_to(folder / PROCESSED)
+    say(f"corpus: {facts['chars']:,} characters, {facts['words']:,} words; vocabularies "
+        f"{facts['symbols'] + 1} characters, {facts['distinct_words'] + 1:,} words (with <unk>); "
+        "ids as preprocess writes them keeping every character: words int32, characters uint16")
+    return facts["bytes"]
+
+
+def prepare_book(args: argparse.Namespace, work: Path, say: Report, idle: float,
+                 idle_stages: float) -> int:
+    """The book corpus generated into the work folder and preprocessed (the rows of the streamed
+    and the previous preprocess). Returns its size in bytes."""
+    start = time.perf_counter()
+    nbytes = generate(parse_size(args.size), work / RAW)
+    say(f"corpus: {nbytes / 1e6:.1f} MB, the shipped book with its lines and words shuffled, "
+        f"generated in {time.perf_counter() - start:.0f} s")
+    pre = timed_step(work, "preprocess")
+    tokens, vocab = pre["tokens"], pre["vocab"]
+    say(f"corpus: {tokens['char']:,} characters, {tokens['word']:,} words; vocabularies "
+        f"{vocab['char']} characters, {vocab['word']:,} words")
+    header(say)
+    say.row("preprocess, streamed in two passes", pre, idle_stages, nbytes)
+    if nbytes <= IN_MEMORY_MAX:
+        old = timed_step(work, "previous")
+        say.row("preprocess, previous (in memory)", old, idle, nbytes,
+                f"   outputs byte-identical: {old['identical']}")
+    else:
+        say(f"preprocess, previous (in memory): skipped above {IN_MEMORY_MAX / 1e6:.0f} MB "
+            f"(~34x the file in RAM)")
+    return nbytes
+
+
+def header(say: Report) -> None:
+    say("(s: wall seconds; cpu s: user + system seconds of the step's processes, the Dask "
+        "workers included, which the machine's load does not inflate; peak MB: the peak RSS of "
+        "the step's process)")
+    say(f"{'stage':44s} {'s':>7s} {'cpu s':>7s} {'peak MB':>8s} {'above idle':>11s} "
+        f"{'/ file size':>12s}   load average after (1, 5, 15 min)")
+
+
+def ngram_rows(args: argparse.Namespace, work: Path, say: Report, nbytes: int, idle: float,
+               idle_stages: float) -> None:
+    """The ngrams stage in one task, sharded on the local runner and on Dask; the outputs
+    compared; then Counter against count_ngrams on the first tokens."""
+    outputs = {}
+    if args.skip_single:
+        say("ngrams in one task: skipped (--skip-single; it holds every distinct n-gram)")
+    else:
+        single = timed_step(work, "stage-ngrams")
+        outputs["one task"] = single["outputs"]
+        say.row(f"ngrams in one task (n = 1..{args.max_n}, word + char)", single, idle_stages,
+                nbytes)
+    phases, phases_cpu = {}, {}
+    for runner in ("local", "dask"):
+        result = timed_step(work, "sharded", runner, args.workers)
+        outputs[runner] = result["outputs"]
+        phases[runner], phases_cpu[runner] = result["phases"], result["phases_cpu"]
+        label = (f"ngrams sharded, local runner ({args.workers} threads)" if runner == "local"
+                 else f"ngrams sharded, Dask ({args.workers} workers)")
+        say.row(label, result, idle_stages if runner == "local" else idle, nbytes,
+                f"   {result['tasks']} tasks, task peak {result['task_peak_mb']:.0f} MB"
+                + (" (every worker)" if runner == "dask" else ""))
+    say(f"(shards of {args.shard_tokens:,} tokens: {result['shards']['word']} word + "
+        f"{result['shards']['char']} char; {args.partitions} partitions per level; the Dask "
+        f"row's peak is the client's, which holds the scheduler)")
+    say("phases, s (cpu s): " + "; ".join(f"{runner}: " + ", ".join(
+        f"{name} {sec:.1f} ({phases_cpu[runner][name]:.1f})" for name, sec in by_phase.items())
+        for runner, by_phase in phases.items()))
+    say(f"outputs (data/ngrams, reports/ngrams.json) identical: "
+        f"{len(set(outputs.values())) == 1} ({', '.join(outputs)})")
+    report_json = json.loads((work / "reports" / "ngrams.json").read_text())
+    for level in ("word", "char"):
+        distinct = [report_json[f"{level}_{n}_distinct"] for n in range(1, args.max_n + 1)]
+        say(f"distinct {level} n-grams: " + ", ".join(
+            f"{n}: {d:,}" for n, d in enumerate(distinct, start=1)) + f" (total {sum(distinct):,})")
+    say()
+
+    say(f"collections.Counter of n-tuples (the seed's count) vs count_ngrams, n = 1.."
+        f"{args.max_n}, same tokens: the first {args.counter_tokens:,} of each level (Counter "
+        f"on all of them would take minutes and GBs). Ours in chunks of "
+        f"{args.chunk_tokens:,} tokens as the stage, and as one shard; median of 3 runs "
+        f"(Counter: 1 run); 'equal': every n-gram and count of Counter's tables in ours")
+    say(f"{'level':6s} {'tokens':>11s} " + " ".join(f"{f'Counter n={n}':>12s}"
+                                                  for n in range(1, args.max_n + 1))
+        + f" {'Counter all':>12s} {'ours':>8s} {'ratio':>7s} {'1 shard':>8s} {'ratio':>7s} "
+          f"{'equal':>6s}   load average after")
+    for level in ("word", "char"):
+        c = timed_step(work, "counter", level, args.max_n, args.counter_tokens, args.chunk_tokens)
+        total = sum(c["counter_s"].values())
+        ours, one = c["ours_s"]["chunked"], c["ours_s"]["one_shard"]
+        say(f"{level:6s} {c['tokens']:11,d} "
+            + " ".join(f"{s:11.1f}s" for s in c["counter_s"].values())
+            + f" {total:11.1f}s {ours:7.2f}s {total / ours:6.1f}x {one:7.2f}s "
+              f"{total / one:6.1f}x {str(c['equal']):>6s}   {c['load']}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--corpus", nargs="+", choices=("zipf", "book"), default=["zipf", "book"],
+                        help="the corpora to measure, one section each (both by default)")
     parser.add_argument("--size", default="5MB", help="corpus size, e.g. 5MB, 100MB, 1GB")
+    parser.add_argument("--words", type=int, default=1_000_000,
+                        help="zipf: distinct spellings words are drawn from")
+    parser.add_argument("--zipf-exponent", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0, help="zipf: the generator's seed")
     parser.add_argument("--max-n", type=int, default=5)
     parser.add_argument("--chunk-tokens", type=int, default=16_000_000,
                         help="single process: tokens per chunk (params ngrams.chunk_tokens)")
@@ -276,107 +594,45 @@ def main() -> None:
     if args.step:                       # a child process: one step, JSON on the last line
         name, *rest = args.step
         result = STEPS[name](*(int(x) if x.isdigit() else x for x in rest))
-        print(json.dumps({**result, "peak_mb": peak_mb()}))
+        print(json.dumps({**result, "peak_mb": peak_mb(), "cpu_s": cpu_seconds()}))
         return
 
-    with tempfile.TemporaryDirectory(prefix="bench-ngrams-") as tmp:
-        work = (args.workdir or Path(tmp)).resolve()
-        report: list[str] = []
-
-        def say(line: str = "") -> None:
-            print(line, flush=True)
-            report.append(line)
-
-        say(f"# bench/ngrams.py --size {args.size} --max-n {args.max_n} --chunk-tokens "
-            f"{args.chunk_tokens} --shard-tokens {args.shard_tokens} --partitions "
-            f"{args.partitions} --workers {args.workers} --counter-tokens {args.counter_tokens}"
-            f"{' --skip-single' if args.skip_single else ''}, {time.strftime('%Y-%m-%d')}")
-        say(f"# {machine()}")
-        params = yaml.safe_load((REPO / "params.yaml").read_text())
-        params["ngrams"].update(max_n=args.max_n, chunk_tokens=args.chunk_tokens,
-                                shard_tokens=args.shard_tokens, partitions=args.partitions)
-        (work / RAW).parent.mkdir(parents=True, exist_ok=True)
-        (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        start = time.perf_counter()
-        nbytes = generate(parse_size(args.size), work / RAW)
-        say(f"corpus: {nbytes / 1e6:.1f} MB generated in {time.perf_counter() - start:.0f} s")
-        idle = run_step(work, "idle", "library")["peak_mb"]
-        idle_stages = run_step(work, "idle", "stages")["peak_mb"]
-        say(f"idle peak RSS: {idle:.0f} MB (numpy, pandas, pyarrow, seqlm), {idle_stages:.0f} MB "
-            f"with the stages' modules (Prefect)")
-        say()
-
-        pre = run_step(work, "preprocess")
-        tokens, vocab = pre["tokens"], pre["vocab"]
-        say(f"corpus: {tokens['char']:,} characters, {tokens['word']:,} words; vocabularies "
-            f"{vocab['char']} characters, {vocab['word']:,} words")
-        say(f"{'stage':44s} {'s':>7s} {'peak MB':>8s} {'above idle':>11s} {'/ file size':>12s}")
-
-        def row(label: str, result: dict, base: float, extra: str = "") -> None:
-            above = result["peak_mb"] - base
-            say(f"{label:44s} {result['s']:7.1f} {result['peak_mb']:8.0f} {above:11.0f} "
-                f"{above * 1e6 / nbytes:11.2f}x{extra}")
-
-        row("preprocess, streamed in two passes", pre, idle_stages)
-        if nbytes <= IN_MEMORY_MAX:
-            old = run_step(work, "previous")
-            row("preprocess, previous (in memory)", old, idle,
-                f"   outputs byte-identical: {old['identical']}")
-        else:
-            say(f"preprocess, previous (in memory): skipped above {IN_MEMORY_MAX / 1e6:.0f} MB "
-                f"(~34x the file in RAM)")
-        outputs = {}
-        if args.skip_single:
-            say("ngrams in one task: skipped (--skip-single; it holds every distinct n-gram)")
-        else:
-            single = run_step(work, "stage-ngrams")
-            outputs["one task"] = single["outputs"]
-            row(f"ngrams in one task (n = 1..{args.max_n}, word + char)", single, idle_stages)
-        phases = {}
-        for runner in ("local", "dask"):
-            result = run_step(work, "sharded", runner, args.workers)
-            outputs[runner] = result["outputs"]
-            phases[runner] = result["phases"]
-            label = (f"ngrams sharded, local runner ({args.workers} threads)" if runner == "local"
-                     else f"ngrams sharded, Dask ({args.workers} workers)")
-            row(label, result, idle_stages if runner == "local" else idle,
-                f"   {result['tasks']} tasks, task peak {result['task_peak_mb']:.0f} MB"
-                + (" (every worker)" if runner == "dask" else ""))
-        say(f"(shards of {args.shard_tokens:,} tokens: {result['shards']['word']} word + "
-            f"{result['shards']['char']} char; {args.partitions} partitions per level; the Dask "
-            f"row's peak is the client's, which holds the scheduler)")
-        say("phases, s: " + "; ".join(f"{runner}: " + ", ".join(
-            f"{name} {sec:.1f}" for name, sec in by_phase.items())
-            for runner, by_phase in phases.items()))
-        say(f"outputs (data/ngrams, reports/ngrams.json) identical: "
-            f"{len(set(outputs.values())) == 1} ({', '.join(outputs)})")
-        report_json = json.loads((work / "reports" / "ngrams.json").read_text())
-        for level in ("word", "char"):
-            say(f"distinct {level} n-grams: " + ", ".join(
-                f"{n}: {report_json[f'{level}_{n}_distinct']:,}" for n in range(1, args.max_n + 1))
-                + f" (total {sum(report_json[f'{level}_{n}_distinct'] for n in range(1, args.max_n + 1)):,})")
-        say()
-
-        say(f"collections.Counter of n-tuples (the seed's count) vs count_ngrams, n = 1.."
-            f"{args.max_n}, same tokens: the first {args.counter_tokens:,} of each level (Counter "
-            f"on all of them would take minutes and GBs). Ours in chunks of "
-            f"{args.chunk_tokens:,} tokens as the stage, and as one shard; median of 3 runs "
-            f"(Counter: 1 run)")
-        say(f"{'level':6s} {'tokens':>11s} " + " ".join(f"{f'Counter n={n}':>12s}"
-                                                      for n in range(1, args.max_n + 1))
-            + f" {'Counter all':>12s} {'ours':>8s} {'ratio':>7s} {'1 shard':>8s} {'ratio':>7s}")
-        for level in ("word", "char"):
-            c = run_step(work, "counter", level, args.max_n, args.counter_tokens,
-                         args.chunk_tokens)
-            total = sum(c["counter_s"].values())
-            ours, one = c["ours_s"]["chunked"], c["ours_s"]["one_shard"]
-            say(f"{level:6s} {c['tokens']:11,d} "
-                + " ".join(f"{s:11.1f}s" for s in c["counter_s"].values())
-                + f" {total:11.1f}s {ours:7.2f}s {total / ours:6.1f}x {one:7.2f}s "
-                  f"{total / one:6.1f}x")
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text("\n".join(report) + "\n")
+    say = Report()
+    say(f"# bench/ngrams.py --corpus {' '.join(args.corpus)} --size {args.size} --words "
+        f"{args.words} --zipf-exponent {args.zipf_exponent:g} --seed {args.seed} --max-n "
+        f"{args.max_n} --chunk-tokens {args.chunk_tokens} --shard-tokens {args.shard_tokens} "
+        f"--partitions {args.partitions} --workers {args.workers} --counter-tokens "
+        f"{args.counter_tokens}{' --skip-single' if args.skip_single else ''}, "
+        f"{time.strftime('%Y-%m-%d %H:%M')}")
+    say(f"# {machine()}")
+    say(f"# {load_average()} before (uptime); the machine may be shared: see the load beside "
+        "each figure")
+    for corpus in args.corpus:
+        with tempfile.TemporaryDirectory(prefix="bench-ngrams-") as tmp:
+            work = (args.workdir / corpus if args.workdir else Path(tmp)).resolve()
+            work.mkdir(parents=True, exist_ok=True)
+            say()
+            say(f"## {corpus} corpus")
+            params = yaml.safe_load((REPO / "params.yaml").read_text())
+            params["ngrams"].update(max_n=args.max_n, chunk_tokens=args.chunk_tokens,
+                                    shard_tokens=args.shard_tokens, partitions=args.partitions)
+            (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+            idle = run_step(work, "idle", "library")["peak_mb"]
+            idle_stages = run_step(work, "idle", "stages")["peak_mb"]
+            say(f"idle peak RSS: {idle:.0f} MB (numpy, pandas, pyarrow, seqlm), {idle_stages:.0f} "
+                f"MB with the stages' modules (Prefect)")
+            if corpus == "zipf":
+                nbytes = prepare_zipf(args, work, say)
+                header(say)
+            else:
+                (work / RAW).parent.mkdir(parents=True, exist_ok=True)
+                nbytes = prepare_book(args, work, say, idle, idle_stages)
+            ngram_rows(args, work, say, nbytes, idle, idle_stages)
+    say()
+    say(f"# {load_average()} after (uptime)")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n".join(say.lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -5,59 +5,77 @@ tokens before it in that text (up to order - 1 of them); seqlm.protocol passes t
 tokens with the context in front of them, the same positions and text the RNNs are scored on.
 Near the start of the text the context is shorter than order - 1 and the model uses the orders
 it has.
+
+Any vocabulary and any order: a k-gram of the training text is known by its code, the index of
+its (k-1)-gram prefix among the distinct (k-1)-grams times the vocabulary size, plus its last id.
+Codes stay below (training tokens + 1) x (vocabulary size) whatever k -- a billion tokens of a
+million words take 60 bits -- where the k ids as one number in base V would need k x log2(V).
+A query's history finds its index the same way, one id at a time.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from seqlm.ngrams import check_key_fits, count_ngrams, group_starts, pack
-
+MAX_CODE = 2**63 - 1
 FALLBACK_DISCOUNT = 0.75
 
 
 @dataclass(frozen=True)
 class _Level:
     """One order k of the model: counts of k-grams (raw, or continuation counts for lower orders)
-    by packed key, and per history (the first k-1 tokens) the total and the number of types."""
-    keys: np.ndarray         # sorted packed k-gram keys with count > 0
+    by code, and per history (its index among the (k-1)-grams) the total and the number of types
+    of the words that follow it."""
+    codes: np.ndarray        # sorted codes of the k-grams with count > 0
     counts: np.ndarray
     discount: float
-    hist_keys: np.ndarray    # sorted packed (k-1)-gram histories
-    hist_total: np.ndarray   # sum of counts over the words that follow the history
-    hist_types: np.ndarray   # number of distinct words that follow it: N1+(h .)
+    hist_total: np.ndarray   # by history index: sum of counts over the words that follow it
+    hist_types: np.ndarray   # by history index: number of distinct words that follow: N1+(h .)
 
     @classmethod
-    def build(cls, keys: np.ndarray, counts: np.ndarray, base: int) -> "_Level":
+    def build(cls, codes: np.ndarray, counts: np.ndarray, base: int, histories: int
+              ) -> "_Level":
+        kept = counts > 0
+        codes, counts = codes[kept], counts[kept]
         # Ney's estimate D = n1 / (n1 + 2 n2) from this level's counts of counts; it lies in
         # (0, 1], which keeps every stored count >= D and so the interpolation normalised.
         n1, n2 = int(np.sum(counts == 1)), int(np.sum(counts == 2))
         discount = n1 / (n1 + 2 * n2) if n1 and n2 else FALLBACK_DISCOUNT
-        hist = keys // base                       # sorted, since keys are
-        starts = group_starts(hist)
-        return cls(keys, counts, discount, hist[starts], np.add.reduceat(counts, starts),
-                   np.diff(np.r_[starts, len(hist)]))
+        # One more entry past the histories, 0: where a history is -1 (never seen).
+        history = codes // base
+        total = np.zeros(histories + 1, dtype=np.int64)
+        np.add.at(total, history, counts)
+        return cls(codes, counts, discount, total,
+                   np.bincount(history, minlength=histories + 1).astype(np.int64))
 
     def interpolate(self, hist: np.ndarray, words: np.ndarray, lower: np.ndarray,
                     base: int) -> np.ndarray:
         """P(w | h) = (max(c(hw) - D, 0) + D * N1+(h .) * P_lower(w)) / c(h .), or P_lower(w)
-        where the history h was never seen."""
-        count = _lookup(self.keys, self.counts, hist * base + words)
-        total = _lookup(self.hist_keys, self.hist_total, hist)
-        types = _lookup(self.hist_keys, self.hist_types, hist)
+        where the history h (an index, -1: never seen) was never followed by a word."""
+        count = _lookup(self.codes, self.counts, hist * base + words, hist >= 0)
+        total, types = self.hist_total[hist], self.hist_types[hist]
         seen = total > 0
         mixed = (np.maximum(count - self.discount, 0.0) + self.discount * types * lower) / \
             np.where(seen, total, 1)
         return np.where(seen, mixed, lower)
 
 
-def _lookup(keys: np.ndarray, values: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """values[keys == q] for each q, 0 where q is absent (keys sorted)."""
-    if not len(keys):
-        return np.zeros(len(query), dtype=np.int64)
-    at = np.minimum(np.searchsorted(keys, query), len(keys) - 1)
-    return np.where(keys[at] == query, values[at], 0)
+def _lookup(codes: np.ndarray, values: np.ndarray, query: np.ndarray, valid: np.ndarray
+            ) -> np.ndarray:
+    """values[codes == q] for each valid q, 0 where q is absent (codes sorted)."""
+    found = _find(codes, query, valid)
+    return np.where(found >= 0, values[found], 0) if len(codes) else \
+        np.zeros(found.shape, dtype=np.int64)
+
+
+def _find(codes: np.ndarray, query: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Index of each valid query in sorted `codes`, -1 where it is absent or not valid."""
+    if not len(codes):
+        return np.full(np.shape(query), -1, dtype=np.int64)
+    at = np.minimum(np.searchsorted(codes, query), len(codes) - 1)
+    return np.where(valid & (codes[at] == query), at, -1)
 
 
 class KneserNeyLM:
@@ -66,24 +84,55 @@ class KneserNeyLM:
     The highest order available to a query uses raw counts; each lower order uses continuation
     counts N1+(. h w) (how many distinct tokens precede h w), which is what makes it Kneser-Ney;
     order 1 interpolates with the uniform distribution, so unseen tokens keep probability > 0.
-    Every table is a sorted array of packed keys and lookups are np.searchsorted: no dicts.
+    Every table is a sorted array of codes (see the module docstring) and lookups are
+    np.searchsorted: no dicts.
     """
 
     def fit(self, train_ids: np.ndarray, vocab_size: int, order: int) -> "KneserNeyLM":
         if order < 1:
             raise ValueError(f"n-gram LM order must be >= 1, got {order}")
-        check_key_fits(vocab_size, order)
         train_ids = _as_ids(train_ids, vocab_size, "training")
-        tables = count_ngrams(train_ids, order, vocab_size, chunk_tokens=max(len(train_ids), 1))
+        if (len(train_ids) + 1) * vocab_size - 1 > MAX_CODE:
+            raise ValueError(f"{len(train_ids):,} training ids over a vocabulary of "
+                             f"{vocab_size:,} tokens: n-gram codes (tokens x vocabulary) would "
+                             "pass 2**63; train on fewer tokens")
         self.vocab_size, self.order = vocab_size, order
-        self.raw = [_Level.build(tables[k].keys, tables[k].counts, vocab_size)
+        # codes[k]: the distinct k-grams' codes, sorted (an index is a rank); suffix[k]: the
+        # index in level k-1 of each k-gram's last k-1 ids. Level 0 is the empty n-gram.
+        self.codes: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]
+        counts, suffix = [np.array([len(train_ids)])], [np.zeros(1, dtype=np.int64)]
+        index = np.zeros(len(train_ids) + 1, dtype=np.int64)   # each window's (k-1)-gram
+        for k in range(1, order + 1):
+            windows = max(len(train_ids) - k + 1, 0)
+            previous = index
+            level, index, level_counts = np.unique(
+                previous[:windows] * vocab_size + train_ids[k - 1:k - 1 + windows],
+                return_inverse=True, return_counts=True)
+            # The suffix of the k-gram at position i is the (k-1)-gram at i + 1.
+            level_suffix = np.zeros(len(level), dtype=np.int64)
+            if k > 1:
+                level_suffix[index] = previous[1:windows + 1]
+            self.codes.append(level)
+            counts.append(level_counts.astype(np.int64))
+            suffix.append(level_suffix)
+        self.raw = [_Level.build(self.codes[k], counts[k], vocab_size, len(self.codes[k - 1]))
                     for k in range(1, order + 1)]
-        # Continuation counts of k-grams from the distinct (k+1)-grams: drop their first token.
-        self.continuation = []
-        for k in range(1, order):
-            suffixes, left_types = np.unique(tables[k + 1].keys % vocab_size**k, return_counts=True)
-            self.continuation.append(_Level.build(suffixes, left_types, vocab_size))
+        # Continuation counts of k-grams: how many distinct (k+1)-grams end with them.
+        self.continuation = [
+            _Level.build(self.codes[k], np.bincount(suffix[k + 1], minlength=len(self.codes[k])),
+                         vocab_size, len(self.codes[k - 1]))
+            for k in range(1, order)]
         return self
+
+    def _history_index(self, columns: Sequence[np.ndarray]) -> np.ndarray:
+        """The index among the training text's len(columns)-grams of the n-gram the columns
+        spell (oldest first), -1 where it never occurs."""
+        index = np.zeros(1, dtype=np.int64)
+        for k, column in enumerate(columns, start=1):
+            seen = index >= 0
+            index = _find(self.codes[k], np.where(seen, index, 0) * self.vocab_size + column,
+                          seen)
+        return index
 
     def _probs(self, history: list[np.ndarray], context_len: np.ndarray,
                words: np.ndarray) -> np.ndarray:
@@ -91,8 +140,7 @@ class KneserNeyLM:
         base = self.vocab_size
         probs = np.full(len(words), 1.0 / base)
         for k in range(1, self.order + 1):
-            cols = history[len(history) - (k - 1):] if k > 1 else []
-            hist = pack(cols, base) if cols else np.zeros(len(words), dtype=np.int64)
+            hist = self._history_index(history[len(history) - (k - 1):] if k > 1 else [])
             raw = self.raw[k - 1].interpolate(hist, words, probs, base)
             lower = self.continuation[k - 1].interpolate(hist, words, probs, base) \
                 if k < self.order else raw
@@ -105,8 +153,8 @@ class KneserNeyLM:
         context = _as_ids(context_ids, self.vocab_size, "context")
         context = context[max(len(context) - (self.order - 1), 0):]
         words = np.arange(self.vocab_size)
-        history = [np.full(self.vocab_size, token) for token in context]
-        return np.log(self._probs(history, np.full(self.vocab_size, len(context)), words))
+        history = [np.full(1, token) for token in context]       # broadcast over the words
+        return np.log(self._probs(history, np.full(1, len(context)), words))
 
     def token_log_probs(self, ids: np.ndarray, first: int = 1) -> np.ndarray:
         """log P(ids[i] | ids[max(0, i-order+1):i]) for i = first..len(ids)-1, in order."""
@@ -147,11 +195,11 @@ def _check_scored(n_tokens: int, first: int) -> None:
 
 
 def _as_ids(ids: np.ndarray, vocab_size: int, what: str) -> np.ndarray:
+    """The ids as int64, whatever their integer dtype (uint8, uint16, int32, ...)."""
     ids = np.asarray(ids)
     if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
         raise ValueError(
             f"{what} ids must be a 1-D integer array, got shape {ids.shape} {ids.dtype}")
-    ids = ids.astype(np.int64)
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
         raise ValueError(f"{what} ids must lie in [0, {vocab_size}), got {ids.min()}..{ids.max()}")
-    return ids
+    return ids.astype(np.int64)

@@ -1,12 +1,21 @@
-"""Vectorised n-gram counting over a token-id sequence (D2L 8.3.3), shard by shard.
+"""Vectorised n-gram counting over a token-id sequence (D2L 8.3.3), shard by shard, for any
+vocabulary and any order.
 
-Each window of n ids is packed into one int64 key (a number in base `vocab_size`), so counting is
-integer work with no tuple per n-gram: np.bincount when vocab_size**n is small (once, for the
-longest such n: the shorter n-grams' counts are sums of its bins), one np.sort of the shard's
-windows otherwise. Those sorted levels split the shard's windows into groups by their
-first id (contiguous ranges of ids), whose n-grams are disjoint and, group after group, in key
-order: the groups are counted side by side on the cores (numpy's sorts release the GIL) and
-write their n-grams straight into the level's table; the number of threads changes nothing in it.
+An n-gram's key is its ids packed as base-`vocab_size` numbers in int64 words, the first word
+the most significant: as many ids per word as fit 63 bits (word_spans), so that keys compare as
+the id tuples do. Most keys are one word -- every n-gram whose vocabulary_size**n fits 63 bits,
+e.g. characters up to n = 7 with 500 symbols, words up to n = 3 with a million -- and longer
+ones take more words (two for 4- to 6-grams of a million words). No order or vocabulary is too
+large: only the ids must fit an int64.
+
+Counting is integer work with no tuple per n-gram: np.bincount when vocab_size**n is small
+(once, for the longest such n: the shorter n-grams' counts are sums of its bins), one np.sort of
+the shard's windows per level otherwise, on small shard-local codes (the rank of the window's
+(n-1)-gram prefix among the distinct ones, times vocab_size, plus its last id) whatever the key's
+width. Those sorted levels split the shard's windows into groups by their first id (contiguous
+ranges of ids), whose n-grams are disjoint and, group after group, in key order: the groups are
+counted side by side on the cores (numpy's sorts release the GIL) and write their n-grams straight
+into the level's table; the number of threads changes nothing in it.
 
 Sharded counting -- what the flow runs as Prefect (or Dask) tasks when `ngrams.shard_tokens` is
 set (tasks/ngrams.py); count_ngrams is the map and reduce in one process, with its chunks as the
@@ -28,9 +37,11 @@ shards:
   that *start* at positions start..stop-1, with first positions in the whole sequence. It reads
   ids[start:stop + max_n - 1]: the n - 1 ids past its end complete the windows that start in it,
   so a window across a shard border is counted once, by the shard it starts in. `ids` is an array
-  or the path of a 1-D .npy (read_range: a task reads only its shard, and only the path and
-  bounds travel to it). Memory: its tables (~50 bytes per token for words, n = 1..5, next to
-  nothing for characters) plus ~35 bytes per token of the shard.
+  (of any integer dtype) or the path of a 1-D .npy (read_range: a task reads only its shard, and
+  only the path and bounds travel to it). Memory: its tables, 24 bytes per distinct n-gram and
+  8 more per key word past the first (words n = 1..5 of a large vocabulary, whose 3- to 5-grams
+  are nearly all distinct in a shard: ~110 bytes per token; characters: ~15), plus ~30 bytes per
+  token of the shard.
 - split_partitions(tables, P): the tables cut into P parts by a hash of the n-gram, so that
   every shard sends a given n-gram to the same reduce task.
 - reduce_partials(partials) -> {n: NgramTable}: merges partials as they arrive, in any order
@@ -51,6 +62,7 @@ import contextlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cache
 from itertools import repeat
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -72,79 +84,138 @@ GROUP_WINDOWS = 1 << 20      # windows per group of a shard's sorted levels (cou
 # The last level is counted densely (a bin per possible n-gram) up to this many bins per
 # window: bincount over the bins, 16 bytes each, beats sorting the windows (the 5-grams of
 # characters: 28**5 = 17M bins for a chunk of 10M windows). Earlier levels stay at one bin per
-# window: the sorted level after them takes their keys as codes, which must fit an int64 with a
-# window's position (count_shard).
+# window: the sorted level after them takes their keys as codes (count_shard).
 LAST_LEVEL_BINS_PER_WINDOW = 4
+# A shard's positions are int32 (half the memory of the sorted levels' working arrays): larger
+# shards are counted in parts.
+MAX_SHARD_WINDOWS = 2**31
 
 
 class NgramError(ValueError):
-    """The ids or the order cannot be counted (an id outside the vocabulary, a key overflow)."""
+    """The ids or the order cannot be counted (an id outside the vocabulary, a bad shard)."""
 
 
-def check_key_fits(vocab_size: int, n: int) -> None:
-    """Packed n-gram keys are base-`vocab_size` numbers of n digits; they must fit an int64."""
-    if vocab_size < 1:
-        raise NgramError(f"vocabulary size must be >= 1, got {vocab_size}")
-    if vocab_size**n - 1 > MAX_KEY:
-        raise NgramError(
-            f"{n}-grams over a vocabulary of {vocab_size} tokens do not fit a 63-bit key "
-            f"({vocab_size}**{n} > 2**63); use a smaller n")
+@cache
+def ids_per_word(vocab_size: int) -> int:
+    """How many ids one int64 key word holds: the most whose base-`vocab_size` number fits 63
+    bits (all of them for a vocabulary of one token: its only key is 0)."""
+    if not 1 <= vocab_size <= MAX_KEY + 1:
+        raise NgramError(f"vocabulary size must be between 1 and 2**63 (ids are int64), "
+                         f"got {vocab_size}")
+    if vocab_size == 1:
+        return 64
+    ids = 1
+    while vocab_size ** (ids + 1) - 1 <= MAX_KEY:
+        ids += 1
+    return ids
+
+
+def word_spans(vocab_size: int, n: int) -> list[tuple[int, int]]:
+    """The [start, stop) ids of an n-gram that each word of its key packs, first word first."""
+    per_word = ids_per_word(vocab_size)
+    return [(a, min(a + per_word, n)) for a in range(0, max(n, 1), per_word)]
 
 
 def pack(windows: Sequence[np.ndarray], base: int) -> np.ndarray:
-    """Keys of aligned id columns: windows[0] is the most significant (first) token."""
-    keys = np.zeros(len(windows[0]) if windows else 0, dtype=np.int64)
-    for column in windows:
-        keys = keys * base + column
+    """Keys, shape (words, len(windows[0])), of aligned id columns: windows[0] is the first
+    token of the n-grams."""
+    count = len(windows[0]) if windows else 0
+    spans = word_spans(base, len(windows))
+    keys = np.zeros((len(spans), count), dtype=np.int64)
+    for word, (a, b) in zip(keys, spans):
+        for column in windows[a:b]:
+            word *= base
+            word += column
     return keys
 
 
 def unpack(keys: np.ndarray, n: int, base: int) -> np.ndarray:
-    """(len(keys), n) array of the ids packed in `keys`."""
-    ids = np.empty((len(keys), n), dtype=np.int64)
-    rest = keys.astype(np.int64, copy=True)
-    for j in range(n - 1, -1, -1):
-        rest, ids[:, j] = np.divmod(rest, base)
+    """(number of keys, n) array of the ids packed in `keys` (shape (words, number of keys))."""
+    ids = np.empty((keys.shape[-1], n), dtype=np.int64)
+    if not len(ids):
+        return ids
+    for word, (a, b) in zip(keys, word_spans(base, n)):
+        rest = word.astype(np.int64, copy=True)
+        for j in range(b - 1, a - 1, -1):
+            rest, ids[:, j] = np.divmod(rest, base)
     return ids
 
 
 def group_starts(sorted_keys: np.ndarray) -> np.ndarray:
-    """Index of the first element of each run of equal values in sorted keys."""
-    is_start = np.empty(len(sorted_keys), dtype=bool)
+    """Index of the first element of each run of equal keys in sorted keys: values (1-D), or
+    words (2-D, one row per word)."""
+    words = np.atleast_2d(sorted_keys)
+    is_start = np.zeros(words.shape[1], dtype=bool)
     is_start[:1] = True
-    np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=is_start[1:])
+    for word in words:
+        is_start[1:] |= word[1:] != word[:-1]
     return np.flatnonzero(is_start)
+
+
+def key_order(keys: np.ndarray) -> np.ndarray:
+    """Indices that sort keys (shape (words, m)) as the id tuples they pack, stably.
+
+    One stable argsort of the first word: timsort, which merges the sorted runs of concatenated
+    tables in linear time. Only the keys tied on the first word are sorted further, by the rank
+    of their tie (which orders them already) and the next word in one int64, or that word's high
+    bits where both do not fit 63 bits together (its low bits are sorted on next): n-grams
+    rarely share their first few ids, so the later words cost little."""
+    order = np.argsort(keys[0], kind="stable")
+    if len(keys) == 1 or len(order) < 2:
+        return order
+    first = keys[0][order]
+    same_as_next = first[1:] == first[:-1]
+    tied = np.flatnonzero(np.r_[same_as_next, False] | np.r_[False, same_as_next])
+    if not len(tied):
+        return order
+    new_tie = np.r_[True, ~same_as_next[tied[1:] - 1]]     # tied[i] starts a run of ties
+    tie = np.cumsum(new_tie, dtype=np.int64) - 1
+    rest = np.take(keys[1:], order[tied], axis=1)
+    word, later = rest[0], rest[1:]
+    word_bits = int(word.max()).bit_length()
+    high_bits = min(63 - int(tie[-1]).bit_length(), word_bits)
+    low_bits = word_bits - high_bits
+    head = (tie << high_bits) | (word >> low_bits)
+    if low_bits:
+        later = np.vstack([word & ((1 << low_bits) - 1), later])
+    order[tied] = order[tied][key_order(np.vstack([head, later]))]
+    return order
 
 
 @dataclass(frozen=True)
 class NgramTable:
     """Distinct n-grams as packed keys with their counts and first positions in the corpus."""
     n: int
-    keys: np.ndarray     # int64
+    keys: np.ndarray     # int64, shape (words, number of n-grams): see word_spans
     counts: np.ndarray   # int64
     first: np.ndarray    # int64, start position of the first occurrence
 
     @classmethod
-    def empty(cls, n: int) -> "NgramTable":
-        return cls(n, *(np.empty(0, dtype=np.int64) for _ in range(3)))
+    def empty(cls, n: int, words: int = 1) -> "NgramTable":
+        return cls(n, np.empty((words, 0), dtype=np.int64),
+                   *(np.empty(0, dtype=np.int64) for _ in range(2)))
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self.counts)
 
     def rows(self, start: int, stop: int) -> "NgramTable":
         """Entries start..stop-1, in memory."""
-        return NgramTable(self.n, *(np.asarray(column[start:stop])
-                                    for column in (self.keys, self.counts, self.first)))
+        return NgramTable(self.n, np.asarray(self.keys[:, start:stop]),
+                          *(np.asarray(column[start:stop]) for column in (self.counts, self.first)))
 
     def take(self, index: np.ndarray) -> "NgramTable":
-        return NgramTable(self.n, self.keys[index], self.counts[index], self.first[index])
+        # np.take along the keys' rows keeps each word contiguous (fancy indexing would not)
+        return NgramTable(self.n, np.take(self.keys, index, axis=1), self.counts[index],
+                          self.first[index])
 
     @classmethod
     def concat(cls, n: int, tables: Sequence["NgramTable"]) -> "NgramTable":
+        tables = [t for t in tables if len(t)] or list(tables[:1])
         if len(tables) <= 1:
             return tables[0] if tables else cls.empty(n)
-        return cls(n, *(np.concatenate([getattr(t, name) for t in tables])
-                        for name in ("keys", "counts", "first")))
+        return cls(n, np.concatenate([t.keys for t in tables], axis=1),
+                   *(np.concatenate([getattr(t, name) for t in tables])
+                     for name in ("counts", "first")))
 
     def ranked(self) -> "NgramTable":
         """Sorted by count descending, ties by first appearance: what the seed's Counter plus
@@ -186,8 +257,7 @@ def count_shard(ids: np.ndarray | Path | str, start: int, stop: int, max_n: int,
     process may use); the tables do not depend on it. See the module docstring."""
     if max_n < 1 or not 0 <= start <= stop:
         raise NgramError(f"max_n={max_n} must be >= 1 and 0 <= start={start} <= stop={stop}")
-    for n in range(1, max_n + 1):
-        check_key_fits(vocab_size, n)
+    ids_per_word(vocab_size)                 # a vocabulary int64 ids can number
     total = len(ids) if isinstance(ids, np.ndarray) else NpyHeader.read(ids).shape[-1]
     stop = min(stop, total)
     step = _max_chunk(vocab_size)
@@ -205,8 +275,8 @@ def count_shard(ids: np.ndarray | Path | str, start: int, stop: int, max_n: int,
                          np.int32 if vocab_size <= 1 << 31 else np.int64)
     windows = [max(min(stop, total - n + 1) - start, 0) for n in range(1, max_n + 1)]
 
-    # Each window gets a small shard-local code that sorts as its packed key does: the code of
-    # its (n-1)-gram prefix times vocab_size plus its last id. While vocab_size**n is small (at
+    # Each window gets a small shard-local code that sorts as its key does: the code of its
+    # (n-1)-gram prefix times vocab_size plus its last id. While vocab_size**n is small (at
     # most a bin per window; LAST_LEVEL_BINS_PER_WINDOW for the last level) the code is the
     # packed key itself and the level is counted densely, windows in position order. The first
     # level past that sorts; so does every later one, with the prefix's rank among the distinct
@@ -229,8 +299,7 @@ def count_shard(ids: np.ndarray | Path | str, start: int, stop: int, max_n: int,
         # together, on `threads` threads (numpy's sorts and array loops release the GIL): each
         # sorts its windows and counts its distinct n-grams, then writes them at its offset
         # into the level's table, so that no table is copied or concatenated.
-        pos_bits = (windows[n - 1] - 1).bit_length()
-        groups = [_Group(chunk, pos, codes, vocab_size, pos_bits, start) for pos in
+        groups = [_Group(chunk, pos, codes, vocab_size, vocab_size**(n - 1), start) for pos in
                   _first_id_groups(chunk[:windows[n - 1]], tables.get(1), vocab_size)]
         del codes                            # the groups' now, until their first sort
         workers = min(len(groups), threads or cores())
@@ -240,12 +309,14 @@ def count_shard(ids: np.ndarray | Path | str, start: int, stop: int, max_n: int,
                 distinct = list(run(_Group.sort, groups, repeat(level),
                                     repeat(windows[level - 1])))
                 offsets = np.cumsum([0, *distinct])
-                columns = tuple(np.empty(offsets[-1], dtype=np.int64) for _ in range(3))
+                columns = (np.empty((len(word_spans(vocab_size, level)), offsets[-1]),
+                                    dtype=np.int64),
+                           *(np.empty(offsets[-1], dtype=np.int64) for _ in range(2)))
                 list(run(_Group.emit, groups, repeat(columns), offsets[:-1].tolist(),
                          repeat(level < max_n)))
                 tables[level] = NgramTable(level, *columns)
     for n in range(1, max_n + 1):
-        tables.setdefault(n, NgramTable.empty(n))
+        tables.setdefault(n, NgramTable.empty(n, len(word_spans(vocab_size, n))))
     return tables
 
 
@@ -266,7 +337,8 @@ def reduce_partials(partials: Iterable[Mapping[int, NgramTable]]) -> dict[int, N
             batch = batches.setdefault(n, [])
             batch.append(table)
             if n not in merged or sum(map(len, batch)) >= 4 * len(merged[n]):
-                batch.insert(0, merged.pop(n, NgramTable.empty(n)))
+                if n in merged:
+                    batch.insert(0, merged.pop(n))
                 merged[n] = merge_tables(batch)          # empties the batch
     for n, batch in batches.items():
         if batch:
@@ -277,10 +349,11 @@ def reduce_partials(partials: Iterable[Mapping[int, NgramTable]]) -> dict[int, N
 
 def merge_tables(tables: list[NgramTable]) -> NgramTable:
     """Tables of the same n (each sorted by key) in one: an n-gram's counts add up and its first
-    position is the earliest. A stable argsort is timsort, which merges the sorted runs.
+    position is the earliest. A stable argsort is timsort, which merges the sorted runs
+    (key_order).
 
     Empties `tables`, so that the inputs are freed once copied, before the sort: the memory
-    peak is ~55 bytes per input entry."""
+    peak is ~55 bytes per input entry, 16 more per key word past the first."""
     nonempty = [t for t in tables if len(t)] or tables[:1]
     tables.clear()
     if len(nonempty) == 1:
@@ -289,64 +362,105 @@ def merge_tables(tables: list[NgramTable]) -> NgramTable:
     nonempty.clear()
     n, keys, counts, first = merged.n, merged.keys, merged.counts, merged.first
     del merged
-    order = np.argsort(keys, kind="stable")
-    keys = keys[order]
+    order = key_order(keys)
+    keys = np.take(keys, order, axis=1)
     starts = group_starts(keys)
     counts = np.add.reduceat(counts[order], starts)
     first = np.minimum.reduceat(first[order], starts)
-    return NgramTable(n, keys[starts], counts, first)
+    return NgramTable(n, np.take(keys, starts, axis=1), counts, first)
 
 
-def split_partitions(tables: Mapping[int, NgramTable], partitions: int
+def split_partitions(tables: dict[int, NgramTable], partitions: int
                      ) -> list[dict[int, NgramTable]]:
     """`tables` cut into `partitions` parts by a hash of the packed key (each part still sorted
     by key): a given n-gram goes to the same part from every shard, and the frequent leading
-    words of a language spread over all parts instead of filling the first."""
-    if partitions < 1:
-        raise NgramError(f"partitions must be >= 1, got {partitions}")
+    words of a language spread over all parts instead of filling the first.
+
+    Empties `tables` as it goes, so that memory holds the parts and one table, not the tables
+    twice."""
+    if not 1 <= partitions <= 1 << 16:
+        raise NgramError(f"partitions must be between 1 and 65536, got {partitions}")
     parts: list[dict[int, NgramTable]] = [{} for _ in range(partitions)]
-    for n, table in tables.items():
-        # Fibonacci hashing: the high bits of key * 2**64/phi (mod 2**64) are well mixed.
-        mixed = table.keys.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-        part = ((mixed >> np.uint64(33)) % np.uint64(partitions)).astype(np.intp)
-        order = np.argsort(part, kind="stable")
-        ends = np.cumsum(np.bincount(part, minlength=partitions))
-        for p, (start, stop) in enumerate(zip(np.r_[0, ends[:-1]], ends)):
-            parts[p][n] = table.take(order[start:stop])
+    golden = np.uint64(0x9E3779B97F4A7C15)
+    for n in sorted(tables):
+        table = tables.pop(n)
+        # Fibonacci hashing: the high bits of key * 2**64/phi (mod 2**64) are well mixed; a
+        # key of several words folds each next word in before multiplying again.
+        mixed = table.keys[0].astype(np.uint64) * golden
+        for word in table.keys[1:]:
+            mixed ^= word.astype(np.uint64)
+            mixed *= golden
+        part = ((mixed >> np.uint64(33)) % np.uint64(partitions)).astype(np.uint16)
+        del mixed
+        order = np.argsort(part, kind="stable")     # a radix sort (16-bit): by part, key order
+        ends = np.cumsum(np.bincount(part, minlength=partitions)).tolist()
+        table = table.take(order)                   # one gather; the parts are slices of it
+        for p, (start, stop) in enumerate(zip([0, *ends[:-1]], ends)):
+            parts[p][n] = table.rows(start, stop)
     return parts
 
 
 def save_partial(partitions: Sequence[Mapping[int, NgramTable]], path: Path | str) -> Path:
     """A shard's partial counts, cut in partitions (split_partitions), as one .npz archive
     written whole or not at all: what a shard task hands to the reduce tasks through the shared
-    working tree. A reduce task reads its partition only."""
-    arrays = {f"{field}_{n}_{p}": getattr(table, field)
-              for p, tables in enumerate(partitions) for n, table in tables.items()
-              for field in ("keys", "counts", "first")}
+    working tree. A reduce task reads its partition only.
+
+    Counts and first positions (from the shard's first one) are stored in the smallest unsigned
+    type that holds them (32 bits for any shard under 4G tokens): a third less disk and I/O than
+    int64 for one-word keys, and the partials of a large corpus are tens of GB."""
+    tables = [table for parts in partitions for table in parts.values() if len(table)]
+    offset = min((int(table.first.min()) for table in tables), default=0)
+    first_type = np.min_scalar_type(max((int(t.first.max()) - offset for t in tables), default=0))
+    count_type = np.min_scalar_type(max((int(t.counts.max()) for t in tables), default=0))
+    arrays = {"first_offset": np.array(offset, dtype=np.int64)}
+    for p, parts in enumerate(partitions):
+        for n, table in parts.items():
+            arrays[f"keys_{n}_{p}"] = table.keys
+            arrays[f"counts_{n}_{p}"] = table.counts.astype(count_type)
+            arrays[f"first_{n}_{p}"] = (table.first - offset).astype(first_type)
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         np.savez(handle, **arrays)
     return Path(path)
 
 
-def load_partial(path: Path | str, partition: int = 0) -> dict[int, NgramTable]:
-    """Partition `partition` of what save_partial wrote; NgramError naming the file when it is
-    not such a file or lacks that partition."""
+def partial_orders(path: Path | str) -> list[int]:
+    """The orders n of the tables in what save_partial wrote."""
     try:
         with np.load(path, allow_pickle=False) as archive:
-            orders = sorted({int(name.split("_")[1]) for name in archive.files})
-            return {n: NgramTable(n, *(archive[f"{field}_{n}_{partition}"]
-                                       for field in ("keys", "counts", "first")))
-                    for n in orders}
-    except (OSError, ValueError, KeyError, IndexError) as exc:
+            return _orders(archive.files)
+    except (OSError, ValueError, IndexError) as exc:
         raise NgramError(f"{path}: unreadable partial n-gram counts ({exc})") from None
 
 
+def _orders(names: Iterable[str]) -> list[int]:
+    return sorted({int(name.split("_")[1]) for name in names if name.startswith("keys_")})
+
+
+def load_partial(path: Path | str, partition: int = 0, n: int | None = None
+                 ) -> dict[int, NgramTable]:
+    """Partition `partition` of what save_partial wrote (of order `n` only, or all of them);
+    NgramError naming the file when it is not such a file or lacks that partition. An .npz is
+    read an array at a time: only what is asked for is read."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            offset = int(archive["first_offset"])
+            tables = {n: NgramTable(n, archive[f"keys_{n}_{partition}"],
+                                    archive[f"counts_{n}_{partition}"].astype(np.int64),
+                                    archive[f"first_{n}_{partition}"].astype(np.int64) + offset)
+                      for n in ([n] if n is not None else _orders(archive.files))}
+    except (OSError, ValueError, KeyError, IndexError) as exc:
+        raise NgramError(f"{path}: unreadable partial n-gram counts ({exc})") from None
+    if any(table.keys.ndim != 2 for table in tables.values()):
+        raise NgramError(f"{path}: unreadable partial n-gram counts (keys are not 2-D)")
+    return tables
+
+
 def save_ranked(tables: Mapping[int, NgramTable], folder: Path | str) -> Path:
-    """Ranked tables as `folder`/<n>.npy (rows: keys, counts, first), which load_ranked reads
-    a block at a time; each file is written whole or not at all."""
+    """Ranked tables as `folder`/<n>.npy (rows: the key words, counts, first), which
+    load_ranked reads a block at a time; each file is written whole or not at all."""
     for n, table in tables.items():
         with atomic_path(Path(folder) / f"{n}.npy") as tmp, open(tmp, "wb") as handle:
-            np.save(handle, np.stack([table.keys, table.counts, table.first]))
+            np.save(handle, np.vstack([table.keys, table.counts, table.first]))
     return Path(folder)
 
 
@@ -402,17 +516,19 @@ class RankedFile:
         return self.header.shape[1]
 
     def rows(self, start: int, stop: int) -> NgramTable:
-        return NgramTable(self.n, *(read_range(self.header, start, stop, row)
-                                    for row in range(3)))
+        words = self.header.shape[0] - 2
+        keys = np.vstack([read_range(self.header, start, stop, row) for row in range(words)])
+        return NgramTable(self.n, keys, *(read_range(self.header, start, stop, row)
+                                          for row in (words, words + 1)))
 
 
 def load_ranked(folder: Path | str, n: int) -> RankedFile:
     """The n-gram table save_ranked wrote; NgramError naming the file."""
     path = Path(folder) / f"{n}.npy"
     header = NpyHeader.read(path)
-    if len(header.shape) != 2 or header.shape[0] != 3 or header.dtype != np.int64:
+    if len(header.shape) != 2 or header.shape[0] < 3 or header.dtype != np.int64:
         raise NgramError(f"{path}: unreadable ranked n-gram counts (shape {header.shape} "
-                         f"{header.dtype}, expected (3, m) int64)")
+                         f"{header.dtype}, expected (words + 2, m) int64)")
     return RankedFile(n, header)
 
 
@@ -432,8 +548,8 @@ def merge_ranked(parts: Sequence[NgramTable | RankedFile], block: int = 1 << 18
     while True:
         live = [i for i, part in enumerate(parts) if cursor[i] < len(part)]
         if not live:
-            if not emitted:
-                yield NgramTable.empty(n)    # what an empty table writes needs its n
+            if not emitted:                  # what an empty table writes needs its n
+                yield parts[0].rows(0, 0) if parts else NgramTable.empty(n)
             return
         blocks = {i: parts[i].rows(cursor[i], cursor[i] + block) for i in live}
         limits = [(int(b.counts[-1]), int(b.first[-1])) for i, b in blocks.items()
@@ -453,10 +569,10 @@ def merge_ranked(parts: Sequence[NgramTable | RankedFile], block: int = 1 << 18
 def count_ngrams(ids: np.ndarray, max_n: int, vocab_size: int,
                  chunk_tokens: int = 16_000_000, threads: int | None = None
                  ) -> dict[int, NgramTable]:
-    """n-gram tables for n = 1..max_n over `ids` (1-D, may be a memory map), sorted by key
-    (`.ranked()` gives the frequency order): the shards of `chunk_tokens` counted one after the
-    other (each on `threads` threads, count_shard) and reduced, so memory is one shard's plus
-    the distinct n-grams."""
+    """n-gram tables for n = 1..max_n over `ids` (1-D, any integer dtype, may be a memory map),
+    sorted by key (`.ranked()` gives the frequency order): the shards of `chunk_tokens` counted
+    one after the other (each on `threads` threads, count_shard) and reduced, so memory is one
+    shard's plus the distinct n-grams."""
     if max_n < 1 or chunk_tokens < 1:
         raise NgramError(f"max_n={max_n} and chunk_tokens={chunk_tokens} must be >= 1")
     return reduce_partials(count_shard(ids, start, stop, max_n, vocab_size, threads)
@@ -464,8 +580,9 @@ def count_ngrams(ids: np.ndarray, max_n: int, vocab_size: int,
 
 
 def _max_chunk(base: int) -> int:
-    """Largest shard whose shard-local codes, shifted to hold a position, still fit an int64."""
-    return 1 << ((62 - base.bit_length()) // 2)
+    """Largest shard whose codes (a prefix code below the shard's windows, times `base`, plus
+    an id) fit an int64, and whose positions fit an int32."""
+    return min(max((MAX_KEY + 1) // base, 1), MAX_SHARD_WINDOWS)
 
 
 def _dense_levels(keys: np.ndarray, chunk: np.ndarray, windows: Sequence[int], top: int,
@@ -485,51 +602,57 @@ def _dense_levels(keys: np.ndarray, chunk: np.ndarray, windows: Sequence[int], t
             counts = counts.reshape(-1, base).sum(axis=1)
             first = first.reshape(-1, base).min(axis=1)
             for position in range(windows[n], windows[n - 1]):    # at most top - n of them
-                key = int(pack([chunk[position + j:position + j + 1] for j in range(n)], base)[0])
+                key = int(pack([chunk[position + j:position + j + 1] for j in range(n)],
+                               base)[0, 0])
                 counts[key] += 1
                 first[key] = min(first[key], position)
         present = np.flatnonzero(counts)
-        tables[n] = NgramTable(n, present, counts[present], first[present] + np.int64(start))
+        tables[n] = NgramTable(n, present[None, :], counts[present],
+                               first[present] + np.int64(start))
     return tables
 
 
 def _first_id_groups(first_ids: np.ndarray, unigrams: NgramTable | None, vocab_size: int
                      ) -> list[np.ndarray]:
-    """The positions 0..len(first_ids)-1 of a shard's windows, cut by their first id into
-    ranges of ids of about GROUP_WINDOWS windows each (one frequent id can make its group
+    """The positions 0..len(first_ids)-1 of a shard's windows (int32), cut by their first id
+    into ranges of ids of about GROUP_WINDOWS windows each (one frequent id can make its group
     larger), each group's positions ascending. One group when the unigrams are still to be
     counted: they are the first level sorted, the ids' frequencies unknown."""
     count = len(first_ids)
     parts = min(-(-count // GROUP_WINDOWS), 256)              # group numbers fit a uint8
     if parts <= 1 or unigrams is None:
-        return [np.arange(count, dtype=np.int64)]
+        return [np.arange(count, dtype=np.int32)]
     running = np.cumsum(unigrams.counts)
     crossing = np.searchsorted(running, np.arange(1, parts) * (running[-1] / parts))
-    edges = np.unique(unigrams.keys[crossing] + 1)            # the first id of each later group
+    edges = np.unique(unigrams.keys[0][crossing] + 1)         # the first id of each later group
     group = np.searchsorted(edges, np.arange(vocab_size), side="right").astype(np.uint8)
     group = group[first_ids]
     order = np.argsort(group, kind="stable")    # a radix sort: by group, positions ascending
     ends = np.cumsum(np.bincount(group, minlength=len(edges) + 1))
-    return [order[a:b] for a, b in zip(np.r_[0, ends[:-1]], ends) if b > a]
+    return [order[a:b].astype(np.int32) for a, b in zip(np.r_[0, ends[:-1]], ends) if b > a]
 
 
 class _Group:
     """A group of a shard's windows through its sorted levels (count_shard): their positions in
     the shard and their codes, in the order of the last level's sort.
 
-    np.sort of plain int64 runs several times faster than argsort, so a window's position goes
-    into the low `pos_bits` bits of its code: one sort gives the distinct n-grams and each one's
-    first position. The windows stay in their sorted order from one level to the next (no
-    scatter back), so a level's codes come sorted by prefix and only the windows of a same
-    prefix are out of order: timsort (kind="stable"), which merges the runs it finds, orders
-    those several times faster than the default sort.
+    np.sort of plain int64 runs several times faster than argsort, so a window's index in the
+    group goes into the low bits of its code: one sort gives the distinct n-grams, and the
+    indices the new order of the windows' positions (the first of each n-gram's windows is its
+    first position: equal codes keep their previous order, which is by position). The windows
+    stay in their sorted order from one level to the next (no scatter back), so a level's codes
+    come sorted by prefix and only the windows of a same prefix are out of order: timsort
+    (kind="stable"), which merges the runs it finds, orders those several times faster than the
+    default sort. Where code and index do not fit 63 bits together (a vocabulary of millions and
+    a group of millions of windows), a stable argsort of the codes orders them the same way.
     """
 
     def __init__(self, chunk: np.ndarray, pos: np.ndarray, prefixes: np.ndarray, base: int,
-                 pos_bits: int, offset: int) -> None:
-        self.chunk, self.base, self.pos_bits, self.offset = chunk, base, pos_bits, offset
-        self.pos = pos                                 # ascending until the first sort
+                 prefix_codes: int, offset: int) -> None:
+        self.chunk, self.base, self.offset = chunk, base, offset
+        self.pos = pos                                 # int32, ascending until the first sort
         self.prefixes: np.ndarray | None = prefixes    # packed prefix keys, by shard position
+        self.prefix_codes = prefix_codes               # prefix codes are below this
         self.codes = np.empty(0, dtype=np.int64)       # local codes, then the windows' ranks
         self.prefix_keys: np.ndarray | None = None     # rank -> key of the last level's n-grams
         self.is_start: np.ndarray | None = None        # the last sort's first of each n-gram
@@ -543,17 +666,23 @@ class _Group:
         if len(self.pos) and self.pos.max() >= windows:    # the sequence's last window is short
             keep = self.pos < windows
             self.pos, self.codes = self.pos[keep], self.codes[keep]
-        pos, local = self.pos, self.codes              # both updated in place
+        local = self.codes                             # updated in place
         self.is_start = self.starts = None
-        if not len(pos):
+        if not len(local):
             return 0
         local *= self.base                             # prefix code * base + last id
-        local += np.take(self.chunk[n - 1:], pos)      # take: faster than indexing with pos
-        local <<= self.pos_bits
-        local |= pos
-        local.sort(kind=None if self.prefix_keys is None else "stable")
-        np.bitwise_and(local, (1 << self.pos_bits) - 1, out=pos)
-        local >>= self.pos_bits
+        local += np.take(self.chunk[n - 1:], self.pos)     # take: faster than indexing with pos
+        index_bits = (len(local) - 1).bit_length()
+        if (self.prefix_codes * self.base - 1).bit_length() + index_bits <= 63:
+            local <<= index_bits
+            local |= np.arange(len(local), dtype=np.int64)
+            local.sort(kind=None if self.prefix_keys is None else "stable")
+            index = np.bitwise_and(local, (1 << index_bits) - 1)
+            local >>= index_bits
+        else:
+            index = np.argsort(local, kind="stable")
+            self.codes = local = local[index]
+        self.pos = np.take(self.pos, index)
         self.is_start = np.empty(len(local), dtype=bool)
         self.is_start[0] = True
         np.not_equal(local[1:], local[:-1], out=self.is_start[1:])
@@ -562,29 +691,41 @@ class _Group:
 
     def emit(self, columns: tuple[np.ndarray, np.ndarray, np.ndarray], at: int, more: bool
              ) -> None:
-        """Writes the distinct n-grams of the last sort into the level's table columns (keys,
-        counts, first positions) from row `at`; with `more`, the windows' ranks among them
-        become the prefix codes of the next level."""
+        """Writes the distinct n-grams of the last sort into the level's table columns (key
+        words, counts, first positions) from row `at`; with `more`, the windows' ranks among
+        them become the prefix codes of the next level."""
         starts, local = self.starts, self.codes
         if starts is None:                             # no windows
             return
-        keys, counts, first = (column[at:at + len(starts)] for column in columns)
-        np.take(local, starts, out=keys)               # prefix code * base + last id
-        if self.prefix_keys is not None:               # the prefix code is a rank: its key
-            # `counts` and `local` (read) serve as scratch: no temporary arrays.
-            prefix = np.floor_divide(keys, self.base, out=counts)
-            lifted = np.take(self.prefix_keys, prefix, out=local[:len(starts)])
-            lifted -= prefix
-            lifted *= self.base
-            keys += lifted
+        keys, counts, first = (column[..., at:at + len(starts)] for column in columns)
+        code = keys[-1]
+        np.take(local, starts, out=code)               # prefix code * base + last id
+        # The key: the prefix's key words (its rank's, or the dense prefix key itself), the
+        # last id appended to their last word, or as a word of its own where that one is full.
+        # `counts` and `local` (read) serve as scratch: no temporary arrays.
+        prefix_words = 1 if self.prefix_keys is None else len(self.prefix_keys)
+        if self.prefix_keys is not None or len(keys) > prefix_words:
+            prefix = np.floor_divide(code, self.base, out=counts)
+            scratch = local[:len(starts)]
+            if self.prefix_keys is None:               # [dense prefix key, last id]
+                keys[0] = prefix
+            else:
+                for word, prefix_word in zip(keys, self.prefix_keys[:len(keys) - 1]):
+                    np.take(prefix_word, prefix, out=word)
+            if len(keys) > prefix_words:               # the last id alone: code - prefix * base
+                code -= np.multiply(prefix, self.base, out=scratch)
+            else:                                      # last word * base + last id
+                lifted = np.take(self.prefix_keys[-1], prefix, out=scratch)
+                lifted -= prefix
+                lifted *= self.base
+                code += lifted
         np.subtract(starts[1:], starts[:-1], out=counts[:-1])
         counts[-1] = len(local) - starts[-1]
-        np.take(self.pos, starts, out=first)
-        first += self.offset
+        np.add(np.take(self.pos, starts), np.int64(self.offset), out=first)
         if more:
             np.cumsum(self.is_start, dtype=np.int64, out=local)
             local -= 1
-            self.prefix_keys = keys
+            self.prefix_keys, self.prefix_codes = keys, len(starts)
         self.starts = self.is_start = None
 
 
@@ -597,34 +738,39 @@ def _check_ids(chunk: np.ndarray, vocab_size: int, offset: int) -> None:
                          f"outside the vocabulary of {vocab_size} tokens")
 
 
+
 PARQUET_ROWS = 1 << 20     # pyarrow's default row group: the rows converted and written at a time
 
 
-def to_arrow(table: NgramTable, tokens: Sequence[str], first_rank: int = 1) -> pa.Table:
+def to_arrow(table: NgramTable, tokens: Sequence[str] | pa.Array, first_rank: int = 1
+             ) -> pa.Table:
     """Columns token_1..token_n (string), count and rank (int64, from `first_rank`) of a ranked
-    table."""
+    table. `tokens`: the vocabulary, id -> token (any Unicode), or it as an arrow string array."""
     ids = unpack(table.keys, table.n, len(tokens))
-    dictionary = pa.array(list(tokens), type=pa.string())
+    dictionary = tokens if isinstance(tokens, pa.Array) else \
+        pa.array(list(tokens), type=pa.string())
     columns = {f"token_{j + 1}": dictionary.take(pa.array(ids[:, j])) for j in range(table.n)}
     columns["count"] = pa.array(table.counts, type=pa.int64())
     columns["rank"] = pa.array(np.arange(first_rank, first_rank + len(table), dtype=np.int64))
     return pa.table(columns)
 
 
-def write_parquet(pieces: NgramTable | Iterable[NgramTable], tokens: Sequence[str],
+def write_parquet(pieces: NgramTable | Iterable[NgramTable], tokens: Sequence[str] | pa.Array,
                   path: Path | str, rows: int = PARQUET_ROWS) -> int:
     """A ranked table, whole or as consecutive pieces of one (merge_ranked), as zstd Parquet:
     `rows` rows (one row group) converted and written at a time, so memory is a row group's and
     the bytes are those of pq.write_table of the whole table however it is cut. Returns the
     number of rows."""
     written = 0
+    dictionary = tokens if isinstance(tokens, pa.Array) else \
+        pa.array(list(tokens), type=pa.string())           # once, not per row group
     with contextlib.ExitStack() as stack:
         writer = None
         for group in _row_groups([pieces] if isinstance(pieces, NgramTable) else pieces, rows):
             if writer is None:
                 writer = stack.enter_context(pq.ParquetWriter(path, _schema(group.n),
                                                               compression="zstd"))
-            writer.write_table(to_arrow(group, tokens, written + 1), row_group_size=rows)
+            writer.write_table(to_arrow(group, dictionary, written + 1), row_group_size=rows)
             written += len(group)
     return written
 
@@ -674,23 +820,59 @@ def zipf_exponent(counts: np.ndarray) -> float | None:
     return float(-slope)
 
 
-def plot_zipf(counts: Mapping[str, Mapping[int, np.ndarray]], path: Path | str) -> Path:
+class CountRuns:
+    """The counts of a ranked table, in rank order, as runs of equal counts, gathered piece by
+    piece as the table is written: what the Zipf fit and plot need, in kilobytes. Counts fall as
+    the rank grows, so runs are few (the last one, the singletons, holds most n-grams of a large
+    corpus) where the counts themselves are hundreds of millions."""
+
+    def __init__(self) -> None:
+        self._values: list[np.ndarray] = []
+        self._lengths: list[np.ndarray] = []
+
+    def add(self, counts: np.ndarray) -> None:
+        """The counts of the table's next rows."""
+        starts = group_starts(counts)
+        self._values.append(counts[starts])
+        self._lengths.append(np.diff(np.r_[starts, len(counts)]))
+
+    def runs(self) -> tuple[np.ndarray, np.ndarray]:
+        """(count, number of rows) of each run, in rank order."""
+        values = np.concatenate([np.empty(0, np.int64), *self._values])
+        lengths = np.concatenate([np.empty(0, np.int64), *self._lengths])
+        starts = group_starts(values)                  # a run the pieces cut, joined again
+        return values[starts], np.add.reduceat(lengths, starts) if len(starts) else lengths
+
+    def counts(self, minimum: int = 1) -> np.ndarray:
+        """The ranked counts that are >= minimum."""
+        values, lengths = self.runs()
+        kept = values >= minimum
+        return np.repeat(values[kept], lengths[kept])
+
+    def corners(self) -> tuple[np.ndarray, np.ndarray]:
+        """(rank - 1, count) of the first and the last row of each run, in rank order: the
+        corners of the ranked curve, a staircase, which draw the same line as all its points."""
+        values, lengths = self.runs()
+        ends = np.cumsum(lengths)
+        index = np.column_stack([ends - lengths, ends - 1]).ravel()
+        kept = np.column_stack([np.ones(len(values), dtype=bool), lengths > 1]).ravel()
+        return index[kept], np.repeat(values, 2)[kept]
+
+
+def plot_zipf(counts: Mapping[str, Mapping[int, CountRuns]], path: Path | str) -> Path:
     """Log-log frequency vs rank, one panel per level (e.g. word, char), one line per n.
-    `counts[level][n]` are ranked counts."""
+    `counts[level][n]` are a ranked table's counts."""
     return save_png(path, lambda: _zipf_figure(counts), dpi=100)
 
 
-def _zipf_figure(counts: Mapping[str, Mapping[int, np.ndarray]]) -> Figure:
+def _zipf_figure(counts: Mapping[str, Mapping[int, CountRuns]]) -> Figure:
     from matplotlib.figure import Figure
     fig = Figure(figsize=(5 * len(counts), 4), layout="constrained")
     for ax, (level, by_n) in zip(fig.subplots(1, len(counts), squeeze=False)[0], counts.items()):
-        for n, freqs in by_n.items():
-            if not len(freqs):
-                continue
-            # A ranked curve is a staircase; its corners draw the same line from far fewer points.
-            change = freqs[1:] != freqs[:-1]
-            corners = np.flatnonzero(np.r_[True, change] | np.r_[change, True])
-            ax.loglog(corners + 1, freqs[corners], label=f"{n}-gram")
+        for n, runs in by_n.items():
+            corners, freqs = runs.corners()
+            if len(corners):
+                ax.loglog(corners + 1, freqs, label=f"{n}-gram")
         ax.set(title=f"{level} n-grams", xlabel="rank", ylabel="frequency")
         ax.grid(True, which="major", alpha=0.3)
         if ax.lines:

@@ -13,30 +13,34 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, wait
 
 from seqlm.io import publish, write_json
-from seqlm.ngrams import (ZIPF_MIN_COUNT, NgramError, NgramTable, check_key_fits, count_ngrams,
-                          count_shard, load_partial, load_ranked, merge_ranked, plot_zipf,
-                          reduce_partials, save_partial, save_ranked, shard_bounds,
+from seqlm.ngrams import (ZIPF_MIN_COUNT, CountRuns, NgramError, NgramTable, count_ngrams,
+                          count_shard, load_partial, load_ranked, merge_ranked, partial_orders,
+                          plot_zipf, reduce_partials, save_partial, save_ranked, shard_bounds,
                           split_partitions, write_parquet, zipf_exponent)
 from seqlm.params import Params
 from seqlm.runtime.records import Record, stage_task, up_to_date
 from seqlm.stages import CORPUS, NGRAMS, STAGE_BY_NAME, VOCAB
-from seqlm.text import TOKENIZERS, Vocab
-from seqlm.threads import beside_the_trainings
+from seqlm.text import TOKENIZERS
+from seqlm.threads import beside_the_trainings, cores
 
 ZIPF_PLOT = f"{NGRAMS}/zipf.png"
 ZIPF_MAX_N = 3                     # the seed plots unigrams, bigrams and trigrams
 SHARDS = Path(".seqlm/ngram-shards")  # the map's and reduce's files (git-ignored, shared tree)
 Partitions = dict[str, list[str]]  # level -> the folders of its reduced partitions
 MAX_SHARD_TASKS = 10_000           # per level: a task run each, in the Prefect server and UI
+MERGE_ROWS = 1 << 20               # rows a merge of ranked partitions reads per round, in all
 STAGE = STAGE_BY_NAME["ngrams"]
 log = logging.getLogger("seqlm.ngrams")
 
@@ -73,7 +77,7 @@ def ngrams_shard(params: Params, level: str, start: int, stop: int) -> str:
     """Count the n-grams that start at tokens start..stop-1 of the `level` corpus (read from the
     file: the task reads its shard only) and write them, cut into partitions, to partial_path();
     returns that path."""
-    vocab_size = len(Vocab.load(_existing(VOCAB[level])))
+    vocab_size = _vocab_size(VOCAB[level])
     _load_ids(CORPUS[level])               # checked here; the shard reads its range only
     try:
         tables = count_shard(CORPUS[level], start, stop, params.ngrams.max_n, vocab_size)
@@ -86,10 +90,11 @@ def ngrams_shard(params: Params, level: str, start: int, stop: int) -> str:
 @task(name="ngrams_reduce", cache_policy=NO_CACHE, persist_result=False)
 def ngrams_reduce(level: str, partition: int, partials: list[str]) -> str:
     """Merge partition `partition` of the shards' `partials` (in any order) and write it ranked
-    to partition_path(); returns that folder. Memory: the partition's distinct n-grams."""
-    tables = reduce_partials(load_partial(path, partition) for path in partials)
+    to partition_path(); returns that folder. One n at a time (a partial file is read an array
+    at a time): memory is the partition's distinct n-grams of one order."""
     folder = partition_path(level, partition)
-    for n in sorted(tables):
+    for n in partial_orders(partials[0]) if partials else []:
+        tables = reduce_partials(load_partial(path, partition, n) for path in partials)
         save_ranked({n: tables.pop(n).ranked()}, folder)
     return folder
 
@@ -101,34 +106,33 @@ def ngrams(params: Params, partitions: Partitions | None = None) -> Record:
     beside_the_trainings(params)
     p = params.ngrams
     metrics_path = STAGE.at(params).reports.zipf
-    vocabs = {level: Vocab.load(_existing(VOCAB[level])) for level in TOKENIZERS}
-    for level, vocab in vocabs.items():      # refuse before counting or writing anything
-        try:
-            check_key_fits(len(vocab), p.max_n)
-        except NgramError as exc:
-            raise NgramError(f"ngrams.max_n = {p.max_n}: {level} level: {exc}") from None
+    vocabs = {level: _tokens(VOCAB[level]) for level in TOKENIZERS}
 
     metrics: dict[str, float | int] = {}
-    plotted: dict[str, dict[int, np.ndarray]] = {}
+    plotted: dict[str, dict[int, CountRuns]] = {}
     # Each table is written as soon as it is counted (memory holds one level's tables at a
     # time) into a folder that replaces data/ngrams only when every output is written: a bad
     # corpus file or a full disk leaves the previous outputs, and tables of a larger max_n of
-    # an earlier run go with the old folder.
-    with publish() as outputs:
+    # an earlier run go with the old folder. The tables are written side by side, one thread
+    # each on the cores (pyarrow encodes and compresses without the GIL): writing Parquet, not
+    # counting, takes most of the stage's time on large corpora.
+    with publish() as outputs, ThreadPoolExecutor(cores()) as pool:
         folder = outputs.folder(NGRAMS)
-        for level, vocab in vocabs.items():
-            plotted[level] = {}
-            for n, pieces in _ranked_tables(level, vocab, params, partitions):
-                counts: list[np.ndarray] = []   # what the Zipf fit and plot need, in rank order
-                metrics[f"{level}_{n}_distinct"] = write_parquet(
-                    _keep_counts(pieces, counts, everything=n <= ZIPF_MAX_N), vocab.idx_to_token,
-                    folder / table_path(level, n).name)
-                ranked_counts = np.concatenate(counts) if counts else np.empty(0, np.int64)
-                alpha = zipf_exponent(ranked_counts)
-                if alpha is not None:        # absent when fewer than two n-grams occur twice
-                    metrics[f"{level}_{n}_zipf_exponent"] = alpha
-                if n <= ZIPF_MAX_N:
-                    plotted[level][n] = ranked_counts
+        writes = []
+        for level, tokens in vocabs.items():
+            writes += [(level, n, pool.submit(_write_table, pieces, tokens,
+                                              folder / table_path(level, n).name))
+                       for n, pieces in _ranked_tables(level, len(tokens), params, partitions)]
+            if partitions is None:            # counted here: one level's tables at a time
+                for *_, write in writes:
+                    write.result()
+        for level, n, write in writes:
+            metrics[f"{level}_{n}_distinct"], runs = write.result()
+            alpha = zipf_exponent(runs.counts(ZIPF_MIN_COUNT))
+            if alpha is not None:            # absent when fewer than two n-grams occur twice
+                metrics[f"{level}_{n}_zipf_exponent"] = alpha
+            if n <= ZIPF_MAX_N:
+                plotted.setdefault(level, {})[n] = runs
         plot_zipf(plotted, folder / Path(ZIPF_PLOT).name)
         write_json(outputs.file(metrics_path), metrics)
     if partitions is not None:
@@ -159,29 +163,36 @@ def submit_sharded(params: Params, upstream: list[PrefectFuture]) -> PrefectFutu
     return ngrams.submit(params, partitions=reduced, wait_for=upstream)
 
 
-def _ranked_tables(level: str, vocab: Vocab, params: Params, partitions: Partitions | None
+def _ranked_tables(level: str, vocab_size: int, params: Params, partitions: Partitions | None
                    ) -> Iterator[tuple[int, Iterable[NgramTable]]]:
     """(n, its ranked table as consecutive pieces), n = 1..max_n: the reduced partitions merged
     as they are read, or the tables counted here (one level's at a time in memory)."""
     p = params.ngrams
     if partitions is not None:
         for n in range(1, p.max_n + 1):
-            yield n, merge_ranked([load_ranked(folder, n) for folder in partitions[level]])
+            parts = [load_ranked(folder, n) for folder in partitions[level]]
+            yield n, merge_ranked(parts, max(MERGE_ROWS // max(len(parts), 1), 1))
         return
     try:
-        counted = count_ngrams(_load_ids(CORPUS[level]), p.max_n, len(vocab), p.chunk_tokens)
+        counted = count_ngrams(_load_ids(CORPUS[level]), p.max_n, vocab_size, p.chunk_tokens)
     except NgramError as exc:
         raise NgramError(f"{CORPUS[level]}: {exc} ({VOCAB[level]})") from None
     for n in sorted(counted):
         yield n, [counted.pop(n).ranked()]
 
 
-def _keep_counts(pieces: Iterable[NgramTable], kept: list[np.ndarray], everything: bool
-                 ) -> Iterator[NgramTable]:
-    """The pieces, passing by; appends their counts to `kept`: all of them, or only those the
-    Zipf fit uses (the singletons, most of the long n-grams, are left out)."""
+def _write_table(pieces: Iterable[NgramTable], tokens: pa.Array, path: Path
+                 ) -> tuple[int, CountRuns]:
+    """A ranked table (in pieces) as Parquet: its number of rows, and its counts as runs (what
+    the Zipf fit and plot need)."""
+    runs = CountRuns()
+    return write_parquet(_add_counts(pieces, runs), tokens, path), runs
+
+
+def _add_counts(pieces: Iterable[NgramTable], runs: CountRuns) -> Iterator[NgramTable]:
+    """The pieces, passing by; their counts go to `runs`."""
     for piece in pieces:
-        kept.append(piece.counts if everything else piece.counts[piece.counts >= ZIPF_MIN_COUNT])
+        runs.add(piece.counts)
         yield piece
 
 
@@ -189,6 +200,20 @@ def _existing(path: str) -> str:
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: not found; run the preprocess stage first")
     return path
+
+
+def _tokens(path: str) -> pa.Array:
+    """A saved vocabulary's tokens by id (the token column Vocab.save writes), as an arrow
+    array: the tables need no more, and a million words take megabytes where a Vocab, its list
+    and its dict, take hundreds."""
+    return pq.read_table(_existing(path), columns=["token"]).column("token") \
+        .combine_chunks().cast(pa.string())
+
+
+def _vocab_size(path: str) -> int:
+    """The number of tokens of a saved vocabulary, from its Parquet footer: a shard task needs
+    no more (loading a vocabulary of a million words takes seconds)."""
+    return pq.ParquetFile(_existing(path)).metadata.num_rows
 
 
 def _load_ids(path: str) -> np.ndarray:

@@ -52,11 +52,12 @@ def test_unseen_tokens_keep_probability(order: int) -> None:
     assert abs(np.exp(tiny.log_probs_next(np.array([1, 1]))).sum() - 1) < 1e-9
 
 
-def reference_probs(train: list[int], vocab_size: int, order: int,
-                    context: list[int]) -> list[float]:
+def reference_probs(train: list[int], vocab_size: int, order: int, context: list[int],
+                    words: list[int] | None = None) -> list[float]:
     """Interpolated Kneser-Ney written out with Counters: the definition the vectorised code must
     reproduce (raw counts at the highest order the context allows, continuation counts below,
-    uniform at the bottom, D = n1 / (n1 + 2 n2) per order or 0.75)."""
+    uniform at the bottom, D = n1 / (n1 + 2 n2) per order or 0.75). P(w | context) for each of
+    `words` (all the vocabulary by default)."""
     raw = {k: collections.Counter(tuple(train[i:i + k]) for i in range(len(train) - k + 1))
            for k in range(1, order + 1)}
     cont = {k: collections.Counter(gram[1:] for gram in raw[k + 1]) for k in range(1, order)}
@@ -67,16 +68,18 @@ def reference_probs(train: list[int], vocab_size: int, order: int,
         return n1 / (n1 + 2 * n2) if n1 and n2 else 0.75
 
     context = context[max(len(context) - (order - 1), 0):]
+    levels = []                   # per k: the words that follow the history, and D
+    for k in range(1, len(context) + 2):
+        table = raw[k] if k == len(context) + 1 else cont[k]
+        history = tuple(context[len(context) - (k - 1):]) if k > 1 else ()
+        levels.append(({g[-1]: c for g, c in table.items() if g[:-1] == history},
+                       discount(table)))
     probs = []
-    for word in range(vocab_size):
+    for word in range(vocab_size) if words is None else words:
         p = 1 / vocab_size
-        for k in range(1, len(context) + 2):
-            table = raw[k] if k == len(context) + 1 else cont[k]
-            history = tuple(context[len(context) - (k - 1):]) if k > 1 else ()
-            following = {g[-1]: c for g, c in table.items() if g[:-1] == history}
+        for following, d in levels:
             total = sum(following.values())
             if total:
-                d = discount(table)
                 p = (max(following.get(word, 0) - d, 0) + d * len(following) * p) / total
         probs.append(p)
     return probs
@@ -124,8 +127,9 @@ def test_bad_input_is_refused() -> None:
         KneserNeyLM().fit(ids, 3, 0)
     with pytest.raises(ValueError, match=r"training ids must lie in \[0, 2\), got 0..2"):
         KneserNeyLM().fit(ids, 2, 2)
-    with pytest.raises(ValueError, match="do not fit a 63-bit key"):
-        KneserNeyLM().fit(ids, 5000, 6)
+    with pytest.raises(ValueError, match=r"4 training ids over a vocabulary of "
+                                         r"4,611,686,018,427,387,904 tokens: n-gram codes"):
+        KneserNeyLM().fit(ids, 2**62, 3)
     lm = KneserNeyLM().fit(ids, 3, 2)
     with pytest.raises(ValueError, match="a token of context and one to score: got 1 tokens"):
         lm.perplexity(np.array([1]))
@@ -133,3 +137,43 @@ def test_bad_input_is_refused() -> None:
         lm.perplexity(ids, first=4)
     with pytest.raises(ValueError, match="evaluated ids must be a 1-D integer array"):
         lm.perplexity(np.array([0.5, 1.0]))
+
+
+def zipf_ids(rng: np.random.Generator, count: int, vocab: int) -> np.ndarray:
+    weights = 1 / np.arange(1, vocab, dtype=np.float64)
+    cdf = np.cumsum(weights)
+    return np.searchsorted(cdf, rng.random(count) * cdf[-1]).astype(np.int64) + 1
+
+
+def test_order_6_over_an_alphabet_of_400_symbols() -> None:
+    """What a text of every character brings (clean: none): hundreds of symbols, uint16 ids."""
+    rng = np.random.default_rng(6)
+    train = zipf_ids(rng, 3_000, 400).astype(np.uint16)
+    lm = KneserNeyLM().fit(train, 400, 6)
+    listed = train.tolist()
+    for context in ([], listed[:5], listed[-7:], listed[100:103], [399, 398, 397, 396, 395]):
+        got = np.exp(lm.log_probs_next(np.array(context, dtype=np.uint16)))
+        assert abs(got.sum() - 1) < 1e-9 and got.min() > 0
+        np.testing.assert_allclose(got, reference_probs(listed, 400, 6, context), rtol=1e-12)
+    same = KneserNeyLM().fit(train.astype(np.int64), 400, 6)
+    text = zipf_ids(rng, 500, 400)
+    assert lm.perplexity(text.astype(np.uint16)) == same.perplexity(text) < 400
+
+
+def test_order_5_over_a_million_words() -> None:
+    """Word ids up to 10**6: a 5-gram of them is 100 bits, and every order still works."""
+    words = 10**6 + 1
+    rng = np.random.default_rng(5)
+    train = zipf_ids(rng, 4_000, words)
+    train[50:55] = train[3000:3005] = words - 1             # the largest id, twice in a row
+    lm = KneserNeyLM().fit(train.astype(np.int32), words, 5)
+    listed = train.tolist()
+    asked = sorted({*listed[:300], 0, 2, words - 1, words - 2})
+    for context in ([], listed[46:50], listed[2996:3000], listed[10:14], [words - 1] * 4):
+        got = np.exp(lm.log_probs_next(np.array(context)))
+        assert abs(got.sum() - 1) < 1e-9 and got.min() > 0
+        np.testing.assert_allclose(got[asked], reference_probs(listed, words, 5, context, asked),
+                                   rtol=1e-12)
+    held_out = zipf_ids(rng, 1_000, words)
+    assert np.isfinite(lm.perplexity(held_out))
+    assert lm.perplexity(train[:1000]) < lm.perplexity(held_out)   # it has seen the first

@@ -121,14 +121,19 @@ def corpus() -> tuple[np.ndarray, dict[str, Vocab]]:
     ({"train_lm": {"num_steps": 100_000}}, "^train_lm.batch_size = 32 x train_lm.num_steps = "
                                            "100000 do not fit the training split of 10000"),
     ({"train_lm": {"batch_size": 5_000}}, "^train_lm.batch_size = 5000 x"),
-    ({"ngrams": {"max_n": 6}}, "^ngrams.max_n = 6: word level: 6-grams over a vocabulary of "
-                               "4580 tokens do not fit a 63-bit key"),
 ])
 def test_what_does_not_fit_the_corpus(workdir, corpus, sections, message):
     ids, vocabs = corpus
     with pytest.raises(PreflightError, match=message) as info:
         check_corpus(params_with(workdir, **sections), ids, vocabs)
     assert "\n" not in str(info.value)
+
+
+def test_any_ngram_order_fits_any_vocabulary(workdir, corpus):
+    """Orders whose keys pass 63 bits (4580**10 words) are counted, not refused."""
+    ids, vocabs = corpus
+    check_corpus(params_with(workdir, ngrams={"max_n": 10}, evaluate={"ngram_orders": [12]}),
+                 ids, vocabs)
 
 
 def test_prefix_characters_the_corpus_never_uses(workdir):

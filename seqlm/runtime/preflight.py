@@ -2,8 +2,9 @@
 
 `check_machine` needs only params.yaml and this machine, and runs before anything starts.
 `check_corpus` needs the corpus's length and vocabularies, and runs as soon as preprocess has
-written them, before any later stage: a split, a batch shape, an n-gram order or a prefix that
-does not fit fails in seconds instead of after the trainings.
+written them, before any later stage: a split, a batch shape or a prefix that does not fit
+fails in seconds instead of after the trainings. (N-gram orders fit any vocabulary: their keys
+take as many int64 words as the ids need, seqlm.ngrams.)
 """
 from __future__ import annotations
 
@@ -236,7 +237,6 @@ def check_corpus(params: Params, corpus: np.ndarray, vocabs: dict[str, Vocab]) -
     """Checks against the preprocessed corpus (char ids) and the vocabularies by level."""
     from seqlm import protocol
     from seqlm.loaders import BATCHES_PER_EPOCH
-    from seqlm.ngrams import NgramError, check_key_fits
     from seqlm.text import normalize_prefix
     try:
         pre = params.preprocess
@@ -249,17 +249,6 @@ def check_corpus(params: Params, corpus: np.ndarray, vocabs: dict[str, Vocab]) -
             f"train_lm.batch_size = {lm.batch_size} x train_lm.num_steps = {lm.num_steps} do not "
             f"fit the training split of {split.train_end} characters "
             "(preprocess.train_tokens): an epoch would have no batch")
-    for level, vocab in vocabs.items():
-        try:
-            check_key_fits(len(vocab), params.ngrams.max_n)
-        except NgramError as exc:
-            raise PreflightError(f"ngrams.max_n = {params.ngrams.max_n}: {level} level: {exc}") \
-                from None
-    for order in params.evaluate.ngram_orders:
-        try:
-            check_key_fits(len(vocabs["char"]), order)
-        except NgramError as exc:
-            raise PreflightError(f"evaluate.ngram_orders: {order}: {exc}") from None
     known = set(vocabs["char"].idx_to_token)
     for prefix in params.evaluate.prefixes:
         missing = sorted(set(normalize_prefix(prefix, params.preprocess.clean)) - known)
