@@ -116,8 +116,10 @@ def test_flow_run_and_dvc_repro_agree_byte_for_byte(tmp_path):
     data = metrics[""]["data"]
     rnn = data["reports/metrics/rnn.json"]["data"]
     assert rnn["val_ppl_best"] > 1 and rnn["best_epoch"] in (1, 2)
-    assert set(rnn) == {"best_epoch", "val_ppl_best", "val_ppl_last", "train_ppl_last"}
-    assert set(data["reports/metrics/unigram.json"]["data"]) == {"val_ppl_best", "train_ppl"}
+    assert set(rnn) == {"best_epoch", "val_ppl_best", "val_nats_best", "val_bits_best",
+                        "val_ppl_last", "train_ppl_last"}
+    assert set(data["reports/metrics/unigram.json"]["data"]) == {
+        "val_ppl_best", "val_nats_best", "val_bits_best", "train_ppl"}
     # the sine MLP's k-step errors compare across experiments too
     assert set(data) == {f"reports/metrics/{m}.json" for m in ("rnn", "kneser_ney_3gram",
                                                                 "unigram")} | {"reports/train_ar.json"}

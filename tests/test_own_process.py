@@ -149,7 +149,8 @@ def test_only_trainings_side_by_side_on_the_local_runner_get_a_process_of_their_
     two = dict(models=["rnn_scratch", "rnn"])
     side_by_side = make_params(**two, cpu_threads=1)
     assert trainer(side_by_side) is (train_in_own_process if cores() > 1 else train)
-    assert trainer(make_params(models=["rnn"], cpu_threads=1)) is train
+    alone = trainer(make_params(models=["rnn"], cpu_threads=1))   # in this process, every core
+    assert alone.func is train and alone.keywords == {"threads": cores}
     assert trainer(make_params(**two, cpu_threads=cores())) is train   # one slot
     on_dask = side_by_side.model_copy(update={"execution": side_by_side.execution.model_copy(
         update={"task_runner": "dask"})})

@@ -91,7 +91,8 @@ def test_pipeline_runs_logs_and_skips_unchanged_stages(small_pipeline, workdir):
     gru = children["gru"]
     # one name for one number: the training run, the pipeline run, the DVC metrics, the summary
     dvc_metrics = json.loads((workdir / "reports/metrics/gru.json").read_text())
-    assert set(dvc_metrics) == {"best_epoch", "val_ppl_best", "val_ppl_last", "train_ppl_last"}
+    assert set(dvc_metrics) == {"best_epoch", "val_ppl_best", "val_nats_best", "val_bits_best",
+                                "val_ppl_last", "train_ppl_last"}
     assert set(dvc_metrics) <= set(gru.data.metrics)
     assert {f"gru.{k}" for k in dvc_metrics} <= set(parent.data.metrics)
     assert set(dvc_metrics) <= set(pd.read_csv(workdir / "reports/summary.csv").columns)
