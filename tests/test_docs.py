@@ -1,5 +1,6 @@
 """The README and docs/ stay true to the repository: every relative link opens a file (and its
-heading), and every test a page names as the one that checks a claim exists."""
+heading), every test a page names as the one that checks a claim exists, and the pictures are
+small enough to keep in git."""
 from __future__ import annotations
 
 import re
@@ -64,3 +65,10 @@ def test_the_reliability_tables_name_test_files_that_exist():
         for name in re.findall(r"[a-z_]+", re.sub(r"\(.*?\)", "", tests)):
             assert (REPO / "tests" / f"test_{name}.py").exists(), row
 
+
+def test_the_pictures_exist_and_are_small():
+    pictures = re.findall(r"!\[[^]]*\]\(([^)]+\.png)\)", (REPO / "README.md").read_text())
+    assert len(pictures) == 4
+    for picture in pictures:
+        data = (REPO / picture).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) < 300_000, picture
