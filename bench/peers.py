@@ -10,8 +10,8 @@ character-level recipe, on the same file and the same split, in one sitting.
    positions its own estimate averages over).
 2. `seqlm run --params experiments/shakespeare.yaml` in a fresh clone of this checkout's HEAD
    (its own Prefect home, MLflow store and DVC remote): its wall time from the command to the
-   prompt, the kept model's validation loss on the whole validation text, and the loss at the
-   evaluation whose cumulative training time is nearest the peer's whole wall time.
+   prompt, the kept model's validation loss on the whole validation text, and the loss at its
+   last evaluation whose cumulative training time is within the peer's whole wall time.
 
 Losses are cross-entropies in nats per character (perplexity = e^loss). On a GPU (`--device
 cuda`) nanoGPT runs its GPU recipe (config/train_shakespeare_char.py as published) and the
@@ -208,8 +208,10 @@ def main() -> None:
         lines.append(f"  {name}: {len(points)} evaluations; best at step {best[0]} after "
                      f"{best[1]:.0f} s of training: {best[2]:.4f} nats/char")
         if peer:
-            step, elapsed, nats = min(points, key=lambda p: abs(p[1] - peer["wall_s"]))
-            lines.append(f"  {name} at the evaluation nearest the peer's wall time "
+            # the last evaluation within the peer's whole wall time (command to exit)
+            step, elapsed, nats = max((p for p in points if p[1] <= peer["wall_s"]),
+                                      key=lambda p: p[1], default=points[0])
+            lines.append(f"  {name} at its last evaluation within the peer's wall time "
                          f"({peer['wall_s']:.0f} s): step {step} after {elapsed:.0f} s of "
                          f"training: {nats:.4f} nats/char (peer {peer['val_nats']:.4f}: "
                          f"{peer['val_nats'] - nats:+.4f})")

@@ -193,9 +193,10 @@ def build_optimizer(model: nn.Module, params: Params) -> torch.optim.Optimizer:
         weights = [w for w in model.parameters() if w.dim() >= 2]
         others = [w for w in model.parameters() if w.dim() < 2]
         return torch.optim.AdamW([{"params": weights, "weight_decay": p.weight_decay},
-                                  {"params": others, "weight_decay": 0.0}], lr=p.lr)
+                                  {"params": others, "weight_decay": 0.0}], lr=p.lr,
+                                 betas=(0.9, p.beta2))
     if p.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=p.lr)
+        return torch.optim.Adam(model.parameters(), lr=p.lr, betas=(0.9, p.beta2))
     return torch.optim.SGD(model.parameters(), lr=p.lr)        # the chapter's
 
 
@@ -586,7 +587,7 @@ def run_config(name: str, params: Params, vocab: Vocab, device: torch.device,
         "sampling": p.sampling, "batch_size": p.batch_size, "num_steps": p.num_steps,
         "compiled": p.compiled(name, device.type),
         "optimizer": p.optimizer, "lr": p.lr, "lr_decay": p.lr_decay, "clip_theta": p.clip_theta,
-        "weight_decay": p.weight_decay, "embedding": p.embedding_of(name),
+        "weight_decay": p.weight_decay, "beta2": p.beta2, "embedding": p.embedding_of(name),
         **{key: getattr(p, key) for key in ("max_steps", "eval_every", "warmup_steps",
                                             "lr_schedule", "lr_min")},
         "device": device.type, "cpu_threads": p.cpu_threads if device.type == "cpu" else None,
