@@ -1,8 +1,13 @@
-"""Shared fixtures: a scratch repository root per test and one Prefect test server per session."""
+"""Shared fixtures: a scratch repository root per test, one Prefect test server per session (per
+pytest-xdist worker), and one small `seqlm run` that the tests reading its results share."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -47,3 +52,68 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory):
     os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
     with prefect_test_harness(server_startup_timeout=60):
         yield
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tests first (stable otherwise): pytest-xdist's workers then start on the long
+    end-to-end tests and fill the rest in around them, instead of one worker finishing a long
+    test alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@contextlib.contextmanager
+def exclusive(lock: Path) -> Iterator[None]:
+    """Held by one process of this test run at a time (the xdist workers are processes)."""
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def run_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The temporary folder of this test run: every xdist worker's own folder lies in it."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, Path]:
+    """A clone of this checkout on small params after one `seqlm run` (its own Prefect home,
+    `.prefect`, as a user's clone has): (root, env, lock). Made once per test run, by the first
+    worker that needs it; the tests share it by holding `lock` while they use it."""
+    from test_dvc import _run, make_repo
+    shared = run_folder(tmp_path_factory) / "small-run"
+    lock = run_folder(tmp_path_factory) / "small-run.lock"
+    with exclusive(lock):
+        if not (shared / "done").exists():
+            shutil.rmtree(shared, ignore_errors=True)
+            shared.mkdir()
+            make_repo(shared / "repo", shared)
+            _run([sys.executable, "-m", "seqlm.cli", "run"], shared / "repo",
+                 small_run_env(shared))
+            (shared / "done").touch()
+    return shared / "repo", small_run_env(shared), lock
+
+
+def small_run_env(shared: Path) -> dict[str, str]:
+    """The environment make_repo gives a clone in `shared`, less PREFECT_HOME: the project's
+    own setting applies (`.prefect` in the clone)."""
+    from test_dvc import GIT_ENV
+    env = {**os.environ, **GIT_ENV,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{shared / 'mlflow.db'}",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    for name in ("PREFECT_API_URL", "PREFECT_HOME"):
+        env.pop(name, None)
+    return env
+
+
+@pytest.fixture
+def after_small_run(small_run: tuple[Path, dict, Path]) -> Iterator[tuple[Path, dict]]:
+    """The shared small run, this test's alone while it runs (each may start servers on its
+    stores)."""
+    root, env, lock = small_run
+    with exclusive(lock):
+        yield root, env

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from test_dvc import _dvc, _run, make_repo
+from test_dvc import _dvc
 from test_serve import free_port
 
 pytestmark = pytest.mark.slow
@@ -54,13 +54,10 @@ def text_of(dom: str) -> str:
     return " ".join(re.sub(r"<[^>]+>", " ", dom).split())
 
 
-@pytest.fixture(scope="module")
-def ran(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """A clone after one `seqlm run` on small params."""
-    tmp = tmp_path_factory.mktemp("browse")
-    root, env = make_repo(tmp / "repo", tmp)
-    _run([sys.executable, "-m", "seqlm.cli", "run"], root, env)
-    return root, env
+@pytest.fixture
+def ran(after_small_run: tuple[Path, dict]) -> tuple[Path, dict]:
+    """A clone after one `seqlm run` on small params (conftest.py: shared with other tests)."""
+    return after_small_run
 
 
 def test_seqlm_ui_links_open_the_training_view_of_this_clone(ran, browser):

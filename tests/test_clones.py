@@ -21,21 +21,19 @@ def flow_runs(root: Path) -> list[str]:
         return [name for (name,) in db.execute("SELECT name FROM flow_run")]
 
 
-def test_two_clones_keep_their_own_runs_and_records(tmp_path: Path):
-    clones = {}
-    for name in ("a", "b"):
-        (tmp_path / f"{name}-state").mkdir()
-        root, env = make_repo(tmp_path / name, tmp_path / f"{name}-state")
-        env.pop("PREFECT_HOME")                       # the project's own setting applies
-        clones[name] = (root, env)
-    outputs = {}
-    for name, (root, env) in clones.items():
-        result = subprocess.run([sys.executable, "-m", "seqlm.cli", "run", "--no-dvc"], cwd=root,
-                                env=env, capture_output=True, text=True, timeout=400)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        outputs[name] = result.stdout
+def test_two_clones_keep_their_own_runs_and_records(tmp_path: Path, after_small_run):
+    # clone a: the shared clone after its `seqlm run` (conftest.py), with the project's own
+    # Prefect home; clone b: a second clone of the same checkout and params beside it
+    clones = {"a": after_small_run}
+    (tmp_path / "b-state").mkdir()
+    root, env = make_repo(tmp_path / "b", tmp_path / "b-state")
+    env.pop("PREFECT_HOME")                           # the project's own setting applies
+    clones["b"] = (root, env)
+    result = subprocess.run([sys.executable, "-m", "seqlm.cli", "run", "--no-dvc"], cwd=root,
+                            env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # the second clone ran every stage: the first clone's records are not its own
-    assert "Cached" not in outputs["b"] and outputs["b"].count("Completed") == 7, outputs["b"]
+    assert "Cached" not in result.stdout and result.stdout.count("Completed") == 7, result.stdout
     runs = {name: flow_runs(root) for name, (root, _) in clones.items()}
     assert len(runs["a"]) == len(runs["b"]) == 1 and runs["a"] != runs["b"]
     assert all(any((root / ".seqlm" / "records").iterdir()) for root, _ in clones.values())
