@@ -11,7 +11,6 @@ import contextlib
 import contextvars
 import ctypes
 import functools
-import gc
 import os
 import threading
 from collections.abc import Callable
@@ -130,29 +129,3 @@ def in_background(fn: Callable[..., T], *args: object) -> T:
     with ThreadPoolExecutor(1, thread_name_prefix="background") as pool:
         return pool.submit(run).result()
 
-
-_frozen_lock = threading.Lock()
-_frozen_by = 0                      # trainings running with the collector's old objects frozen
-
-
-@contextlib.contextmanager
-def old_objects_frozen():
-    """While a training runs, the objects alive at its start (in the flow's process: Prefect's,
-    MLflow's, pandas' modules, a million objects) stay out of the garbage collector's full
-    passes. A step allocates Python objects by the thousand, and every full pass walked them
-    all: ~20% of an LSTM's step time in the flow's process (bench/README.md). The first
-    training to start freezes them, the last to end gives them back to the collector, so
-    nothing is kept longer than the trainings run. The same numbers, only faster."""
-    global _frozen_by
-    with _frozen_lock:
-        if _frozen_by == 0:
-            gc.collect()
-            gc.freeze()
-        _frozen_by += 1
-    try:
-        yield
-    finally:
-        with _frozen_lock:
-            _frozen_by -= 1
-            if _frozen_by == 0:
-                gc.unfreeze()

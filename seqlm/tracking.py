@@ -344,6 +344,11 @@ class Run:
             self.client.log_inputs(self.run_id, datasets=[dataset])
 
 
+# MLflow's own default: every sample is a write to the store (a SQLite commit), and a long
+# training sampled every second filled its System metrics with thousands of rows an hour.
+SAMPLING_INTERVAL_S = 10
+
+
 @contextlib.contextmanager
 def system_metrics(run: Run) -> Iterator[None]:
     """CPU, memory (and GPU) usage sampled into the run's System metrics tab meanwhile."""
@@ -376,7 +381,7 @@ def system_metrics(run: Run) -> Iterator[None]:
     # It says "started", "skip GPU", "stopping", "terminated" at INFO for every run: lines that
     # tell a person nothing; its warnings still show.
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
-    monitor = Monitor(run.run_id, sampling_interval=1, samples_before_logging=1,
+    monitor = Monitor(run.run_id, sampling_interval=SAMPLING_INTERVAL_S, samples_before_logging=1,
                       tracking_uri=run.uri)
     monitor.start()
     try:

@@ -31,8 +31,7 @@ from seqlm.loaders import BATCHES_PER_EPOCH, LOADERS, LoaderSizeError
 from seqlm.models import build_model, detach_state
 from seqlm.params import Params, TrainLmParams, check_model_name
 from seqlm.text import Vocab
-from seqlm.threads import (cores, in_background, lower_priority, old_objects_frozen,
-                           use_cpu_threads, yields_cores)
+from seqlm.threads import cores, in_background, lower_priority, use_cpu_threads, yields_cores
 
 log = logging.getLogger(__name__)
 # What history.csv keeps: the same for every run of the same params, code and machine. Timings
@@ -219,10 +218,9 @@ def train(name: str, corpus: np.ndarray, vocab: Vocab, params: Params, *,
     alone gets the cores the finished ones gave back; it then validates in place); None:
     train_lm.cpu_threads throughout. The numbers do not depend on it (tests/test_train.py)."""
     args = (name, corpus, vocab, params, checkpoint_dir, on_epoch, overlap, threads, on_progress)
-    with old_objects_frozen():
-        if resolve_device(params.train_lm.device).type == "cpu" and yields_cores(name, params):
-            return in_background(_train, *args)
-        return _train(*args)
+    if resolve_device(params.train_lm.device).type == "cpu" and yields_cores(name, params):
+        return in_background(_train, *args)
+    return _train(*args)
 
 
 class Cursor(NamedTuple):
