@@ -17,6 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Offline machines: Prefect's telemetry would only log connection errors.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# prefect.toml's patience for a temporary server's start, for the scratch repository roots that
+# do not hold prefect.toml: Prefect's own 20 s ran out with the suite on every core.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 @pytest.fixture
