@@ -46,6 +46,16 @@ def wait_healthy(url: str, log: Path, seconds: float = 180) -> None:
             time.sleep(1)
 
 
+def stop(procs: list[subprocess.Popen]) -> None:
+    """Stop the servers and workers a test started, the last started first."""
+    for proc in procs[::-1]:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def stage_states(url: str, flow_run_id: str) -> dict[str, str]:
     """{stage: state name} of a flow run's stage task runs (task run names are `label-xyz`)."""
     runs = api(f"{url}/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
@@ -138,9 +148,4 @@ def test_a_deployment_and_seqlm_run_share_one_record_of_the_stages(tmp_path: Pat
         assert seqlm_run() == {label: "Cached" for label in STAGES}
         assert len(training_runs(mlflow)) == len(trained)
     finally:
-        for proc in procs[::-1]:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(procs)

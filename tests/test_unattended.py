@@ -22,7 +22,7 @@ import yaml
 import zc.lockfile
 from mlflow import MlflowClient
 
-from test_deployment import free_port, wait_healthy
+from test_deployment import free_port, stop, wait_healthy
 from test_dvc import make_repo, training_runs
 
 pytestmark = pytest.mark.slow
@@ -170,12 +170,7 @@ def unattended(tmp_path_factory: pytest.TempPathFactory):
         yield unattended
     finally:
         receiver.stop()
-        for proc in procs[::-1]:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(procs)
 
 
 def seqlm_automations(url: str) -> dict[str, dict]:
