@@ -56,6 +56,16 @@ def stop(procs: list[subprocess.Popen]) -> None:
             proc.kill()
 
 
+def start_server(port: int, env: dict[str, str], log: Path) -> subprocess.Popen:
+    """`prefect server start` on 127.0.0.1:port, its home's database copied from the machine's
+    template first, as `seqlm schedule` does (Prefect's own first start builds it: 8 s more)."""
+    subprocess.run([sys.executable, "-m", "seqlm.runtime.prefect_db"], env=env, check=True)
+    return subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start",
+                             "--host", "127.0.0.1", "--port", str(port)], env=env,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
 def stage_states(url: str, flow_run_id: str) -> dict[str, str]:
     """{stage: state name} of a flow run's stage task runs (task run names are `label-xyz`)."""
     runs = api(f"{url}/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
@@ -70,10 +80,8 @@ def test_a_deployment_and_seqlm_run_share_one_record_of_the_stages(tmp_path: Pat
     prefect = [str(Path(sys.executable).parent / "prefect")]
     logs = tmp_path / "logs"
     logs.mkdir()
-    server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
-    procs = [subprocess.Popen([*prefect, "server", "start", "--host", "127.0.0.1", "--port",
-                               str(port)], env=server_env, stdout=open(logs / "server.log", "w"),
-                              stderr=subprocess.STDOUT, start_new_session=True)]
+    procs = [start_server(port, {k: v for k, v in env.items() if k != "PREFECT_API_URL"},
+                          logs / "server.log")]
     mlflow = MlflowClient(env["MLFLOW_TRACKING_URI"])
     try:
         wait_healthy(url, logs / "server.log")

@@ -22,7 +22,7 @@ import yaml
 import zc.lockfile
 from mlflow import MlflowClient
 
-from test_deployment import free_port, stop, wait_healthy
+from test_deployment import free_port, start_server, stop, wait_healthy
 from test_dvc import make_repo, training_runs
 
 pytestmark = pytest.mark.slow
@@ -149,11 +149,7 @@ def unattended(tmp_path_factory: pytest.TempPathFactory):
     # A queued run asks for the slot again every 2 s instead of Prefect's 30.
     server_env = {**{k: v for k, v in env.items() if k != "PREFECT_API_URL"},
                   "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2"}
-    # The home's database copied from the machine's template, as `seqlm schedule` does.
-    subprocess.run([sys.executable, "-m", "seqlm.runtime.prefect_db"], env=server_env, check=True)
-    procs = [subprocess.Popen([*prefect, "server", "start", "--host", "127.0.0.1", "--port",
-                               str(port)], env=server_env, stdout=open(logs / "server.log", "w"),
-                              stderr=subprocess.STDOUT, start_new_session=True)]
+    procs = [start_server(port, server_env, logs / "server.log")]
     receiver = Receiver()
     try:
         wait_healthy(url, logs / "server.log")
