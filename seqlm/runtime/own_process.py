@@ -148,6 +148,14 @@ def _relay(name: str, process: multiprocessing.process.BaseProcess, receiver: Co
             raise error from ChildTraceback(text)
 
 
+def _stop_on_sigterm(_signum: int, _frame: object) -> None:
+    """Ask the training to stop. Later SIGTERMs (the parent's death signal and its stop can both
+    come) are ignored first: a handler run again inside STOP.set() waits forever for the lock
+    the interrupted set() holds, and the process was seen left behind so, idle, its parent gone."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    interrupt.STOP.set()
+
+
 def _child(sender: Connection, name: str, corpus: np.ndarray, vocab: Vocab, params: Params,
            checkpoint_dir: Path | str | None, log_level: int, grant: Any,
            progress: bool) -> None:
@@ -155,7 +163,7 @@ def _child(sender: Connection, name: str, corpus: np.ndarray, vocab: Vocab, para
     # Ctrl-C signals the terminal's whole process group: the flow's process decides, and stops
     # this one with SIGTERM, which ends the training the way Ctrl-C does in a thread.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda _signum, _frame: interrupt.STOP.set())
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     lock = threading.Lock()            # the training and the validation thread both send
 
     def send(kind: str, payload: Any) -> None:
