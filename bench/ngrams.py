@@ -290,6 +290,7 @@ def step_sharded(runner: str, workers: int) -> dict:
     phases: dict[str, float] = {}
     phases_cpu: dict[str, float] = {}
     peaks: list[float] = []
+    phase_peaks: dict[str, float] = {}     # the local runner's peak only grows: see where it does
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if runner == "local":
@@ -314,6 +315,7 @@ def step_sharded(runner: str, workers: int) -> dict:
             phases_cpu[name] = cpu_seconds() - cpu if runner == "local" else \
                 sum(task_cpu for *_, task_cpu in results)
             peaks.extend(peak for _, _, peak, _ in results)
+            phase_peaks[name] = max((peak for _, _, peak, _ in results), default=0.0)
             return [result for result, *_ in results]
 
         partials = {level: phase(f"map {level}", [("ngrams_shard", params, level, a, b)
@@ -324,6 +326,7 @@ def step_sharded(runner: str, workers: int) -> dict:
                    for level, paths in partials.items()}
         phase("merge + Parquet", [("ngrams", params, reduced)])
     return {"s": time.perf_counter() - start, "phases": phases, "phases_cpu": phases_cpu,
+            "phase_peaks": phase_peaks,
             "tasks": sum(map(len, plan.values())) + 2 * partitions + 1,
             "shards": {level: len(bounds) for level, bounds in plan.items()},
             "task_peak_mb": max(peaks), "outputs": outputs_digest()}
@@ -523,22 +526,20 @@ def ngram_rows(args: argparse.Namespace, work: Path, say: Report, nbytes: int, i
         outputs["one task"] = single["outputs"]
         say.row(f"ngrams in one task (n = 1..{args.max_n}, word + char)", single, idle_stages,
                 nbytes)
-    phases, phases_cpu = {}, {}
-    for runner in ("local", "dask"):
+    for runner in args.runners:
         result = timed_step(work, "sharded", runner, args.workers)
         outputs[runner] = result["outputs"]
-        phases[runner], phases_cpu[runner] = result["phases"], result["phases_cpu"]
         label = (f"ngrams sharded, local runner ({args.workers} threads)" if runner == "local"
                  else f"ngrams sharded, Dask ({args.workers} workers)")
         say.row(label, result, idle_stages if runner == "local" else idle, nbytes,
                 f"   {result['tasks']} tasks, task peak {result['task_peak_mb']:.0f} MB"
                 + (" (every worker)" if runner == "dask" else ""))
+        say("  phases, s (cpu s, task peak so far): " + ", ".join(
+            f"{name} {sec:.1f} ({result['phases_cpu'][name]:.1f}, "
+            f"{result['phase_peaks'][name]:.0f} MB)" for name, sec in result["phases"].items()))
     say(f"(shards of {args.shard_tokens:,} tokens: {result['shards']['word']} word + "
         f"{result['shards']['char']} char; {args.partitions} partitions per level; the Dask "
         f"row's peak is the client's, which holds the scheduler)")
-    say("phases, s (cpu s): " + "; ".join(f"{runner}: " + ", ".join(
-        f"{name} {sec:.1f} ({phases_cpu[runner][name]:.1f})" for name, sec in by_phase.items())
-        for runner, by_phase in phases.items()))
     say(f"outputs (data/ngrams, reports/ngrams.json) identical: "
         f"{len(set(outputs.values())) == 1} ({', '.join(outputs)})")
     report_json = json.loads((work / "reports" / "ngrams.json").read_text())
@@ -583,6 +584,8 @@ def main() -> None:
     parser.add_argument("--partitions", type=int, default=8, help="params ngrams.partitions")
     parser.add_argument("--skip-single", action="store_true",
                         help="skip the ngrams stage in one task (memory of all distinct n-grams)")
+    parser.add_argument("--runners", nargs="+", choices=("local", "dask"),
+                        default=["local", "dask"], help="the sharded stage's runners to measure")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--counter-tokens", type=int, default=10_000_000,
                         help="Counter runs on at most this many tokens per level (it is slow)")
@@ -601,7 +604,8 @@ def main() -> None:
     say(f"# bench/ngrams.py --corpus {' '.join(args.corpus)} --size {args.size} --words "
         f"{args.words} --zipf-exponent {args.zipf_exponent:g} --seed {args.seed} --max-n "
         f"{args.max_n} --chunk-tokens {args.chunk_tokens} --shard-tokens {args.shard_tokens} "
-        f"--partitions {args.partitions} --workers {args.workers} --counter-tokens "
+        f"--partitions {args.partitions} --runners {' '.join(args.runners)} --workers "
+        f"{args.workers} --counter-tokens "
         f"{args.counter_tokens}{' --skip-single' if args.skip_single else ''}, "
         f"{time.strftime('%Y-%m-%d %H:%M')}")
     say(f"# {machine()}")
