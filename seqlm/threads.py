@@ -84,6 +84,19 @@ def keep_freed_memory() -> None:
     mallopt(M_TRIM_THRESHOLD, 256 << 20)
 
 
+def release_freed_memory() -> None:
+    """Hand the memory this process has freed back to the kernel (glibc's malloc_trim).
+
+    glibc keeps freed blocks below its mmap threshold in the heap of the thread that allocated
+    them (one heap per thread), and gives back only what sits at a heap's top. The n-gram tasks
+    allocate and free gigabytes in arrays of a few MB on the runner's threads: their freed memory
+    stayed resident, and the next task's peak came on top of it (a 1 GB corpus on the local
+    runner: 4.5 GB peak RSS instead of 2.3). Elsewhere than glibc, nothing happens."""
+    malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if malloc_trim is not None:
+        malloc_trim(0)
+
+
 def yields_cores(model: str, params: Params) -> bool:
     """Whether a training on the CPU runs at a lower priority: when trainings run side by side,
     all but the one with the most work per epoch (layers x gates x hidden^2; the first of

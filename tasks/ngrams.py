@@ -33,7 +33,7 @@ from seqlm.params import Params
 from seqlm.runtime.records import Record, stage_task, up_to_date
 from seqlm.stages import CORPUS, NGRAMS, STAGE_BY_NAME, VOCAB
 from seqlm.text import TOKENIZERS
-from seqlm.threads import beside_the_trainings, cores
+from seqlm.threads import beside_the_trainings, cores, release_freed_memory
 
 ZIPF_PLOT = f"{NGRAMS}/zipf.png"
 ZIPF_MAX_N = 3                     # the seed plots unigrams, bigrams and trigrams
@@ -81,10 +81,12 @@ def ngrams_shard(params: Params, level: str, start: int, stop: int) -> str:
     _load_ids(CORPUS[level])               # checked here; the shard reads its range only
     try:
         tables = count_shard(CORPUS[level], start, stop, params.ngrams.max_n, vocab_size)
+        return str(save_partial(split_partitions(tables, params.ngrams.partitions),
+                                partial_path(level, start, stop)))
     except NgramError as exc:
         raise NgramError(f"{CORPUS[level]}: {exc} ({VOCAB[level]})") from None
-    return str(save_partial(split_partitions(tables, params.ngrams.partitions),
-                            partial_path(level, start, stop)))
+    finally:
+        release_freed_memory()      # the next task on this process starts from its own arrays
 
 
 @task(name="ngrams_reduce", cache_policy=NO_CACHE, persist_result=False)
@@ -93,9 +95,12 @@ def ngrams_reduce(level: str, partition: int, partials: list[str]) -> str:
     to partition_path(); returns that folder. One n at a time (a partial file is read an array
     at a time): memory is the partition's distinct n-grams of one order."""
     folder = partition_path(level, partition)
-    for n in partial_orders(partials[0]) if partials else []:
-        tables = reduce_partials(load_partial(path, partition, n) for path in partials)
-        save_ranked({n: tables.pop(n).ranked()}, folder)
+    try:
+        for n in partial_orders(partials[0]) if partials else []:
+            tables = reduce_partials(load_partial(path, partition, n) for path in partials)
+            save_ranked({n: tables.pop(n).ranked()}, folder)
+    finally:
+        release_freed_memory()
     return folder
 
 
@@ -104,7 +109,6 @@ def ngrams(params: Params, partitions: Partitions | None = None) -> Record:
     """Count (or, given the reduce tasks' `partitions`, merge) and write the stage's outputs;
     returns the Zipf exponents and table sizes, and the tables for the pipeline's MLflow run."""
     beside_the_trainings(params)
-    p = params.ngrams
     metrics_path = STAGE.at(params).reports.zipf
     vocabs = {level: _tokens(VOCAB[level]) for level in TOKENIZERS}
 
@@ -137,6 +141,7 @@ def ngrams(params: Params, partitions: Partitions | None = None) -> Record:
         write_json(outputs.file(metrics_path), metrics)
     if partitions is not None:
         shutil.rmtree(SHARDS, ignore_errors=True)      # merged and published: no longer needed
+    release_freed_memory()                  # the trainings beside and after share this process
     return {"metrics": metrics, "artifacts": {"": [NGRAMS]}}
 
 
