@@ -764,14 +764,21 @@ def write_parquet(pieces: NgramTable | Iterable[NgramTable], tokens: Sequence[st
     written = 0
     dictionary = tokens if isinstance(tokens, pa.Array) else \
         pa.array(list(tokens), type=pa.string())           # once, not per row group
-    with contextlib.ExitStack() as stack:
-        writer = None
-        for group in _row_groups([pieces] if isinstance(pieces, NgramTable) else pieces, rows):
-            if writer is None:
-                writer = stack.enter_context(pq.ParquetWriter(path, _schema(group.n),
-                                                              compression="zstd"))
-            writer.write_table(to_arrow(group, dictionary, written + 1), row_group_size=rows)
-            written += len(group)
+    try:
+        with contextlib.ExitStack() as stack:
+            writer = None
+            for group in _row_groups([pieces] if isinstance(pieces, NgramTable) else pieces,
+                                     rows):
+                if writer is None:
+                    writer = stack.enter_context(pq.ParquetWriter(path, _schema(group.n),
+                                                                  compression="zstd"))
+                writer.write_table(to_arrow(group, dictionary, written + 1), row_group_size=rows)
+                written += len(group)
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        # pyarrow's I/O errors (a full disk) name no file: the error the stage shows must
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
     return written
 
 
