@@ -822,8 +822,11 @@ def zipf_exponent(counts: np.ndarray) -> float | None:
     kept = counts[counts >= ZIPF_MIN_COUNT]
     if len(kept) < 2:
         return None
-    log_rank = np.log(np.arange(1, len(kept) + 1, dtype=np.float64))
-    slope = np.polyfit(log_rank, np.log(kept.astype(np.float64)), 1)[0]
+    log_count = np.log(kept, dtype=np.float64)
+    log_rank = np.arange(1, len(kept) + 1, dtype=np.float64)
+    del kept                             # tens of millions of points on a large corpus
+    np.log(log_rank, out=log_rank)
+    slope = np.polyfit(log_rank, log_count, 1)[0]
     return float(-slope)
 
 

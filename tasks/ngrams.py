@@ -130,8 +130,12 @@ def ngrams(params: Params, partitions: Partitions | None = None) -> Record:
             if partitions is None:            # counted here: one level's tables at a time
                 for *_, write in writes:
                     write.result()
-        for level, n, write in writes:
-            metrics[f"{level}_{n}_distinct"], runs = write.result()
+        # The fits once every table is written: a fit holds ~60 bytes per n-gram seen twice
+        # (np.polyfit's arrays; 35 M character 5-grams of 1 GB of text), which on top of the
+        # writers' row groups was the sharded stage's peak.
+        written = [(level, n, *write.result()) for level, n, write in writes]
+        for level, n, distinct, runs in written:
+            metrics[f"{level}_{n}_distinct"] = distinct
             alpha = zipf_exponent(runs.counts(ZIPF_MIN_COUNT))
             if alpha is not None:            # absent when fewer than two n-grams occur twice
                 metrics[f"{level}_{n}_zipf_exponent"] = alpha
