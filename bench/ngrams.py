@@ -18,7 +18,7 @@ average of the machine is printed beside every figure (the machine may be shared
 
     python bench/ngrams.py --size 5MB --max-n 5
     python bench/ngrams.py --size 100MB --max-n 5 --out bench/results/ngrams-cpu-2core.txt
-    python bench/ngrams.py --size 1GB --max-n 5 --partitions 64 --skip-single \
+    python bench/ngrams.py --size 1GB --max-n 5 --partitions 32 --skip-single \
         --out bench/results/ngrams-1GB-cpu-2core.txt
 """
 from __future__ import annotations

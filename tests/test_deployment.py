@@ -35,6 +35,26 @@ def api(url: str, body: dict | None = None) -> object:
         return json.loads(response.read())
 
 
+def run_logs(url: str, *flow_run_ids: str, expect: str | None = None, seconds: float = 20
+             ) -> list[str]:
+    """Every log message of the flow runs, oldest first, in pages of 200 (the API's most). With
+    `expect`, until a message contains it (for up to `seconds`): a run's process sends its logs
+    in batches, and its last ones can reach the server after its final state."""
+    deadline = time.monotonic() + seconds
+    while True:
+        messages: list[str] = []
+        while True:
+            page = api(f"{url}/logs/filter", {"logs": {"flow_run_id": {"any_": list(flow_run_ids)}},
+                                               "sort": "TIMESTAMP_ASC", "limit": 200,
+                                               "offset": len(messages)})
+            messages += [entry["message"] for entry in page]
+            if len(page) < 200:
+                break
+        if expect is None or any(expect in m for m in messages) or time.monotonic() > deadline:
+            return messages
+        time.sleep(1)
+
+
 def wait_healthy(url: str, log: Path, seconds: float = 180) -> None:
     deadline = time.monotonic() + seconds
     while True:
@@ -120,8 +140,7 @@ def test_a_deployment_and_seqlm_run_share_one_record_of_the_stages(tmp_path: Pat
         trained = training_runs(mlflow)
         assert {r.info.run_name for r in trained} == {"ar_mlp", "rnn"}
         # the pipeline's own lines (training progress, the champion) are in the run's logs
-        logs_of_run = [entry["message"] for entry in api(
-            f"{url}/logs/filter", {"logs": {"flow_run_id": {"any_": [first]}}, "limit": 200})]
+        logs_of_run = run_logs(url, first, expect="is the new champion")
         assert any(line.startswith("rnn epoch 2: train ppl") for line in logs_of_run), logs_of_run
         assert any("is the new champion" in line for line in logs_of_run), logs_of_run
 

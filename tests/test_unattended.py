@@ -22,7 +22,7 @@ import yaml
 import zc.lockfile
 from mlflow import MlflowClient
 
-from test_deployment import free_port, start_server, stop, wait_healthy
+from test_deployment import free_port, run_logs, start_server, stop, wait_healthy
 from test_dvc import make_repo, training_runs
 
 pytestmark = pytest.mark.slow
@@ -120,8 +120,7 @@ class Unattended:
         return messages
 
     def log_lines(self, *flow_run_ids: str) -> list[str]:
-        return [entry["message"] for entry in api(f"{self.url}/logs/filter", {
-            "logs": {"flow_run_id": {"any_": list(flow_run_ids)}}, "limit": 200})]
+        return run_logs(self.url, *flow_run_ids)
 
     def events(self, name: str) -> list[dict]:
         return api(f"{self.url}/events/filter", {"filter": {"event": {"name": [name]}},
