@@ -777,7 +777,7 @@ def write_parquet(pieces: NgramTable | Iterable[NgramTable], tokens: Sequence[st
     except OSError as exc:
         if exc.filename is not None:
             raise
-        # pyarrow's I/O errors (a full disk) name no file: the error the stage shows must
+        # pyarrow's I/O errors (a full disk) name no file; the stage's error names the table
         raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
     return written
 
